@@ -1,0 +1,108 @@
+"""The three networks of the VAE/GAN: fully connected, with Dropout before every linear layer.
+
+With the default sizes (hidden_dim 1024, depth 3, latent_dim 20) they are the project's design:
+  encoder        784→1024→1024→1024 → 20 (μ) and 20 (log σ²)
+  decoder        20→1024→1024→1024→784, tanh
+  discriminator  784→1024→512→256→1, logit (the sigmoid belongs in the loss)
+with LeakyReLU(0.2) after every hidden layer.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+from vaegan_dist.config import TrainConfig
+
+IMAGE_PIXELS = 28 * 28
+
+
+def mlp(widths: list[int], dropout: float) -> nn.Sequential:
+    """Dropout → Linear → LeakyReLU(0.2) for each consecutive pair of widths."""
+    layers: list[nn.Module] = []
+    for fan_in, fan_out in itertools.pairwise(widths):
+        layers += [nn.Dropout(dropout), nn.Linear(fan_in, fan_out), nn.LeakyReLU(0.2)]
+    return nn.Sequential(*layers)
+
+
+class Encoder(nn.Module):
+    def __init__(self, hidden_dim: int, depth: int, latent_dim: int, dropout: float) -> None:
+        super().__init__()
+        self.body = mlp([IMAGE_PIXELS] + [hidden_dim] * depth, dropout)
+        self.head_dropout = nn.Dropout(dropout)
+        self.mu = nn.Linear(hidden_dim, latent_dim)
+        self.logvar = nn.Linear(hidden_dim, latent_dim)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(μ, log σ²) of q(z | x) for images x of shape (B, 784)."""
+        h = self.head_dropout(self.body(x))
+        return self.mu(h), self.logvar(h)
+
+
+class Decoder(nn.Module):
+    def __init__(self, hidden_dim: int, depth: int, latent_dim: int, dropout: float) -> None:
+        super().__init__()
+        self.body = mlp([latent_dim] + [hidden_dim] * depth, dropout)
+        self.out = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden_dim, IMAGE_PIXELS), nn.Tanh())
+
+    def forward(self, z: Tensor) -> Tensor:
+        """Images of shape (B, 784) in [-1, 1]."""
+        return self.out(self.body(z))
+
+
+class Discriminator(nn.Module):
+    def __init__(self, hidden_dim: int, depth: int, dropout: float, similarity: str) -> None:
+        super().__init__()
+        self.body = mlp([IMAGE_PIXELS] + [hidden_dim >> i for i in range(depth)], dropout)
+        self.out = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden_dim >> (depth - 1), 1))
+        self.similarity_kind = similarity
+
+    def forward(self, x: Tensor, with_similarity: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """The logit of "x is real", shape (B, 1); with_similarity also returns Dis_l(x) from the same pass."""
+        features = self.body(x)
+        logit = self.out(features)
+        if not with_similarity:
+            return logit
+        return logit, (logit if self.similarity_kind == "logit" else features)
+
+    def similarity(self, x: Tensor) -> Tensor:
+        """Dis_l(x), the learned similarity: the logit (the design) or the last hidden layer (the paper)."""
+        return self.forward(x, with_similarity=True)[1]
+
+
+def build_models(config: TrainConfig) -> tuple[Encoder, Decoder, Discriminator]:
+    """(encoder, decoder, discriminator) as the config describes them, freshly initialised."""
+    return (
+        Encoder(config.hidden_dim, config.depth, config.latent_dim, config.network_dropout("encoder")),
+        Decoder(config.hidden_dim, config.depth, config.latent_dim, config.network_dropout("decoder")),
+        Discriminator(config.hidden_dim, config.depth, config.network_dropout("discriminator"),
+                      config.similarity),
+    )
+
+
+def images_to_pixels(images: Tensor) -> Tensor:
+    """uint8 images of any shape (B, ...) to float rows of shape (B, 784) in [-1, 1], matching tanh."""
+    return images.reshape(images.shape[0], IMAGE_PIXELS).float().div_(127.5).sub_(1.0)
+
+
+def pixels_to_images(pixels: Tensor) -> Tensor:
+    """Rows in [-1, 1] back to (B, 1, 28, 28) floats in [0, 1], for image files."""
+    return pixels.detach().float().reshape(-1, 1, 28, 28).add(1.0).div(2.0).clamp(0.0, 1.0)
+
+
+@contextmanager
+def eval_mode(*modules: nn.Module) -> Iterator[None]:
+    """Dropout off and no autograd inside; each module's previous mode is restored on exit."""
+    modes = [m.training for m in modules]
+    try:
+        for m in modules:
+            m.eval()
+        with torch.no_grad():
+            yield
+    finally:
+        for m, mode in zip(modules, modes, strict=True):
+            m.train(mode)
