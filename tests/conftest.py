@@ -1,0 +1,49 @@
+"""Shared helpers: tiny configurations, and training runs launched the way users launch them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vaegan_dist.config import TrainConfig
+
+REPO = Path(__file__).resolve().parents[1]
+# Small networks and batches: the suite runs on 2 CPU cores.
+TINY = dict(hidden_dim=32, depth=2, latent_dim=4, batch_size=16, log_every=5)
+
+
+def tiny_config(**overrides) -> TrainConfig:
+    return TrainConfig.preset("seed", **{**TINY, **overrides})
+
+
+def tiny_flags(**overrides) -> list[str]:
+    """Command-line flags for a tiny run."""
+    flags = []
+    for key, value in {**TINY, **overrides}.items():
+        flags += [f"--{key.replace('_', '-')}", str(value)]
+    return flags
+
+
+def launch(args: list[str], num_processes: int = 1, timeout: float = 300,
+           env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """train.py under `accelerate launch`: N CPU processes over gloo, as the README tells users."""
+    command = [sys.executable, "-m", "accelerate.commands.launch"]
+    if num_processes > 1:
+        command += ["--multi_gpu", "--num_processes", str(num_processes), "--main_process_port", "0"]
+    else:
+        command += ["--num_processes", "1"]
+    command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                str(REPO / "train.py"), *args]
+    full_env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled",
+                **(env or {})}
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=full_env,
+                          cwd=cwd or REPO)
+
+
+@pytest.fixture
+def tiny() -> TrainConfig:
+    return tiny_config()
