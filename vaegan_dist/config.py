@@ -55,7 +55,8 @@ class TrainConfig:
     epochs: int = 50
     max_steps: int | None = None
     seed: int = 0
-    mixed_precision: MixedPrecision = "no"
+    # None: whatever `accelerate launch` was told (--mixed_precision or its config file), else "no".
+    mixed_precision: MixedPrecision | None = None
     # data_dir None means the MNIST bundled with the package.
     data_dir: str | None = None
     output_dir: str = "outputs"

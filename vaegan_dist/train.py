@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         config = parse_args(argv)
         accelerator = Accelerator(mixed_precision=config.mixed_precision)
-        train(config, accelerator)
+        train(dataclasses.replace(config, mixed_precision=accelerator.mixed_precision), accelerator)
     except (ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
