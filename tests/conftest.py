@@ -28,18 +28,18 @@ def tiny_flags(**overrides) -> list[str]:
     return flags
 
 
-def launch(args: list[str], num_processes: int = 1, timeout: float = 300,
-           env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """train.py under `accelerate launch`: N CPU processes over gloo, as the README tells users."""
+def launch(args: list[str], num_processes: int = 1, timeout: float = 300, env: dict[str, str] | None = None,
+           cwd: Path | None = None, script: Path = REPO / "train.py") -> subprocess.CompletedProcess:
+    """A script (train.py) under `accelerate launch`: N CPU processes over gloo, as the README tells users."""
     command = [sys.executable, "-m", "accelerate.commands.launch"]
     if num_processes > 1:
         command += ["--multi_gpu", "--num_processes", str(num_processes), "--main_process_port", "0"]
     else:
         command += ["--num_processes", "1"]
     command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                str(REPO / "train.py"), *args]
+                str(script), *args]
     full_env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled",
-                **(env or {})}
+                "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), **(env or {})}
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=full_env,
                           cwd=cwd or REPO)
 

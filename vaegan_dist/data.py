@@ -64,7 +64,8 @@ def locate(data_dir: str | Path | None, name: str) -> Path:
     try:
         _download(folder)
     except Exception as err:
-        raise DataError(f"MNIST file {name} not found in {folder}, and downloading it failed ({err}). "
+        reason = " ".join(str(err).split())  # torchvision's message spans lines
+        raise DataError(f"MNIST file {name} not found in {folder}, and downloading it failed ({reason}). "
                         "Copy the four MNIST IDX files (.gz or not) there, or leave out --data-dir to use "
                         "the copy bundled with vaegan-dist.") from None
     path = _find(folder, name)
@@ -74,16 +75,12 @@ def locate(data_dir: str | Path | None, name: str) -> Path:
 
 
 def read_idx(path: Path, name: str) -> Tensor:
-    """The uint8 array in an IDX file (gzipped or not), after checking its MD5 and header."""
+    """The uint8 array in an IDX file (gzipped or not), after checking its header and MD5."""
     try:
         raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
     except (OSError, EOFError, gzip.BadGzipFile) as err:
         raise DataError(f"cannot read MNIST file {path} ({err}): it is truncated or damaged; "
                         "replace it with a fresh copy") from None
-    digest = hashlib.md5(raw).hexdigest()
-    if digest != MNIST_MD5[name]:
-        raise DataError(f"MNIST file {path} is corrupt: its contents have MD5 {digest}, not the published "
-                        f"{MNIST_MD5[name]}; replace it with a fresh copy")
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != IDX_UBYTE:
         raise DataError(f"MNIST file {path} has no unsigned-byte IDX header: replace it with a fresh copy")
     ndim = raw[3]
@@ -92,6 +89,10 @@ def read_idx(path: Path, name: str) -> Tensor:
     if len(raw) != header + torch.Size(shape).numel():
         raise DataError(f"MNIST file {path}: its IDX header promises shape {shape}, which does not match "
                         f"its {len(raw)} bytes; replace it with a fresh copy")
+    digest = hashlib.md5(raw).hexdigest()
+    if digest != MNIST_MD5[name]:
+        raise DataError(f"MNIST file {path} is corrupt: its contents have MD5 {digest}, not the published "
+                        f"{MNIST_MD5[name]}; replace it with a fresh copy")
     return torch.frombuffer(bytearray(raw[header:]), dtype=torch.uint8).reshape(shape)
 
 

@@ -49,6 +49,11 @@ class LossTerms:
         return [f.name for f in fields(LossTerms)]
 
 
+def upcast(t: Tensor) -> Tensor:
+    """t in float32 at least: losses of half-precision outputs are computed in float32, float64 stays."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def kl_divergence(mu: Tensor, logvar: Tensor) -> Tensor:
     """KL(q(z | x) ‖ N(0, I)) summed over the batch, divided by B·784 as in the design."""
     return -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp()) / (mu.shape[0] * IMAGE_PIXELS)
@@ -77,8 +82,8 @@ def vaegan_losses(
 
     logits: D's logits for (x, x̃, x_p); similarity: Dis_l for (x, x̃).
     """
-    logit_x, logit_x_tilde, logit_x_p = (t.float() for t in logits)
-    dis_l_x, dis_l_x_tilde = (t.float() for t in similarity)
+    logit_x, logit_x_tilde, logit_x_p = (upcast(t) for t in logits)
+    dis_l_x, dis_l_x_tilde = (upcast(t) for t in similarity)
     dis_real = bce_with_logits(logit_x, 1.0)
     dis_recon = bce_with_logits(logit_x_tilde, 0.0)
     dis_prior = bce_with_logits(logit_x_p, 0.0)
@@ -90,7 +95,7 @@ def vaegan_losses(
     else:
         raise ValueError(f"unknown generator_loss {generator_loss!r}")
     rec = similarity_error(dis_l_x_tilde, dis_l_x)
-    kld = kl_divergence(mu.float(), logvar.float())
+    kld = kl_divergence(upcast(mu), upcast(logvar))
     return LossTerms(
         enc_loss=kld + beta * rec,
         dec_loss=gamma * rec + gen_loss,
