@@ -24,7 +24,8 @@ def tiny_flags(**overrides) -> list[str]:
     """Command-line flags for a tiny run."""
     flags = []
     for key, value in {**TINY, **overrides}.items():
-        flags += [f"--{key.replace('_', '-')}", str(value)]
+        flag = key.replace("_", "-")
+        flags += [f"--{flag}" if value else f"--no-{flag}"] if isinstance(value, bool) else [f"--{flag}", str(value)]
     return flags
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 from torch import Tensor
 
 from vaegan_dist.checkpoint import (
@@ -132,6 +132,9 @@ def train(config: TrainConfig, accelerator: Accelerator) -> int:
     """Trains until the run's end (returns 0) or a stop signal (saves, returns EXIT_PREEMPTED)."""
     output_dir = Path(config.output_dir)
     resume_from = resolve_resume(config.resume, output_dir, accelerator.print)
+    if len(choices := set(gather_object([str(resume_from)]))) > 1:
+        raise CheckpointError(f"the processes found different checkpoints to resume from ({sorted(choices)}): "
+                              "put --output-dir on a file system that every machine shares")
     checkpoint = Checkpoint(resume_from) if resume_from is not None else None
     if checkpoint is not None:
         for key, old, new in config_changes(checkpoint.config, config):
