@@ -13,8 +13,9 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from vaegan_dist.config import ConfigError, TrainConfig, parse_args
+from vaegan_dist.config import EXIT_BAD_INPUT, ConfigError, TrainConfig, parse_args
 from vaegan_dist.data import DataError, ShardedBatches, load_mnist
+from vaegan_dist.evaluation import Reference, evaluate_distributed, evaluation_line
 from vaegan_dist.losses import LossTerms
 from vaegan_dist.models import build_models, images_to_pixels
 from vaegan_dist.pictures import save_epoch_grids
@@ -22,7 +23,6 @@ from vaegan_dist.step import NETWORKS, train_step
 
 NUM_FIXED_SAMPLES = 64
 NUM_RECONSTRUCTED = 32
-EXIT_BAD_INPUT = 2
 
 
 class MetricsLog:
@@ -75,6 +75,7 @@ def train(config: TrainConfig, accelerator: Accelerator) -> None:
                           generator=torch.Generator().manual_seed(config.seed)).to(accelerator.device)
     test_x = images_to_pixels(test_images[:NUM_RECONSTRUCTED]).to(accelerator.device)
     encoder, decoder, _ = (accelerator.unwrap_model(net) for net in networks)
+    reference = Reference(accelerator.device) if config.eval_samples else None
 
     steps_per_epoch = shards.steps_per_epoch()
     total_steps = config.epochs * steps_per_epoch
@@ -113,6 +114,14 @@ def train(config: TrainConfig, accelerator: Accelerator) -> None:
                 term_sums.zero_()
                 norm_sums.zero_()
                 steps_in_window, window_start = 0, time.perf_counter()
+            eval_due = step == total_steps or (config.eval_every is not None and step % config.eval_every == 0)
+            if reference is not None and eval_due:
+                eval_start = time.perf_counter()
+                scores = evaluate_distributed(accelerator, encoder, decoder, config, config.eval_samples, reference)
+                if accelerator.is_main_process:
+                    metrics.write({"step": step, "epoch": epoch, **{f"eval/{k}": v for k, v in scores.items()}})
+                    accelerator.print(evaluation_line(step, scores))
+                window_start += time.perf_counter() - eval_start  # not training time
             if step == total_steps:
                 break
         epoch_done = step % steps_per_epoch == 0
