@@ -112,3 +112,28 @@ def test_the_command_line_prints_one_line_and_no_traceback(tmp_path, flags, code
                             capture_output=True, text=True, cwd=REPO, timeout=300)
     assert result.returncode == code
     assert result.stderr.strip().startswith(message) and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_missing_classifier_turns_evaluation_off_with_one_warning(accelerator, tmp_path, monkeypatch, capsys):
+    import vaegan_dist.evaluation as evaluation
+
+    def missing(device):
+        raise DataError("the classifier weights vaegan_dist/classifier.safetensors are missing: restore them")
+
+    monkeypatch.setattr(evaluation, "load_classifier", missing)
+    assert run(accelerator, tmp_path, max_steps=2, eval_samples=100, eval_every=1) == 0
+    out = capsys.readouterr().out
+    assert out.count("warning: evaluation is off for this run: the classifier weights") == 1
+
+
+def test_a_failing_evaluation_warns_each_time_and_training_goes_on(accelerator, tmp_path, monkeypatch, capsys):
+    import vaegan_dist.train as train_module
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(train_module, "evaluate_distributed", broken)
+    assert run(accelerator, tmp_path, max_steps=3, eval_samples=100, eval_every=1) == 0
+    out = capsys.readouterr().out
+    assert out.count("warning: the evaluation at step") == 3 and "RuntimeError: out of memory" in out
+    assert final_checkpoint(tmp_path).state["position"]["step"] == 3

@@ -24,8 +24,9 @@ from vaegan_dist.checkpoint import (
     resolve_resume,
     save_checkpoint,
 )
-from vaegan_dist.config import ConfigError, TrainConfig, parse_args
+from vaegan_dist.config import EXIT_BAD_INPUT, ConfigError, TrainConfig, parse_args
 from vaegan_dist.data import DataError, ShardedBatches, load_mnist
+from vaegan_dist.evaluation import Reference, evaluate_distributed, evaluation_line
 from vaegan_dist.losses import LossTerms
 from vaegan_dist.models import build_models, images_to_pixels
 from vaegan_dist.pictures import save_epoch_grids
@@ -34,7 +35,6 @@ from vaegan_dist.step import NETWORKS, StepResult, train_step
 
 NUM_FIXED_SAMPLES = 64
 NUM_RECONSTRUCTED = 32
-EXIT_BAD_INPUT = 2
 EXIT_CHECKPOINT_FAILED = 3
 EXIT_DIVERGED = 4  # max_consecutive_skips non-finite steps in a row; the last good weights are checkpointed
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after saving a checkpoint; run again to resume
@@ -206,6 +206,12 @@ def train(config: TrainConfig, accelerator: Accelerator) -> int:
             torch.manual_seed(hash((config.seed, position.step, accelerator.process_index)) & 0xFFFF_FFFF)
         accelerator.print(f"resume: from {checkpoint.path} (step {position.step}, epoch {position.epoch}, "
                           f"{position.images_seen} images into it)")
+    reference = None
+    if config.eval_samples:
+        try:
+            reference = Reference(accelerator.device)
+        except (OSError, RuntimeError, DataError) as err:  # evaluating is never worth losing the training run
+            accelerator.print(f"warning: evaluation is off for this run: {err}")
 
     steps_per_epoch = shards.steps_per_epoch()
     remaining = steps_to_run(config, shards, position)
@@ -263,6 +269,20 @@ def train(config: TrainConfig, accelerator: Accelerator) -> int:
                 if config.requeue and accelerator.is_main_process:
                     accelerator.print(requeue_slurm_job())
                 return EXIT_PREEMPTED
+            if reference is not None and (step == last_step or (config.eval_every and step % config.eval_every == 0)):
+                evaluation_started = time.perf_counter()
+                try:
+                    scores = evaluate_distributed(accelerator, named_networks["encoder"], named_networks["decoder"],
+                                                  config, config.eval_samples, reference)
+                except Exception as err:  # one warning per failed evaluation; training goes on
+                    accelerator.print(f"warning: the evaluation at step {step} failed ({type(err).__name__}: {err}); "
+                                      "training continues")
+                else:
+                    if accelerator.is_main_process:
+                        metrics.write({"step": step, "epoch": epoch,
+                                       **{f"eval/{k}": v for k, v in scores.items()}})
+                        accelerator.print(evaluation_line(step, scores))
+                window.started += time.perf_counter() - evaluation_started  # not training time
             if step == last_step:
                 break
             if step % config.save_every == 0:
