@@ -19,6 +19,7 @@ import yaml
 Similarity = Literal["logit", "hidden"]
 GeneratorLoss = Literal["minimax", "non_saturating"]
 MixedPrecision = Literal["no", "bf16", "fp16"]
+WandbMode = Literal["auto", "online", "offline", "disabled"]
 
 
 class ConfigError(ValueError):
@@ -61,17 +62,22 @@ class TrainConfig:
     data_dir: str | None = None
     output_dir: str = "outputs"
     log_every: int = 50
+    # W&B: auto is online when an API key is configured, else offline. wandb_timeout bounds its start and
+    # finish; image_every is the steps between sample and reconstruction grids sent to it.
+    wandb: WandbMode = "auto"
+    wandb_timeout: float = 30.0
+    image_every: int = 500
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
             object.__setattr__(self, f.name, _coerce(f.name, getattr(self, f.name), hints[f.name]))
-        for key in ("latent_dim", "hidden_dim", "depth", "batch_size", "epochs", "log_every"):
+        for key in ("latent_dim", "hidden_dim", "depth", "batch_size", "epochs", "log_every", "image_every"):
             _require(key, getattr(self, key) > 0, "must be positive")
         for key in ("global_batch_size", "max_steps"):
             value = getattr(self, key)
             _require(key, value is None or value > 0, "must be positive (or none)")
-        for key in ("gamma", "beta", "lr"):
+        for key in ("gamma", "beta", "lr", "wandb_timeout"):
             _require(key, getattr(self, key) > 0, "must be positive")
         for key in ("adam_beta1", "adam_beta2"):
             _require(key, 0 <= getattr(self, key) < 1, "must be in [0, 1)")

@@ -14,11 +14,14 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from vaegan_dist.config import ConfigError, TrainConfig, parse_args
+from vaegan_dist.console import Console, describe_processes
 from vaegan_dist.data import DataError, ShardedBatches, load_mnist
 from vaegan_dist.losses import LossTerms
 from vaegan_dist.models import build_models, images_to_pixels
-from vaegan_dist.pictures import save_epoch_grids
+from vaegan_dist.pictures import grid_image, grid_pixels, save_epoch_grids
+from vaegan_dist.report import ReportError, write_report
 from vaegan_dist.step import NETWORKS, train_step
+from vaegan_dist.tracking import Tracker, peak_memory_mb
 
 NUM_FIXED_SAMPLES = 64
 NUM_RECONSTRUCTED = 32
@@ -38,20 +41,13 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
 
 
-def log_line(record: dict[str, float | int]) -> str:
-    return (f"step {record['step']:>7} | epoch {record['epoch']:>3} | enc {record['enc_loss']:.4f} "
-            f"dec {record['dec_loss']:.4f} dis {record['dis_loss']:.4f} | D(x) {record['d_x']:.3f} "
-            f"D(x̃) {record['d_x_tilde']:.3f} D(x_p) {record['d_x_p']:.3f} | "
-            f"{record['images_per_s']:.0f} img/s")
-
-
-def train(config: TrainConfig, accelerator: Accelerator) -> None:
+def train(config: TrainConfig, accelerator: Accelerator, console: Console) -> None:
     output_dir = Path(config.output_dir)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     if config.mixed_precision == "fp16" and accelerator.scaler is None:
-        accelerator.print("warning: fp16 needs a GPU; Accelerate runs fp32 here. Use --mixed-precision bf16.")
+        console.warn("fp16 needs a GPU; Accelerate runs fp32 here. Use --mixed-precision bf16.")
 
     set_seed(config.seed)  # the same initial weights on every process (DDP broadcasts rank 0's as well)
     networks = build_models(config)
@@ -80,10 +76,21 @@ def train(config: TrainConfig, accelerator: Accelerator) -> None:
     total_steps = config.epochs * steps_per_epoch
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
-    accelerator.print(f"vaegan-dist: {accelerator.num_processes} process(es) on {accelerator.device.type}, "
-                      f"mixed precision {accelerator.mixed_precision}, batch {batch_size} per process "
-                      f"({shards.global_batch} global), {steps_per_epoch} steps per epoch, {total_steps} steps, "
-                      f"outputs in {output_dir}")
+    tracker = Tracker(console.warn, console.info)
+    if accelerator.is_main_process:  # one W&B run per job
+        tracker.start(config.wandb, {**config.to_dict(), "num_processes": accelerator.num_processes}, output_dir,
+                      run_id=None, timeout=config.wandb_timeout)
+    console.table("vaegan-dist", {
+        "processes": describe_processes(accelerator),
+        "mixed precision": accelerator.mixed_precision,
+        "batch": f"{batch_size} per process, {shards.global_batch} global",
+        "data": f"{train_images.shape[0]} training images, {steps_per_epoch * batch_size} per process per epoch",
+        "steps": f"{steps_per_epoch} per epoch, {total_steps} in all",
+        "outputs": str(output_dir),
+        "resume from": "none (fresh start)",
+        f"W&B ({tracker.mode})": tracker.location,
+    })
+    console.start_progress(total_steps, 0, config.epochs)
 
     metrics = MetricsLog(output_dir / "metrics.jsonl", accelerator.is_main_process)
     term_sums = torch.zeros(len(LossTerms.names()), device=accelerator.device)
@@ -107,12 +114,20 @@ def train(config: TrainConfig, accelerator: Accelerator) -> None:
                              zip(NETWORKS, (norm_sums / steps_in_window).tolist(), strict=True)},
                           "skipped_steps": skipped_steps,
                           "images_per_s": steps_in_window * shards.global_batch / elapsed,
-                          "step_time_s": elapsed / steps_in_window}
+                          "step_time_s": elapsed / steps_in_window,
+                          **{f"lr_{name}": opt.param_groups[0]["lr"] for name, opt in
+                             zip(NETWORKS, plain_optimizers, strict=True)},
+                          "peak_memory_mb": peak_memory_mb(accelerator.device)}
                 metrics.write(record)
-                accelerator.print(log_line(record))
+                tracker.log(record)
+                console.show(record)
                 term_sums.zero_()
                 norm_sums.zero_()
                 steps_in_window, window_start = 0, time.perf_counter()
+            if tracker.active and (step % config.image_every == 0 or step == total_steps):
+                pixels = grid_pixels(encoder, decoder, fixed_z, test_x)
+                tracker.log({"step": step, **{name: grid_image(p) for name, p in pixels.items()}})
+            console.advance(step, epoch)
             if step == total_steps:
                 break
         epoch_done = step % steps_per_epoch == 0
@@ -122,14 +137,22 @@ def train(config: TrainConfig, accelerator: Accelerator) -> None:
         if step == total_steps:
             break
     accelerator.wait_for_everyone()
-    accelerator.print(f"done: {step} steps, {skipped_steps} skipped; outputs in {output_dir}")
+    console.stop_progress()
+    if accelerator.is_main_process:
+        try:
+            write_report(output_dir)
+        except ReportError as err:
+            console.info(f"report: {err}")
+    tracker.finish()
+    console.info(f"done: {step} steps, {skipped_steps} skipped; outputs in {output_dir}")
 
 
 def main(argv: list[str] | None = None) -> None:
     try:
         config = parse_args(argv)
         accelerator = Accelerator(mixed_precision=config.mixed_precision)
-        train(dataclasses.replace(config, mixed_precision=accelerator.mixed_precision), accelerator)
+        with Console(accelerator.is_main_process, accelerator.process_index) as console:
+            train(dataclasses.replace(config, mixed_precision=accelerator.mixed_precision), accelerator, console)
     except (ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
