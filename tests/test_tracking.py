@@ -16,6 +16,7 @@ from PIL import Image
 from tests.conftest import launch, tiny_flags
 from tests.wandb_files import history, run_info
 from vaegan_dist.config import ConfigError, TrainConfig
+from vaegan_dist.console import plain_line
 from vaegan_dist.tracking import MAX_PENDING, Tracker, resolve_mode
 
 FAKE_KEY = "x" * 40  # a well-formed API key that no server knows
@@ -48,6 +49,10 @@ def test_offline_two_process_run_is_one_run_holding_every_record_and_the_grids(t
 
     records = read_metrics(out)
     assert [r["step"] for r in records] == [5, 10, 15, 16]
+    # stdout is a pipe, as in a SLURM log: the table, then a plain line per record, and no escape codes.
+    assert "2 processes on 1 node, cpu" in result.stdout and "\x1b" not in result.stdout
+    assert [line for line in result.stdout.splitlines() if line.startswith("step ")] == [
+        plain_line(r) for r in records]
     for record in records:
         assert record["peak_memory_mb"] > 0 and record["lr_encoder"] == config["lr"]
     rows = history(run_dir)
