@@ -119,7 +119,7 @@ class FakeRun:
 def start_tracker(monkeypatch, tmp_path, init, timeout=5.0) -> tuple[Tracker, list[str]]:
     monkeypatch.setattr(wandb, "init", init)
     warnings: list[str] = []
-    tracker = Tracker(warnings.append, lambda message: None)
+    tracker = Tracker(warnings.append)
     tracker.start("online", {}, tmp_path, run_id=None, timeout=timeout)
     return tracker, warnings
 
@@ -171,7 +171,7 @@ def test_a_resumed_job_continues_its_run(monkeypatch, tmp_path):
     for job, step in enumerate((10, 20)):
         monkeypatch.setenv("WANDB_DIR", str(tmp_path / f"job{job}"))  # respected over the output directory
         (tmp_path / f"job{job}").mkdir()
-        tracker = Tracker(pytest.fail, lambda message: None)
+        tracker = Tracker(pytest.fail)
         tracker.start("offline", {}, tmp_path / "output", run_id="resumed-run-1", timeout=30)
         assert tracker.run_id == "resumed-run-1"
         tracker.log({"step": step, "loss": 1 / step})

@@ -87,8 +87,8 @@ class Console:
         if not (self.is_main and self.out.is_terminal):
             return
         self._progress = Progress(
-            TextColumn("epoch {task.fields[epoch]}/" + str(epochs)), BarColumn(), MofNCompleteColumn(),
-            TextColumn("steps, ETA"), TimeRemainingColumn(), TextColumn("{task.fields[speed]}"),
+            TextColumn(f"epoch {{task.fields[epoch]}}/{epochs}"), BarColumn(bar_width=20), MofNCompleteColumn(),
+            TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[speed]}"),
             TextColumn("{task.fields[losses]}"), console=self.out, refresh_per_second=4)
         self._task = self._progress.add_task("train", total=total_steps, completed=step, epoch=1, speed="",
                                              losses="")

@@ -73,11 +73,10 @@ class Tracker:
     Until `start` succeeds (and on every other process) it logs nothing: `active` is False, `run_id` None.
     """
 
-    def __init__(self, warn: Callable[[str], None], info: Callable[[str], None]) -> None:
+    def __init__(self, warn: Callable[[str], None]) -> None:
         self.mode = "disabled"
         self.location = "disabled"  # where to look at the run: its URL, or its offline directory
         self._warn = warn
-        self._info = info
         self._run: Any = None
         self._timeout = 0.0
         self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue()
@@ -135,11 +134,8 @@ class Tracker:
             self.location = "failed to start: local logs only"
             return
         self._run = result["run"]
-        if self.mode == "online":
-            self.location = self._run.url
-        else:
-            self.location = str(Path(self._run.dir).parent)
-            self._info(f"W&B is offline: upload this run later with `wandb sync {self.location}`")
+        # run.url would warn in an offline run; its directory is what `wandb sync` uploads.
+        self.location = self._run.url if self.mode == "online" else str(Path(self._run.dir).parent)
         self._worker.start()
 
     def log(self, values: dict[str, Any]) -> None:

@@ -76,7 +76,7 @@ def train(config: TrainConfig, accelerator: Accelerator, console: Console) -> No
     total_steps = config.epochs * steps_per_epoch
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
-    tracker = Tracker(console.warn, console.info)
+    tracker = Tracker(console.warn)
     if accelerator.is_main_process:  # one W&B run per job
         tracker.start(config.wandb, {**config.to_dict(), "num_processes": accelerator.num_processes}, output_dir,
                       run_id=None, timeout=config.wandb_timeout)
@@ -90,7 +90,9 @@ def train(config: TrainConfig, accelerator: Accelerator, console: Console) -> No
         "resume from": "none (fresh start)",
         f"W&B ({tracker.mode})": tracker.location,
     })
-    console.start_progress(total_steps, 0, config.epochs)
+    if tracker.active and tracker.mode == "offline":
+        console.info(f"upload the W&B run later with: wandb sync {tracker.location}")
+    console.start_progress(total_steps, 0, epochs=-(-total_steps // steps_per_epoch))
 
     metrics = MetricsLog(output_dir / "metrics.jsonl", accelerator.is_main_process)
     term_sums = torch.zeros(len(LossTerms.names()), device=accelerator.device)
