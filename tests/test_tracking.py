@@ -70,8 +70,9 @@ def test_offline_two_process_run_is_one_run_holding_every_record_and_the_grids(t
     for step, tag in ((14, "epoch_001"), (16, "step_0000016")):  # the same pictures as the PNG files
         (row,) = [r for r in image_rows if r["step"] == step]
         for name in ("samples", "reconstructions"):
-            logged = Image.open(run_dir / "files" / row[f"{name}/path"]).convert("RGB")
-            assert np.array_equal(np.asarray(logged), np.asarray(Image.open(out / name / f"{tag}.png")))
+            logged = Image.open(run_dir / "files" / row[f"{name}/path"]).convert("L")
+            saved = Image.open(out / name / f"{tag}.png").convert("L")
+            assert np.array_equal(np.asarray(logged), np.asarray(saved))
 
 
 def closed_port() -> int:
