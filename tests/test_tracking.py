@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -13,7 +16,7 @@ import pytest
 import wandb
 from PIL import Image
 
-from tests.conftest import launch, tiny_flags
+from tests.conftest import REPO, launch, tiny_flags
 from tests.wandb_files import history, run_info
 from vaegan_dist.config import ConfigError, TrainConfig
 from vaegan_dist.console import plain_line
@@ -181,6 +184,26 @@ def test_a_resumed_job_continues_its_run(monkeypatch, tmp_path):
     assert [run_info(d).run_id for d in run_dirs] == ["resumed-run-1"] * 2
     assert [[row["step"] for row in history(d)] for d in run_dirs] == [[10], [20]]
     assert not (tmp_path / "output").exists()
+
+
+def test_a_job_resumed_from_its_checkpoint_continues_the_w_and_b_run(tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, **no_credentials(tmp_path), "OMP_NUM_THREADS": "1"}
+
+    def train(max_steps: int) -> None:
+        result = subprocess.run([sys.executable, "-m", "vaegan_dist.train", *tiny_flags(
+            max_steps=max_steps, log_every=5, save_every=5, output_dir=out), "--wandb", "offline"],
+            capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    train(10)
+    (first,) = (out / "wandb").glob("offline-run-*")
+    run_id = run_info(first).run_id
+    assert json.loads((out / "checkpoints" / "step_0000010" / "state.json").read_text())["wandb_run_id"] == run_id
+    train(20)  # the same command with a longer run: resumes from step 10
+    (second,) = set((out / "wandb").glob("offline-run-*")) - {first}
+    assert run_info(second).run_id == run_id
+    assert [row["step"] for row in history(second) if "enc_loss" in row] == [15, 20]
 
 
 def test_auto_is_online_with_a_key_offline_without_and_follows_wandb_mode(monkeypatch, tmp_path):
