@@ -70,7 +70,7 @@ class Console:
         table.add_column(style="bold")
         table.add_column()
         for name, value in rows.items():
-            table.add_row(name, value)
+            table.add_row(name, Text(value))  # a path may hold [brackets]: no markup
         self.out.print(table)
 
     def info(self, message: str) -> None:
