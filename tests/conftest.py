@@ -13,7 +13,7 @@ from vaegan_dist.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 # Small networks and batches: the suite runs on 2 CPU cores.
-TINY = dict(hidden_dim=32, depth=2, latent_dim=4, batch_size=16, log_every=5)
+TINY = dict(hidden_dim=32, depth=2, latent_dim=4, batch_size=16, log_every=5, cpu_threads=1)
 
 
 def tiny_config(**overrides) -> TrainConfig:

@@ -69,8 +69,12 @@ class TrainConfig:
     keep_last: int = 3
     keep_every: int | None = None
     resume: str = "auto"
+    # A periodic save that fails (disk full, permissions): stop the run (exit 3), or warn and continue.
+    on_save_error: Literal["stop", "continue"] = "stop"
     # After a preemption save (SIGTERM/SIGUSR1), run `scontrol requeue $SLURM_JOB_ID` from the main process.
     requeue: bool = False
+    # This many non-finite steps in a row (each skipped on every process) end the run with a checkpoint.
+    max_consecutive_skips: int = 100
     # Threads per process on the CPU; None: the cores divided among this machine's processes. (Launchers
     # set OMP_NUM_THREADS=1, which would leave a single process on one core.)
     cpu_threads: int | None = None
@@ -85,7 +89,7 @@ class TrainConfig:
         for f in dataclasses.fields(self):
             object.__setattr__(self, f.name, _coerce(f.name, getattr(self, f.name), hints[f.name]))
         for key in ("latent_dim", "hidden_dim", "depth", "batch_size", "epochs", "log_every", "save_every",
-                    "keep_last", "image_every"):
+                    "keep_last", "max_consecutive_skips", "image_every"):
             _require(key, getattr(self, key) > 0, "must be positive")
         for key in ("global_batch_size", "max_steps", "keep_every", "cpu_threads"):
             value = getattr(self, key)

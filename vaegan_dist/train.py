@@ -40,7 +40,12 @@ NUM_FIXED_SAMPLES = 64
 NUM_RECONSTRUCTED = 32
 EXIT_BAD_INPUT = 2
 EXIT_CHECKPOINT_FAILED = 3
+EXIT_DIVERGED = 4  # max_consecutive_skips non-finite steps in a row; the last good weights are checkpointed
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after saving a checkpoint; run again to resume
+# A discriminator whose mean outputs on real and reconstructed images both sit within COLLAPSE_MARGIN of 0 or 1
+# for COLLAPSE_RECORDS logged records in a row has stopped giving the other networks a useful signal.
+COLLAPSE_MARGIN = 0.01
+COLLAPSE_RECORDS = 10
 
 
 class MetricsLog:
@@ -94,6 +99,11 @@ class MetricWindow:
         return record
 
 
+def discriminator_collapsed(record: dict[str, float]) -> bool:
+    """Whether D(x) and D(x̃) both sit at 0 or 1: D wins outright, or has given up."""
+    return all(min(record[key], 1 - record[key]) < COLLAPSE_MARGIN for key in ("d_x", "d_x_tilde"))
+
+
 def rng_tensors(device: torch.device) -> dict[str, Tensor]:
     """This process's RNG states: the global torch generators that draw the noise and the dropout masks."""
     states = {"rng.torch": torch.get_rng_state()}
@@ -125,8 +135,10 @@ def configure_cpu_threads(config: TrainConfig) -> None:
     torch.set_num_threads(config.cpu_threads or max(1, len(os.sched_getaffinity(0)) // local_processes))
 
 
-def train(config: TrainConfig, accelerator: Accelerator, console: Console) -> int:
-    """Trains until the run's end (returns 0) or a stop signal (saves, returns EXIT_PREEMPTED)."""
+def train(config: TrainConfig, accelerator: Accelerator, console: Console | None = None) -> int:
+    """Trains to the run's end (returns 0), a stop signal (saves, returns EXIT_PREEMPTED) or divergence
+    (saves, returns EXIT_DIVERGED). `console` shows the run (by default, a new one for this process)."""
+    console = console or Console(accelerator.is_main_process, accelerator.process_index)
     output_dir = Path(config.output_dir)
     resume_from = resolve_resume(config.resume, output_dir, accelerator.print)
     if len(choices := set(gather_object([str(resume_from)]))) > 1:
@@ -136,9 +148,13 @@ def train(config: TrainConfig, accelerator: Accelerator, console: Console) -> in
     if checkpoint is not None:
         for key, old, new in config_changes(checkpoint.config, config):
             accelerator.print(f"resume: overriding {key} = {old!r} from the checkpoint with {new!r}")
-    if accelerator.is_main_process:
+    try:
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        if accelerator.is_main_process:
+            (output_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    except OSError as err:
+        raise ConfigError(f"cannot write to output directory {output_dir} ({err.strerror}): choose a writable "
+                          "--output-dir") from None
     if config.mixed_precision == "fp16" and accelerator.scaler is None:
         console.warn("fp16 needs a GPU; Accelerate runs fp32 here. Use --mixed-precision bf16.")
     if accelerator.device.type == "cpu":
@@ -217,12 +233,17 @@ def train(config: TrainConfig, accelerator: Accelerator, console: Console) -> in
         accelerator.print(f"checkpoint: {path}")
         return path
 
+    def stop_showing(exit_code: int) -> None:
+        console.stop_progress()
+        tracker.finish(exit_code)
+
     def save_pictures(tag: str) -> None:
         if accelerator.is_main_process:
             save_epoch_grids(named_networks["encoder"], named_networks["decoder"], fixed_z, test_x, output_dir, tag)
 
     metrics = MetricsLog(output_dir / "metrics.jsonl", accelerator.is_main_process)
     watch = PreemptionWatch()
+    consecutive_skips, collapsed_records = 0, 0
     last_step = position.step + remaining
     step, epoch, images_seen = position.step, position.epoch, position.images_seen
     console.start_progress(last_step, step, epochs=-(-last_step // steps_per_epoch))
@@ -231,6 +252,7 @@ def train(config: TrainConfig, accelerator: Accelerator, console: Console) -> in
             result = train_step(networks, plain_optimizers, images_to_pixels(batch), config, accelerator.scaler)
             step, images_seen = step + 1, images_seen + shards.global_batch
             skipped_steps += not result.stepped
+            consecutive_skips = 0 if result.stepped else consecutive_skips + 1
             window.add(result)
             if step % config.log_every == 0 or step == last_step:
                 # A run's last record off the log_every grid keeps its window open: the checkpoint carries it,
@@ -242,14 +264,25 @@ def train(config: TrainConfig, accelerator: Accelerator, console: Console) -> in
                 metrics.write(record)
                 tracker.log(record)
                 console.show(record)
+                collapsed_records = collapsed_records + 1 if discriminator_collapsed(record) else 0
+                if collapsed_records == COLLAPSE_RECORDS:
+                    accelerator.print(f"warning: the discriminator has collapsed: D(x) = {record['d_x']:.4f} and "
+                                      f"D(x̃) = {record['d_x_tilde']:.4f} for {COLLAPSE_RECORDS} records in a "
+                                      "row. Lower --lr, or resume an earlier checkpoint with other settings.")
             if tracker.active and (step % config.image_every == 0 or step == last_step):
                 pixels = grid_pixels(named_networks["encoder"], named_networks["decoder"], fixed_z, test_x)
                 tracker.log({"step": step, **{name: np.asarray(grid_image(p)) for name, p in pixels.items()}})
             console.advance(step, epoch)
+            if consecutive_skips == config.max_consecutive_skips:
+                path = save(Position(step, epoch, images_seen))
+                stop_showing(EXIT_DIVERGED)
+                accelerator.print(f"error: the run diverged: {consecutive_skips} steps in a row had non-finite "
+                                  f"losses or gradients and were skipped. {path} holds the last good weights; "
+                                  "resume from it with a lower --lr (or --gamma), or start over.")
+                return EXIT_DIVERGED
             if stop_signal := watch.requested(accelerator):
                 save(Position(step, epoch, images_seen))
-                console.stop_progress()
-                tracker.finish(exit_code=EXIT_PREEMPTED)
+                stop_showing(EXIT_PREEMPTED)
                 accelerator.print(f"stopped by {stop_signal.name} at step {step}: exit code {EXIT_PREEMPTED}; "
                                   "run the same command again to resume")
                 if config.requeue and accelerator.is_main_process:
@@ -258,7 +291,13 @@ def train(config: TrainConfig, accelerator: Accelerator, console: Console) -> in
             if step == last_step:
                 break
             if step % config.save_every == 0:
-                save(Position(step, epoch, images_seen))
+                try:
+                    save(Position(step, epoch, images_seen))
+                except CheckpointError as err:
+                    if config.on_save_error == "stop":
+                        raise
+                    accelerator.print(f"warning: {err}. Training continues (--on-save-error continue); the "
+                                      "previous checkpoint is kept and the next save tries again.")
         else:  # the epoch ran to its end
             save_pictures(f"epoch_{epoch + 1:03d}")
             epoch, images_seen = epoch + 1, 0
