@@ -151,7 +151,7 @@ class Tracker:
         self._queue.put(values)
 
     def finish(self, exit_code: int = 0) -> None:
-        """Sends what is queued and closes the run, waiting at most the start timeout."""
+        """Sends what is queued and closes the run, waiting at most the timeout given to `start`."""
         if self._run is None:
             return
         self._exit_code = exit_code
