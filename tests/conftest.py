@@ -57,6 +57,12 @@ def launch(args: list[str], num_processes: int = 1, timeout: float = 300, env: d
                           cwd=cwd or REPO)
 
 
+@pytest.fixture(autouse=True)
+def no_wandb_unless_asked(monkeypatch):
+    """Runs that a test starts log nothing to W&B unless the test asks: a developer's API key must not matter."""
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+
+
 @pytest.fixture
 def tiny() -> TrainConfig:
     return tiny_config()

@@ -87,7 +87,7 @@ def test_accelerate_launch_two_processes_trains_and_writes_outputs(tmp_path):
     result = launch(tiny_flags(global_batch_size=4096, max_steps=20, log_every=5,
                                output_dir=tmp_path), num_processes=2)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert "2 process(es)" in result.stdout and "2048 per process (4096 global)" in result.stdout
+    assert "2 processes on 1 node" in result.stdout and "2048 per process, 4096 global" in result.stdout
 
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["global_batch_size"] == 4096 and config["mixed_precision"] == "no"

@@ -83,13 +83,13 @@ def test_a_failed_periodic_save_stops_the_run_and_keeps_the_previous_checkpoint(
 def test_on_save_error_continue_warns_and_keeps_training(accelerator, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(checkpoint_module, "_fsync_write", disk_full_for("step_0000002"))
     assert run(accelerator, tmp_path, save_every=2, max_steps=3, on_save_error="continue") == 0
-    assert "warning: writing checkpoint" in capsys.readouterr().out
+    assert "warning: writing checkpoint" in capsys.readouterr().err
     assert sorted(p.name for p in checkpoints_dir(tmp_path).glob("step_*")) == ["step_0000003"]
 
 
 def test_a_diverging_run_stops_with_a_checkpoint_of_finite_weights(accelerator, tmp_path, capsys):
     assert run(accelerator, tmp_path, lr=1e30, max_consecutive_skips=3, log_every=1) == EXIT_DIVERGED
-    assert "the run diverged: 3 steps in a row" in capsys.readouterr().out
+    assert "error: the run diverged: 3 steps in a row" in capsys.readouterr().err
     checkpoint = final_checkpoint(tmp_path)
     assert checkpoint.state["skipped_steps"] >= 3
     for name in NETWORKS:
@@ -122,8 +122,8 @@ def test_missing_classifier_turns_evaluation_off_with_one_warning(accelerator, t
 
     monkeypatch.setattr(evaluation, "load_classifier", missing)
     assert run(accelerator, tmp_path, max_steps=2, eval_samples=100, eval_every=1) == 0
-    out = capsys.readouterr().out
-    assert out.count("warning: evaluation is off for this run: the classifier weights") == 1
+    err = capsys.readouterr().err
+    assert err.count("warning: evaluation is off for this run: the classifier weights") == 1
 
 
 def test_a_failing_evaluation_warns_each_time_and_training_goes_on(accelerator, tmp_path, monkeypatch, capsys):
@@ -134,6 +134,6 @@ def test_a_failing_evaluation_warns_each_time_and_training_goes_on(accelerator, 
 
     monkeypatch.setattr(train_module, "evaluate_distributed", broken)
     assert run(accelerator, tmp_path, max_steps=3, eval_samples=100, eval_every=1) == 0
-    out = capsys.readouterr().out
-    assert out.count("warning: the evaluation at step") == 3 and "RuntimeError: out of memory" in out
+    err = capsys.readouterr().err
+    assert err.count("warning: the evaluation at step") == 3 and "RuntimeError: out of memory" in err
     assert final_checkpoint(tmp_path).state["position"]["step"] == 3

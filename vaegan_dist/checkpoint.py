@@ -265,7 +265,7 @@ def newest_complete(root: Path, report: Callable[[str], None]) -> Path | None:
         problem = verify(path)
         if problem is None:
             return path
-        report(f"warning: skipping checkpoint {path}: {problem}; trying the previous one")
+        report(f"skipping checkpoint {path}: {problem}; trying the previous one")
     return None
 
 

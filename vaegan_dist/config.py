@@ -19,6 +19,7 @@ import yaml
 Similarity = Literal["logit", "hidden"]
 GeneratorLoss = Literal["minimax", "non_saturating"]
 MixedPrecision = Literal["no", "bf16", "fp16"]
+WandbMode = Literal["auto", "online", "offline", "disabled"]
 
 
 EXIT_BAD_INPUT = 2  # the exit status of every command given bad input (settings, data, files)
@@ -85,18 +86,23 @@ class TrainConfig:
     # on eval_samples samples; eval_every none: only at the end; eval_samples 0: never.
     eval_every: int | None = None
     eval_samples: int = 10_000
+    # W&B: auto is online when an API key is configured, else offline. wandb_timeout bounds its start and
+    # finish; image_every is the steps between sample and reconstruction grids sent to it.
+    wandb: WandbMode = "auto"
+    wandb_timeout: float = 30.0
+    image_every: int = 500
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
             object.__setattr__(self, f.name, _coerce(f.name, getattr(self, f.name), hints[f.name]))
         for key in ("latent_dim", "hidden_dim", "depth", "batch_size", "epochs", "log_every", "save_every",
-                    "keep_last", "max_consecutive_skips"):
+                    "keep_last", "max_consecutive_skips", "image_every"):
             _require(key, getattr(self, key) > 0, "must be positive")
         for key in ("global_batch_size", "max_steps", "keep_every", "cpu_threads", "eval_every"):
             value = getattr(self, key)
             _require(key, value is None or value > 0, "must be positive (or none)")
-        for key in ("gamma", "beta", "lr"):
+        for key in ("gamma", "beta", "lr", "wandb_timeout"):
             _require(key, getattr(self, key) > 0, "must be positive")
         for key in ("adam_beta1", "adam_beta2"):
             _require(key, 0 <= getattr(self, key) < 1, "must be in [0, 1)")

@@ -40,10 +40,15 @@ def reconstruction_pairs(encoder: nn.Module, decoder: nn.Module, x: Tensor) -> T
     return torch.stack([x.float(), x_tilde], dim=1).reshape(-1, x.shape[1])
 
 
+def grid_pixels(encoder: nn.Module, decoder: nn.Module, fixed_z: Tensor, test_x: Tensor) -> dict[str, Tensor]:
+    """The two grids' pixels: 'samples' decoded from fixed_z, 'reconstructions' as pairs of test_x."""
+    with eval_mode(decoder):
+        samples = decoder(fixed_z)
+    return {"samples": samples, "reconstructions": reconstruction_pairs(encoder, decoder, test_x)}
+
+
 def save_epoch_grids(encoder: nn.Module, decoder: nn.Module, fixed_z: Tensor, test_x: Tensor,
                      output_dir: Path, tag: str) -> None:
     """samples/<tag>.png from fixed_z, and reconstructions/<tag>.png of test_x (pairs side by side)."""
-    with eval_mode(decoder):
-        samples = decoder(fixed_z)
-    save_grid(samples, output_dir / "samples" / f"{tag}.png")
-    save_grid(reconstruction_pairs(encoder, decoder, test_x), output_dir / "reconstructions" / f"{tag}.png")
+    for name, pixels in grid_pixels(encoder, decoder, fixed_z, test_x).items():
+        save_grid(pixels, output_dir / name / f"{tag}.png")

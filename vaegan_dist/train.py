@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
@@ -25,13 +26,16 @@ from vaegan_dist.checkpoint import (
     save_checkpoint,
 )
 from vaegan_dist.config import EXIT_BAD_INPUT, ConfigError, TrainConfig, parse_args
+from vaegan_dist.console import Console, describe_processes
 from vaegan_dist.data import DataError, ShardedBatches, load_mnist
 from vaegan_dist.evaluation import Reference, evaluate_distributed, evaluation_line
 from vaegan_dist.losses import LossTerms
 from vaegan_dist.models import build_models, images_to_pixels
-from vaegan_dist.pictures import save_epoch_grids
+from vaegan_dist.pictures import grid_image, grid_pixels, save_epoch_grids
 from vaegan_dist.preemption import PreemptionWatch, requeue_slurm_job
+from vaegan_dist.report import ReportError, write_report
 from vaegan_dist.step import NETWORKS, StepResult, train_step
+from vaegan_dist.tracking import Tracker, peak_memory_mb
 
 NUM_FIXED_SAMPLES = 64
 NUM_RECONSTRUCTED = 32
@@ -95,13 +99,6 @@ class MetricWindow:
         return record
 
 
-def log_line(record: dict[str, float | int]) -> str:
-    return (f"step {record['step']:>7} | epoch {record['epoch']:>3} | enc {record['enc_loss']:.4f} "
-            f"dec {record['dec_loss']:.4f} dis {record['dis_loss']:.4f} | D(x) {record['d_x']:.3f} "
-            f"D(x̃) {record['d_x_tilde']:.3f} D(x_p) {record['d_x_p']:.3f} | "
-            f"{record['images_per_s']:.0f} img/s")
-
-
 def discriminator_collapsed(record: dict[str, float]) -> bool:
     """Whether D(x) and D(x̃) both sit at 0 or 1: D wins outright, or has given up."""
     return all(min(record[key], 1 - record[key]) < COLLAPSE_MARGIN for key in ("d_x", "d_x_tilde"))
@@ -138,18 +135,19 @@ def configure_cpu_threads(config: TrainConfig) -> None:
     torch.set_num_threads(config.cpu_threads or max(1, len(os.sched_getaffinity(0)) // local_processes))
 
 
-def train(config: TrainConfig, accelerator: Accelerator) -> int:
+def train(config: TrainConfig, accelerator: Accelerator, console: Console | None = None) -> int:
     """Trains to the run's end (returns 0), a stop signal (saves, returns EXIT_PREEMPTED) or divergence
-    (saves, returns EXIT_DIVERGED)."""
+    (saves, returns EXIT_DIVERGED). `console` shows the run (by default, a new one for this process)."""
+    console = console or Console(accelerator.is_main_process, accelerator.process_index)
     output_dir = Path(config.output_dir)
-    resume_from = resolve_resume(config.resume, output_dir, accelerator.print)
+    resume_from = resolve_resume(config.resume, output_dir, console.warn)
     if len(choices := set(gather_object([str(resume_from)]))) > 1:
         raise CheckpointError(f"the processes found different checkpoints to resume from ({sorted(choices)}): "
                               "put --output-dir on a file system that every machine shares")
     checkpoint = Checkpoint(resume_from) if resume_from is not None else None
     if checkpoint is not None:
         for key, old, new in config_changes(checkpoint.config, config):
-            accelerator.print(f"resume: overriding {key} = {old!r} from the checkpoint with {new!r}")
+            console.info(f"resume: overriding {key} = {old!r} from the checkpoint with {new!r}")
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
         if accelerator.is_main_process:
@@ -158,7 +156,7 @@ def train(config: TrainConfig, accelerator: Accelerator) -> int:
         raise ConfigError(f"cannot write to output directory {output_dir} ({err.strerror}): choose a writable "
                           "--output-dir") from None
     if config.mixed_precision == "fp16" and accelerator.scaler is None:
-        accelerator.print("warning: fp16 needs a GPU; Accelerate runs fp32 here. Use --mixed-precision bf16.")
+        console.warn("fp16 needs a GPU; Accelerate runs fp32 here. Use --mixed-precision bf16.")
     if accelerator.device.type == "cpu":
         configure_cpu_threads(config)
 
@@ -200,33 +198,50 @@ def train(config: TrainConfig, accelerator: Accelerator) -> int:
             restore_rng(rank_tensors, accelerator.device)
             window.load_tensors(rank_tensors)
         else:  # elastic: the data position carries over exactly; the noise streams start anew
-            accelerator.print(f"resume: the checkpoint was written by {state['world_size']} processes, this run "
-                              f"has {accelerator.num_processes}: the epoch continues with its unseen images, "
-                              "and each process's noise is reseeded")
+            console.info(f"resume: the checkpoint was written by {state['world_size']} processes, this run "
+                         f"has {accelerator.num_processes}: the epoch continues with its unseen images, "
+                         "and each process's noise is reseeded")
             torch.manual_seed(hash((config.seed, position.step, accelerator.process_index)) & 0xFFFF_FFFF)
-        accelerator.print(f"resume: from {checkpoint.path} (step {position.step}, epoch {position.epoch}, "
-                          f"{position.images_seen} images into it)")
+        console.info(f"resume: from {checkpoint.path} (step {position.step}, epoch {position.epoch}, "
+                     f"{position.images_seen} images into it)")
     reference = None
     if config.eval_samples:
         try:
             reference = Reference(accelerator.device)
         except (OSError, RuntimeError, DataError) as err:  # evaluating is never worth losing the training run
-            accelerator.print(f"warning: evaluation is off for this run: {err}")
+            console.warn(f"evaluation is off for this run: {err}")
 
     steps_per_epoch = shards.steps_per_epoch()
     remaining = steps_to_run(config, shards, position)
-    accelerator.print(f"vaegan-dist: {accelerator.num_processes} process(es) on {accelerator.device.type}, "
-                      f"mixed precision {accelerator.mixed_precision}, batch {batch_size} per process "
-                      f"({shards.global_batch} global), {steps_per_epoch} steps per epoch, {remaining} steps "
-                      f"to run from step {position.step}, outputs in {output_dir}")
+    tracker = Tracker(console.warn)
+    if accelerator.is_main_process:  # one W&B run per job; a resumed job continues the checkpoint's run
+        tracker.start(config.wandb, {**config.to_dict(), "num_processes": accelerator.num_processes}, output_dir,
+                      run_id=checkpoint.state.get("wandb_run_id") if checkpoint else None,
+                      timeout=config.wandb_timeout)
+    console.table("vaegan-dist", {
+        "processes": describe_processes(accelerator),
+        "mixed precision": accelerator.mixed_precision,
+        "batch": f"{batch_size} per process, {shards.global_batch} global",
+        "data": f"{train_images.shape[0]} training images, {steps_per_epoch * batch_size} per process per epoch",
+        "steps": f"{steps_per_epoch} per epoch, {remaining} to run from step {position.step}",
+        "outputs": str(output_dir),
+        "resume from": f"{checkpoint.path} (step {position.step})" if checkpoint else "none (fresh start)",
+        f"W&B ({tracker.mode})": tracker.location,
+    })
+    if tracker.active and tracker.mode == "offline":
+        console.info(f"upload the W&B run later with: wandb sync {tracker.location}")
 
     def save(at: Position) -> Path:
-        state = {"seed": config.seed, "skipped_steps": skipped_steps, "wandb_run_id": None,
+        state = {"seed": config.seed, "skipped_steps": skipped_steps, "wandb_run_id": tracker.run_id,
                  "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None}
         path = save_checkpoint(accelerator, output_dir, config, at, named_networks, named_optimizers, state,
                                {**rng_tensors(accelerator.device), **window.to_tensors()})
-        accelerator.print(f"checkpoint: {path}")
+        console.info(f"checkpoint: {path}")
         return path
+
+    def stop_showing(exit_code: int) -> None:
+        console.stop_progress()
+        tracker.finish(exit_code)
 
     def save_pictures(tag: str) -> None:
         if accelerator.is_main_process:
@@ -237,6 +252,7 @@ def train(config: TrainConfig, accelerator: Accelerator) -> int:
     consecutive_skips, collapsed_records = 0, 0
     last_step = position.step + remaining
     step, epoch, images_seen = position.step, position.epoch, position.images_seen
+    console.start_progress(last_step, step, epochs=-(-last_step // steps_per_epoch))
     while step < last_step:
         for batch in shards.batches(epoch, images_seen):
             result = train_step(networks, plain_optimizers, images_to_pixels(batch), config, accelerator.scaler)
@@ -248,26 +264,35 @@ def train(config: TrainConfig, accelerator: Accelerator) -> int:
                 # A run's last record off the log_every grid keeps its window open: the checkpoint carries it,
                 # so a resumed run logs exactly what an uninterrupted run would have.
                 record = {"step": step, "epoch": epoch, "skipped_steps": skipped_steps,
-                          **window.record(accelerator, shards.global_batch, reset=step % config.log_every == 0)}
+                          **window.record(accelerator, shards.global_batch, reset=step % config.log_every == 0),
+                          **{f"lr_{name}": opt.param_groups[0]["lr"] for name, opt in named_optimizers.items()},
+                          "peak_memory_mb": peak_memory_mb(accelerator.device)}
                 metrics.write(record)
-                accelerator.print(log_line(record))
+                tracker.log(record)
+                console.show(record)
                 collapsed_records = collapsed_records + 1 if discriminator_collapsed(record) else 0
                 if collapsed_records == COLLAPSE_RECORDS:
-                    accelerator.print(f"warning: the discriminator has collapsed: D(x) = {record['d_x']:.4f} and "
-                                      f"D(x̃) = {record['d_x_tilde']:.4f} for {COLLAPSE_RECORDS} records in a "
-                                      "row. Lower --lr, or resume an earlier checkpoint with other settings.")
+                    console.warn(f"the discriminator has collapsed: D(x) = {record['d_x']:.4f} and D(x̃) = "
+                                 f"{record['d_x_tilde']:.4f} for {COLLAPSE_RECORDS} records in a row. Lower --lr, "
+                                 "or resume an earlier checkpoint with other settings.")
+            if tracker.active and (step % config.image_every == 0 or step == last_step):
+                pixels = grid_pixels(named_networks["encoder"], named_networks["decoder"], fixed_z, test_x)
+                tracker.log({"step": step, **{name: np.asarray(grid_image(p)) for name, p in pixels.items()}})
+            console.advance(step, epoch)
             if consecutive_skips == config.max_consecutive_skips:
                 path = save(Position(step, epoch, images_seen))
-                accelerator.print(f"error: the run diverged: {consecutive_skips} steps in a row had non-finite "
-                                  f"losses or gradients and were skipped. {path} holds the last good weights; "
-                                  "resume from it with a lower --lr (or --gamma), or start over.")
+                stop_showing(EXIT_DIVERGED)
+                console.error(f"the run diverged: {consecutive_skips} steps in a row had non-finite losses or "
+                              f"gradients and were skipped. {path} holds the last good weights; resume from it "
+                              "with a lower --lr (or --gamma), or start over.")
                 return EXIT_DIVERGED
             if stop_signal := watch.requested(accelerator):
                 save(Position(step, epoch, images_seen))
-                accelerator.print(f"stopped by {stop_signal.name} at step {step}: exit code {EXIT_PREEMPTED}; "
-                                  "run the same command again to resume")
+                stop_showing(EXIT_PREEMPTED)
+                console.info(f"stopped by {stop_signal.name} at step {step}: exit code {EXIT_PREEMPTED}; "
+                             "run the same command again to resume")
                 if config.requeue and accelerator.is_main_process:
-                    accelerator.print(requeue_slurm_job())
+                    console.info(requeue_slurm_job())
                 return EXIT_PREEMPTED
             if reference is not None and (step == last_step or (config.eval_every and step % config.eval_every == 0)):
                 evaluation_started = time.perf_counter()
@@ -275,13 +300,14 @@ def train(config: TrainConfig, accelerator: Accelerator) -> int:
                     scores = evaluate_distributed(accelerator, named_networks["encoder"], named_networks["decoder"],
                                                   config, config.eval_samples, reference)
                 except Exception as err:  # one warning per failed evaluation; training goes on
-                    accelerator.print(f"warning: the evaluation at step {step} failed ({type(err).__name__}: {err}); "
-                                      "training continues")
+                    console.warn(f"the evaluation at step {step} failed ({type(err).__name__}: {err}); training "
+                                 "continues")
                 else:
                     if accelerator.is_main_process:
-                        metrics.write({"step": step, "epoch": epoch,
-                                       **{f"eval/{k}": v for k, v in scores.items()}})
-                        accelerator.print(evaluation_line(step, scores))
+                        evaluation = {"step": step, "epoch": epoch, **{f"eval/{k}": v for k, v in scores.items()}}
+                        metrics.write(evaluation)
+                        tracker.log(evaluation)
+                        console.info(evaluation_line(step, scores))
                 window.started += time.perf_counter() - evaluation_started  # not training time
             if step == last_step:
                 break
@@ -291,8 +317,8 @@ def train(config: TrainConfig, accelerator: Accelerator) -> int:
                 except CheckpointError as err:
                     if config.on_save_error == "stop":
                         raise
-                    accelerator.print(f"warning: {err}. Training continues (--on-save-error continue); the "
-                                      "previous checkpoint is kept and the next save tries again.")
+                    console.warn(f"{err}. Training continues (--on-save-error continue); the previous checkpoint "
+                                 "is kept and the next save tries again.")
         else:  # the epoch ran to its end
             save_pictures(f"epoch_{epoch + 1:03d}")
             epoch, images_seen = epoch + 1, 0
@@ -305,7 +331,14 @@ def train(config: TrainConfig, accelerator: Accelerator) -> int:
         else:
             save_pictures(f"step_{step:07d}")
         save(Position(step, epoch, images_seen))
-    accelerator.print(f"done: {step} steps, {skipped_steps} skipped; outputs in {output_dir}")
+    console.stop_progress()
+    if accelerator.is_main_process:
+        try:
+            write_report(output_dir)
+        except ReportError as err:
+            console.info(f"report: {err}")
+    tracker.finish()
+    console.info(f"done: {step} steps, {skipped_steps} skipped; outputs in {output_dir}")
     return 0
 
 
@@ -314,7 +347,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         config = parse_args(argv)
         accelerator = Accelerator(mixed_precision=config.mixed_precision)
-        exit_code = train(dataclasses.replace(config, mixed_precision=accelerator.mixed_precision), accelerator)
+        with Console(accelerator.is_main_process, accelerator.process_index) as console:
+            exit_code = train(dataclasses.replace(config, mixed_precision=accelerator.mixed_precision), accelerator,
+                              console)
     except (ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         exit_code = EXIT_BAD_INPUT

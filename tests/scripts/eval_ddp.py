@@ -23,6 +23,8 @@ def main(directory: str, out: str) -> None:
         Path(out).write_text(json.dumps(scores))
     else:
         assert scores == {}, scores
+    accelerator.wait_for_everyone()
+    accelerator.end_training()  # ends the process group: without it gloo may abort at exit
 
 
 if __name__ == "__main__":

@@ -1,0 +1,126 @@
+"""Pictures of a run from its output directory: loss curves from metrics.jsonl and a GIF of the samples.
+
+Written at the end of training, and on demand by `vaegan-report OUTPUT_DIR` (or `python -m
+vaegan_dist.report OUTPUT_DIR`), which works on a run still in progress too:
+
+- loss_curves.png: the losses of the three networks against the global step
+- discriminator_outputs.png: the means of D(x), D(x̃) and D(x_p)
+- samples.gif: the sample grids from the fixed z (samples/epoch_NNN.png), one frame per epoch
+
+The curves need matplotlib, an optional extra: pip install 'vaegan-dist[report]'. The GIF needs only Pillow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+EXIT_BAD_INPUT = 2
+CURVES = {  # file: (title, y label, {metrics key: legend label})
+    "loss_curves.png": ("Losses", "loss", {"enc_loss": "encoder", "dec_loss": "decoder",
+                                          "dis_loss": "discriminator"}),
+    "discriminator_outputs.png": ("Discriminator outputs", "mean D", {"d_x": "D(x)", "d_x_tilde": "D(x̃)",
+                                                                     "d_x_p": "D(x_p)"}),
+}
+GIF_FRAME_MS = 400
+CAPTION_HEIGHT = 14
+
+
+class ReportError(RuntimeError):
+    """A picture cannot be drawn. The message says what is missing and what to do."""
+
+
+def read_metrics(path: Path) -> list[dict[str, float]]:
+    """The training records of metrics.jsonl (not the evaluations) by step; where a resumed run logged a step
+    again, its last record."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as err:
+        raise ReportError(f"cannot read {path} ({err.strerror}): give the output directory of a run") from None
+    by_step = {}
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):  # the line a running or killed job was writing
+                continue
+            raise ReportError(f"{path} line {number} is not JSON: fix or delete that line") from None
+        if not any(key.startswith("eval/") for key in record):
+            by_step[record["step"]] = record
+    return [by_step[step] for step in sorted(by_step)]
+
+
+def write_loss_curves(records: list[dict[str, float]], output_dir: Path) -> list[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only, no display
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ReportError("drawing loss curves needs matplotlib: pip install 'vaegan-dist[report]'") from None
+    steps = [r["step"] for r in records]
+    paths = []
+    for name, (title, ylabel, series) in CURVES.items():
+        fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+        for key, label in series.items():
+            ax.plot(steps, [r[key] for r in records], label=label, linewidth=1.2)
+        ax.set(title=title, xlabel="step", ylabel=ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(output_dir / name)
+        plt.close(fig)
+        paths.append(output_dir / name)
+    return paths
+
+
+def write_samples_gif(output_dir: Path) -> Path | None:
+    """samples.gif from samples/epoch_NNN.png, each frame captioned with its epoch; None without epochs."""
+    pngs = sorted((output_dir / "samples").glob("epoch_*.png"))
+    if not pngs:
+        return None
+    frames = []
+    for png in pngs:
+        grid = Image.open(png).convert("L")
+        frame = Image.new("L", (grid.width, grid.height + CAPTION_HEIGHT))
+        frame.paste(grid, (0, CAPTION_HEIGHT))
+        ImageDraw.Draw(frame).text((2, 1), f"epoch {int(png.stem.removeprefix('epoch_'))}", fill=255)
+        frames.append(frame)
+    path = output_dir / "samples.gif"
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=GIF_FRAME_MS, loop=0)
+    return path
+
+
+def write_report(output_dir: Path) -> list[Path]:
+    """The GIF, then the loss curves; the files written. Raises ReportError when the curves cannot be drawn."""
+    gif = write_samples_gif(output_dir)
+    records = read_metrics(output_dir / "metrics.jsonl")
+    if not records:
+        raise ReportError(f"{output_dir / 'metrics.jsonl'} has no records yet")
+    return [*([gif] if gif else []), *write_loss_curves(records, output_dir)]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="vaegan-report", description=__doc__.splitlines()[0])
+    parser.add_argument("output_dir", type=Path, help="a run's --output-dir")
+    output_dir = parser.parse_args(argv).output_dir
+    if not output_dir.is_dir():
+        print(f"error: {output_dir} is not a directory: give the output directory of a run", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+    try:
+        paths = write_report(output_dir)
+    except ReportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+    for path in paths:
+        print(path)
+
+
+if __name__ == "__main__":
+    main()

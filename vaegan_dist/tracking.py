@@ -1,0 +1,191 @@
+"""Weights & Biases logging that can never stop training.
+
+The main process alone makes a Tracker, so a job of any size is one W&B run. `wandb.init` runs on a thread
+that is waited for at most `wandb_timeout` seconds; logging hands its values to a worker thread through a
+queue, so a W&B service that hangs later costs the training step nothing. Any failure is one warning, after
+which the run goes on with its local logs (metrics.jsonl, the PNG grids). wandb is imported only when used.
+
+Every logged dict carries the trainer's global "step", and W&B plots against it (`define_metric`). A
+resumed job logs into the same run (the id kept in its checkpoint), from the checkpoint's step on: wandb's
+own step counter never has to match, so steps replayed after a preemption are not dropped.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import resource
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+DEFAULT_PROJECT = "vaegan-dist"
+MAX_PENDING = 100  # logs waiting for a slow W&B service before new ones are dropped
+WANDB_ENV_MODES = {"online": "online", "run": "online", "offline": "offline", "dryrun": "offline",
+                   "disabled": "disabled"}
+
+
+def has_credentials() -> bool:
+    """Whether wandb finds an API key (WANDB_API_KEY, .netrc, its settings files) for its base URL.
+
+    No network: the key is not verified. Any failure to tell counts as no key.
+    """
+    try:
+        import wandb
+        from wandb.sdk.lib import wbauth
+
+        host = wandb.setup().settings.base_url
+        return wbauth.authenticate_session(host=host, source="vaegan-dist", prompt=False,
+                                           update_session=False) is not None
+    except Exception:
+        return False
+
+
+def resolve_mode(requested: str) -> str:
+    """online, offline or disabled. For 'auto': WANDB_MODE if set, else online when an API key is configured."""
+    if requested != "auto":
+        return requested
+    env_mode = WANDB_ENV_MODES.get(os.environ.get("WANDB_MODE", "").lower())
+    if env_mode:
+        return env_mode
+    return "online" if has_credentials() else "offline"
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """This process's peak memory: allocated on its GPU, or its peak resident size on the CPU (Linux)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # KiB on Linux
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+class Tracker:
+    """The W&B run of a training job. Made on the main process only; its methods never raise.
+
+    Until `start` succeeds (and on every other process) it logs nothing: `active` is False, `run_id` None.
+    """
+
+    def __init__(self, warn: Callable[[str], None]) -> None:
+        self.mode = "disabled"
+        self.location = "disabled"  # where to look at the run: its URL, or its offline directory
+        self._warn = warn
+        self._run: Any = None
+        self._timeout = 0.0
+        self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self._worker = threading.Thread(target=self._work, name="wandb-log", daemon=True)
+        self._failed = False
+        self._warned_full = False
+        self._exit_code = 0
+
+    @property
+    def active(self) -> bool:
+        return self._run is not None and not self._failed
+
+    @property
+    def run_id(self) -> str | None:
+        """The W&B run id, to keep in checkpoints so that a resumed job continues the run."""
+        return self._run.id if self._run is not None else None
+
+    def start(self, mode: str, config: dict[str, Any], output_dir: Path, run_id: str | None,
+              timeout: float) -> None:
+        """Starts (or, given run_id, resumes) the run; on failure or after `timeout` seconds, warns once.
+
+        mode: auto, online, offline or disabled. The run's files go to $WANDB_DIR, else output_dir; its project
+        is $WANDB_PROJECT, else vaegan-dist. wandb itself reads the other WANDB_* variables (entity, group,
+        tags, and WANDB_RUN_ID/WANDB_RESUME when no run_id is given).
+        """
+        self.mode = resolve_mode(mode)
+        if self.mode == "disabled":
+            return
+        self._timeout = timeout
+        result: dict[str, Any] = {}
+
+        def init() -> None:
+            try:
+                import wandb
+
+                wandb.setup(settings=wandb.Settings(silent=True))  # this module says what W&B does
+                result["run"] = wandb.init(
+                    mode=self.mode, project=os.environ.get("WANDB_PROJECT", DEFAULT_PROJECT),
+                    dir=os.environ.get("WANDB_DIR", str(output_dir)), config=config, id=run_id,
+                    resume="allow" if run_id else None,
+                    # console off: wandb's capture of stdout would pass every print through its service.
+                    settings=wandb.Settings(init_timeout=timeout, finish_timeout=timeout, console="off"))
+            except Exception as err:  # wandb raises many kinds; none may stop training
+                result["error"] = err
+
+        # A daemon thread: one that never returns does not hold up the process's exit. (If it ever returns a
+        # run after the timeout, wandb's exit hook finishes that run.)
+        thread = threading.Thread(target=init, name="wandb-init", daemon=True)
+        thread.start()
+        thread.join(timeout)
+        if "run" not in result:
+            reason = (_first_line(result["error"]) if "error" in result
+                      else f"no answer within {timeout:g} s (--wandb-timeout)")
+            self._warn(f"W&B did not start ({reason}); training goes on with local logs only")
+            self.location = "failed to start: local logs only"
+            return
+        self._run = result["run"]
+        # run.url would warn in an offline run; its directory is what `wandb sync` uploads.
+        self.location = self._run.url if self.mode == "online" else str(Path(self._run.dir).parent)
+        self._worker.start()
+
+    def log(self, values: dict[str, Any]) -> None:
+        """Queues `values` (with "step") for W&B; uint8 arrays (H, W[, 3]) become images. Never blocks."""
+        if not self.active:
+            return
+        if self._queue.qsize() >= MAX_PENDING:
+            if not self._warned_full:
+                self._warned_full = True
+                self._warn(f"W&B is not keeping up: {MAX_PENDING} logs are waiting, newer ones are dropped "
+                           "until it catches up (metrics.jsonl has them all)")
+            return
+        self._queue.put(values)
+
+    def finish(self, exit_code: int = 0) -> None:
+        """Sends what is queued and closes the run, waiting at most the timeout given to `start`."""
+        if self._run is None:
+            return
+        self._exit_code = exit_code
+        self._queue.put(None)
+        self._worker.join(self._timeout)
+        if self._worker.is_alive():
+            self._warn(f"W&B did not finish within {self._timeout:g} s; its files are in "
+                       f"{Path(self._run.dir).parent} (`wandb sync` uploads them)")
+        else:
+            self._run = None
+
+    def _work(self) -> None:
+        """The worker thread: logs each queued dict, then finishes the run at the None that `finish` sends."""
+        import wandb
+
+        try:
+            self._run.define_metric("step")
+            self._run.define_metric("*", step_metric="step")
+        except Exception as err:
+            self._fail(err)
+        while (values := self._queue.get()) is not None:
+            if self._failed:
+                continue
+            try:
+                # wandb.Image takes float arrays to be 0..255 already: only uint8 arrays are passed.
+                self._run.log({key: wandb.Image(value) if isinstance(value, np.ndarray) else value
+                               for key, value in values.items()})
+            except Exception as err:
+                self._fail(err)
+        try:
+            self._run.finish(exit_code=self._exit_code)
+        except Exception as err:
+            self._warn(f"W&B could not finish the run ({_first_line(err)})")
+
+    def _fail(self, err: BaseException) -> None:
+        self._failed = True
+        self._warn(f"W&B logging failed ({_first_line(err)}); training goes on with local logs only")
