@@ -3,7 +3,8 @@ commands, accelerate and python), the environment SLURM gives a batch script, an
 
 The doubles are bash scripts put first on PATH. Each records how it was called under $DOUBLES_LOG:
 - srun runs its command once per node (--nodes=N), all at once, as SLURM_NODEID 0..N-1, each behind the
-  command words in FAKE_NODE_PREFIX_<i> if set (e.g. `ip netns exec ns0`), and lists the tasks' pids;
+  command words in FAKE_NODE_PREFIX_<i> if set (e.g. `ip netns exec ns0`); it lists the tasks' pids and
+  records each task's exit code;
 - scontrol prints FAKE_HOSTNAMES for `show hostnames` and records every call (`requeue ID` among them);
 - sbatch records and submits nothing;
 - accelerate records its arguments, environment and ignored signals instead of training;
@@ -42,7 +43,12 @@ for ((i = 0; i < nodes; i++)); do
     echo $! >> "$DOUBLES_LOG/tasks"
 done
 status=0
-for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+for i in "${!pids[@]}"; do
+    code=0
+    wait "${pids[i]}" || code=$?
+    echo "$code" >> "$DOUBLES_LOG/task_exits.$i"
+    if ((code != 0)); then status=$code; fi
+done
 exit "$status"
 """
 SCONTROL = r"""#!/usr/bin/env bash
@@ -127,6 +133,12 @@ def accelerate_calls(env: dict[str, str]) -> list[dict]:
 
 def srun_calls(env: dict[str, str]) -> list[list[str]]:
     return [p.read_text().split("\0")[:-1] for p in sorted(Path(env["DOUBLES_LOG"]).glob("srun.*.argv"))]
+
+
+def task_exits(env: dict[str, str], nodes: int) -> list[list[int]]:
+    """Per node, the exit codes of its srun tasks, one per srun call (job run)."""
+    log = Path(env["DOUBLES_LOG"])
+    return [[int(code) for code in (log / f"task_exits.{i}").read_text().split()] for i in range(nodes)]
 
 
 def process_tree(pid: int) -> list[int]:

@@ -160,6 +160,7 @@ def test_single_node_runs_the_local_launcher_in_one_task(tmp_path, doubles):
 
 
 @pytest.mark.parametrize(("settings", "expected"), [
+    ({"FAKE_GPUS": "1"}, ["--config_file", f"{REPO}/accelerate_config.yaml", "--num_processes", "1"]),
     ({"FAKE_GPUS": "2"}, ["--config_file", f"{REPO}/accelerate_config.yaml", "--num_processes", "2"]),
     ({"FAKE_GPUS": "8", "NUM_PROCESSES": "3"},
      ["--config_file", f"{REPO}/accelerate_config.yaml", "--num_processes", "3"]),
@@ -167,7 +168,7 @@ def test_single_node_runs_the_local_launcher_in_one_task(tmp_path, doubles):
     ({"FAKE_GPUS": "0", "CPU_PROCESSES": "1"}, ["--num_processes", "1", "--mixed_precision", "no"]),
     ({"FAKE_GPUS": "0", "NUM_PROCESSES": "4", "MAIN_PROCESS_PORT": "29600"},
      ["--num_processes", "4", "--mixed_precision", "no", "--multi_gpu"]),
-], ids=["gpus", "gpus-num-processes", "cpu", "cpu-one-process", "cpu-settings"])
+], ids=["one-gpu", "gpus", "gpus-num-processes", "cpu", "cpu-one-process", "cpu-settings"])
 def test_local_launcher_uses_the_gpus_or_cpu_processes(tmp_path, doubles, settings, expected):
     env = job_env(tmp_path, doubles, nodes=1, hostnames=["localhost"], **settings)
     code, output = run(["bash", REPO / "launch/local.sh", "--max-steps", "3"], env, cwd=tmp_path)
