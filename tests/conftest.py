@@ -28,9 +28,10 @@ def tiny_flags(**overrides) -> list[str]:
     return flags
 
 
-def launch(args: list[str], num_processes: int = 1, timeout: float = 300, env: dict[str, str] | None = None,
-           cwd: Path | None = None, script: Path = REPO / "train.py") -> subprocess.CompletedProcess:
-    """A script (train.py) under `accelerate launch`: N CPU processes over gloo, as the README tells users."""
+def launch_command(args: list[str], num_processes: int = 1, env: dict[str, str] | None = None,
+                   script: Path = REPO / "train.py") -> tuple[list[str], dict[str, str]]:
+    """The command and environment that run a script (train.py) under `accelerate launch`: N CPU processes
+    over gloo, as the README tells users."""
     command = [sys.executable, "-m", "accelerate.commands.launch"]
     if num_processes > 1:
         command += ["--multi_gpu", "--num_processes", str(num_processes), "--main_process_port", "0"]
@@ -40,6 +41,13 @@ def launch(args: list[str], num_processes: int = 1, timeout: float = 300, env: d
                 str(script), *args]
     full_env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled",
                 "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), **(env or {})}
+    return command, full_env
+
+
+def launch(args: list[str], num_processes: int = 1, timeout: float = 300, env: dict[str, str] | None = None,
+           cwd: Path | None = None, script: Path = REPO / "train.py") -> subprocess.CompletedProcess:
+    """Runs launch_command's command to its end."""
+    command, full_env = launch_command(args, num_processes, env, script)
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=full_env,
                           cwd=cwd or REPO)
 

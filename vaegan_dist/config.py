@@ -61,14 +61,27 @@ class TrainConfig:
     data_dir: str | None = None
     output_dir: str = "outputs"
     log_every: int = 50
+    # Checkpoints in <output_dir>/checkpoints: every save_every steps and at the end; the newest keep_last
+    # are kept, and those at multiples of keep_every steps for good. resume: auto (the newest intact one, or
+    # a fresh start), latest (the newest, which must exist), none, or a checkpoint's path.
+    save_every: int = 2000
+    keep_last: int = 3
+    keep_every: int | None = None
+    resume: str = "auto"
+    # After a preemption save (SIGTERM/SIGUSR1), run `scontrol requeue $SLURM_JOB_ID` from the main process.
+    requeue: bool = False
+    # Threads per process on the CPU; None: the cores divided among this machine's processes. (Launchers
+    # set OMP_NUM_THREADS=1, which would leave a single process on one core.)
+    cpu_threads: int | None = None
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
             object.__setattr__(self, f.name, _coerce(f.name, getattr(self, f.name), hints[f.name]))
-        for key in ("latent_dim", "hidden_dim", "depth", "batch_size", "epochs", "log_every"):
+        for key in ("latent_dim", "hidden_dim", "depth", "batch_size", "epochs", "log_every", "save_every",
+                    "keep_last"):
             _require(key, getattr(self, key) > 0, "must be positive")
-        for key in ("global_batch_size", "max_steps"):
+        for key in ("global_batch_size", "max_steps", "keep_every", "cpu_threads"):
             value = getattr(self, key)
             _require(key, value is None or value > 0, "must be positive (or none)")
         for key in ("gamma", "beta", "lr"):
@@ -186,6 +199,8 @@ def _flag_type(hint: Any) -> dict[str, Any]:
         hint = next(a for a in args if a is not type(None))
     if typing.get_origin(hint) is Literal:
         return {"choices": typing.get_args(hint)}
+    if hint is bool:
+        return {"action": argparse.BooleanOptionalAction}
     base = hint
 
     def parse(text: str) -> Any:

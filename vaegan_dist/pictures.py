@@ -5,16 +5,31 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch import Tensor, nn
-from torchvision.utils import save_image
+from torch.nn import functional as F
 
 from vaegan_dist.models import eval_mode, pixels_to_images
 
+PADDING = 2
+
+
+def grid_image(pixels: Tensor, nrow: int = 8) -> Image.Image:
+    """Rows of pixels in [-1, 1] as one greyscale image of 28×28 digits (white on black), nrow per row,
+    PADDING black pixels between and around them (the layout of torchvision's make_grid)."""
+    digits = F.pad(pixels_to_images(pixels)[:, 0].cpu(), (PADDING, 0, PADDING, 0))  # (N, 30, 30)
+    nrow = min(nrow, digits.shape[0])
+    rows = -(-digits.shape[0] // nrow)
+    digits = torch.cat([digits, digits.new_zeros(rows * nrow - digits.shape[0], *digits.shape[1:])])
+    side = digits.shape[-1]
+    grid = digits.reshape(rows, nrow, side, side).permute(0, 2, 1, 3).reshape(rows * side, nrow * side)
+    grid = F.pad(grid, (0, PADDING, 0, PADDING))
+    return Image.fromarray(grid.mul(255).round().to(torch.uint8).numpy(), mode="L")
+
 
 def save_grid(pixels: Tensor, path: Path, nrow: int = 8) -> None:
-    """Rows of pixels in [-1, 1] as a grid of 28×28 digits (white on black)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(pixels_to_images(pixels), path, nrow=nrow, padding=2)
+    grid_image(pixels, nrow).save(path)
 
 
 def reconstruction_pairs(encoder: nn.Module, decoder: nn.Module, x: Tensor) -> Tensor:

@@ -1,0 +1,337 @@
+"""Checkpoints: the whole training state as safetensors and JSON, written atomically, verified on load.
+
+Layout under <output_dir>/checkpoints/:
+
+    step_0001000/
+        config.json                 the resolved TrainConfig
+        encoder.safetensors         the unwrapped networks' state_dicts (identical on every process)
+        decoder.safetensors
+        discriminator.safetensors
+        optimizers.safetensors      the three Adam states, keys "<network>.<param index>.<name>"
+        state.json                  position (step, epoch, images seen in the epoch), seed, world size,
+                                    loss-scaler state, W&B run id, every process's weight digest
+        rank_<r>.safetensors        process r's RNG states and its open metrics window
+        COMPLETE                    the SHA-256 of every file above; written last
+    latest                          one line: the name of the newest complete checkpoint
+
+No pickle anywhere: loading runs neither `pickle` nor `torch.load`, only safetensors and `json`.
+
+A save writes into `.tmp-<name>/`, fsyncs every file, writes COMPLETE, renames the directory into place,
+then moves `latest` and prunes. Every process writes its own rank file, and all processes agree on the
+outcome after each phase: a failure on one process is a CheckpointError with its reason on all of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from safetensors.torch import load, load_file, save
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from vaegan_dist.config import TrainConfig
+
+NETWORK_FILES = ("encoder", "decoder", "discriminator")
+MARKER = "COMPLETE"
+LATEST = "latest"
+NAME_PATTERN = re.compile(r"^step_(\d+)$")
+# Settings that shape the networks' parameters or the data order: a resume that changes them is an error.
+ARCHITECTURE_KEYS = ("latent_dim", "hidden_dim", "depth", "seed")
+# Settings that say how to run, not what to train: they change on resume without comment.
+RUN_KEYS = ("resume", "output_dir", "data_dir", "max_steps", "epochs", "save_every", "keep_last", "keep_every",
+            "log_every", "requeue", "cpu_threads", "mixed_precision")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written, found or used. The message names the checkpoint and the fix."""
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where training stands: global steps done, and the epoch with the images of it already consumed."""
+
+    step: int = 0
+    epoch: int = 0
+    images_seen: int = 0
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def checkpoints_dir(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+def _fsync_write(path: Path, data: bytes) -> None:
+    with path.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _cpu_state(module: nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+
+
+def weights_digest(networks: Mapping[str, nn.Module]) -> str:
+    """SHA-256 over every weight of the networks: equal on all processes iff their replicas are identical."""
+    digest = hashlib.sha256()
+    for name, module in networks.items():
+        for key, tensor in _cpu_state(module).items():
+            digest.update(f"{name}.{key}".encode())
+            digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def optimizer_tensors(optimizers: Mapping[str, Optimizer]) -> dict[str, Tensor]:
+    """The per-parameter state of each optimizer as flat tensors, keyed "<network>.<param index>.<name>"."""
+    flat = {}
+    for network, optimizer in optimizers.items():
+        for index, state in optimizer.state_dict()["state"].items():
+            for name, value in state.items():
+                flat[f"{network}.{index}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    return flat
+
+
+def load_optimizer_tensors(optimizers: Mapping[str, Optimizer], flat: Mapping[str, Tensor]) -> None:
+    """Restores optimizer_tensors' output. Hyper-parameters (lr, betas) stay as the optimizers have them now."""
+    for network, optimizer in optimizers.items():
+        state: dict[int, dict[str, Tensor]] = {}
+        for key, value in flat.items():
+            owner, index, name = key.split(".")
+            if owner == network:
+                state.setdefault(int(index), {})[name] = value
+        optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+
+
+def _agree(accelerator: Accelerator, error: str | None, what: str) -> None:
+    """Every process learns every process's error from one phase; any error raises on all of them."""
+    errors = gather_object([error]) if accelerator.num_processes > 1 else [error]
+    failed = [f"process {rank}: {e}" for rank, e in enumerate(errors) if e is not None]
+    if failed:
+        raise CheckpointError(f"{what} failed ({'; '.join(failed)})")
+
+
+def _attempt(action: Callable[[], None]) -> str | None:
+    try:
+        action()
+    except Exception as err:  # reported on every process by _agree, so no process is left waiting
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def save_checkpoint(
+    accelerator: Accelerator,
+    output_dir: str | Path,
+    config: TrainConfig,
+    position: Position,
+    networks: Mapping[str, nn.Module],
+    optimizers: Mapping[str, Optimizer],
+    state: dict[str, Any],
+    rank_tensors: dict[str, Tensor],
+) -> Path:
+    """Writes checkpoint step_<position.step> on every process together; returns its directory.
+
+    networks: the unwrapped modules by name (NETWORK_FILES); state: the rest of the run's state, JSON-able;
+    rank_tensors: this process's own tensors (RNG states, metric sums). Raises CheckpointError on all
+    processes if any of them fails, leaving the previous checkpoints and `latest` untouched.
+    """
+    root = checkpoints_dir(output_dir)
+    name = checkpoint_name(position.step)
+    final, tmp = root / name, root / f".tmp-{name}"
+    main, rank = accelerator.is_main_process, accelerator.process_index
+
+    def prepare_dir() -> None:
+        if main:
+            for stale in root.glob(".tmp-*"):  # left behind by a save that was killed
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir(parents=True)
+
+    _agree(accelerator, _attempt(prepare_dir), f"creating checkpoint {tmp}")
+    digests = gather_object([weights_digest(networks)]) if accelerator.num_processes > 1 else [
+        weights_digest(networks)]
+    if len(set(digests)) != 1:
+        raise CheckpointError(f"the processes hold different weights at step {position.step} (digests "
+                              f"{digests}): the replicas diverged; resume from the previous checkpoint")
+
+    def write_files() -> None:
+        _fsync_write(tmp / f"rank_{rank}.safetensors", save(rank_tensors))
+        if main:
+            for network in NETWORK_FILES:
+                _fsync_write(tmp / f"{network}.safetensors", save(_cpu_state(networks[network])))
+            _fsync_write(tmp / "optimizers.safetensors", save(optimizer_tensors(optimizers)))
+            full_state = {"position": dataclasses.asdict(position), **state,
+                          "world_size": accelerator.num_processes, "replica_digests": digests}
+            _fsync_write(tmp / "state.json", (json.dumps(full_state, indent=2) + "\n").encode())
+            _fsync_write(tmp / "config.json", (json.dumps(config.to_dict(), indent=2) + "\n").encode())
+
+    _agree(accelerator, _attempt(write_files), f"writing checkpoint {tmp}")
+
+    def publish() -> None:
+        if not main:
+            return
+        hashes = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
+        _fsync_write(tmp / MARKER, (json.dumps({"sha256": hashes}, indent=2) + "\n").encode())
+        _fsync_dir(tmp)
+        if final.exists():  # a checkpoint of the same step from an earlier, interrupted attempt
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        _fsync_write(root / f"{LATEST}.tmp", f"{name}\n".encode())
+        os.replace(root / f"{LATEST}.tmp", root / LATEST)
+        _fsync_dir(root)
+        prune(root, config.keep_last, config.keep_every)
+
+    _agree(accelerator, _attempt(publish), f"publishing checkpoint {final}")
+    return final
+
+
+def prune(root: Path, keep_last: int, keep_every: int | None) -> None:
+    """Deletes complete checkpoints beyond the newest keep_last, except those at multiples of keep_every."""
+    complete = [path for step, path in _numbered(root) if (path / MARKER).is_file()]
+    for path in complete[:-keep_last]:
+        step = int(NAME_PATTERN.match(path.name).group(1))
+        if keep_every is None or step % keep_every:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+def _numbered(root: Path) -> list[tuple[int, Path]]:
+    """The step_* directories under root, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := NAME_PATTERN.match(p.name)) and p.is_dir()]
+    return sorted(found)
+
+
+def verify(path: Path) -> str | None:
+    """None if `path` is a complete, intact checkpoint; otherwise what is wrong with it."""
+    marker = path / MARKER
+    if not path.is_dir():
+        return "it does not exist" if not path.exists() else "it is not a directory"
+    if not marker.is_file():
+        return f"it has no {MARKER} marker (an interrupted save, or not a checkpoint)"
+    try:
+        hashes = json.loads(marker.read_text())["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"its {MARKER} marker is unreadable"
+    required = {f"{n}.safetensors" for n in (*NETWORK_FILES, "optimizers")} | {"state.json", "config.json"}
+    if missing := sorted(required - set(hashes)):
+        return f"its {MARKER} marker does not list {', '.join(missing)}"
+    for name, expected in hashes.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if _sha256(file) != expected:
+            return f"{name} does not match its SHA-256 (truncated or damaged)"
+    return None
+
+
+def newest_complete(root: Path, report: Callable[[str], None]) -> Path | None:
+    """The newest intact checkpoint under root; each newer damaged one is reported in one line and skipped."""
+    for _, path in reversed(_numbered(root)):
+        problem = verify(path)
+        if problem is None:
+            return path
+        report(f"warning: skipping checkpoint {path}: {problem}; trying the previous one")
+    return None
+
+
+def resolve_resume(resume: str, output_dir: str | Path, report: Callable[[str], None]) -> Path | None:
+    """The checkpoint `--resume` names, or None to start fresh.
+
+    auto: the output directory's newest intact checkpoint, if any; latest: the same, but one must exist;
+    none: start fresh; a PATH: that checkpoint (or an output directory's newest), which must be intact.
+    """
+    if resume == "none":
+        return None
+    if resume in ("auto", "latest"):
+        found = newest_complete(checkpoints_dir(output_dir), report)
+        if found is None and resume == "latest":
+            raise CheckpointError(f"--resume latest: no complete checkpoint in {checkpoints_dir(output_dir)}; "
+                                  "use --resume auto to start fresh when there is none")
+        return found
+    path = Path(resume)
+    if not path.exists():
+        raise CheckpointError(f"--resume {resume}: no such file or directory; give a checkpoint directory "
+                              f"(…/checkpoints/step_NNNNNNN) or an output directory")
+    if not (path / MARKER).exists() and (checkpoints_dir(path).is_dir() or path.name == "checkpoints"):
+        root = path if path.name == "checkpoints" else checkpoints_dir(path)
+        found = newest_complete(root, report)
+        if found is None:
+            raise CheckpointError(f"--resume {resume}: no complete checkpoint in {root}")
+        return found
+    if problem := verify(path):
+        raise CheckpointError(f"--resume {resume}: not a usable checkpoint: {problem}. Name another "
+                              f"checkpoint, or use --resume auto to take the newest intact one")
+    return path
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A verified checkpoint directory, read lazily."""
+
+    path: Path
+
+    @property
+    def state(self) -> dict[str, Any]:
+        return json.loads((self.path / "state.json").read_text())
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return json.loads((self.path / "config.json").read_text())
+
+    def network(self, name: str) -> dict[str, Tensor]:
+        return load_file(self.path / f"{name}.safetensors")
+
+    def optimizers(self) -> dict[str, Tensor]:
+        return load_file(self.path / "optimizers.safetensors")
+
+    def rank_tensors(self, rank: int) -> dict[str, Tensor]:
+        return load((self.path / f"rank_{rank}.safetensors").read_bytes())
+
+
+def config_changes(saved: Mapping[str, Any], config: TrainConfig) -> Iterator[tuple[str, Any, Any]]:
+    """(key, saved value, new value) for each training setting the new run changes. Raises CheckpointError
+    for a change the checkpoint cannot follow (the network shapes, the data order)."""
+    new = config.to_dict()
+    for key in ARCHITECTURE_KEYS:
+        if key in saved and saved[key] != new[key]:
+            raise CheckpointError(f"setting {key!r} is {new[key]!r} but the checkpoint was trained with "
+                                  f"{saved[key]!r}: resume with --{key.replace('_', '-')} {saved[key]}, or "
+                                  "start a new run in another --output-dir (or with --resume none)")
+    for key, value in new.items():
+        if key not in ARCHITECTURE_KEYS and key not in RUN_KEYS and key in saved and saved[key] != value:
+            yield key, saved[key], value

@@ -1,0 +1,51 @@
+"""Preemption: SIGTERM or SIGUSR1 on any process becomes a stop that every process agrees on at a step boundary.
+
+SLURM sends SIGUSR1 (with `--signal=USR1@<seconds>`) or SIGTERM before it preempts or times out a job. The
+handler only records the signal; the loop asks `requested()` at each step boundary, where one all-reduce
+makes the verdict the same on every process, so all of them save the same checkpoint and exit together.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+
+import torch
+from accelerate import Accelerator
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class PreemptionWatch:
+    """Records the first stop signal this process receives."""
+
+    def __init__(self) -> None:
+        self.received: signal.Signals | None = None
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._record)
+
+    def _record(self, signum: int, frame: object) -> None:
+        self.received = self.received or signal.Signals(signum)
+
+    def requested(self, accelerator: Accelerator) -> signal.Signals | None:
+        """The stop signal any process has received (the same answer on every process), or None."""
+        if accelerator.num_processes == 1:
+            return self.received
+        signum = torch.tensor([float(self.received or 0)], device=accelerator.device)
+        agreed = int(accelerator.reduce(signum, reduction="max").item())
+        return signal.Signals(agreed) if agreed else None
+
+
+def requeue_slurm_job() -> str:
+    """Asks SLURM to requeue this job (`scontrol requeue $SLURM_JOB_ID`); returns what happened, in words."""
+    job_id = os.environ.get("SLURM_JOB_ID")
+    if not job_id:
+        return "not requeued: SLURM_JOB_ID is not set (not a SLURM job)"
+    try:
+        result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return f"warning: scontrol requeue {job_id} failed: {err}"
+    if result.returncode != 0:
+        return f"warning: scontrol requeue {job_id} failed: {result.stderr.strip() or result.returncode}"
+    return f"requeued SLURM job {job_id}"
