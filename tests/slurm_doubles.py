@@ -13,11 +13,13 @@ The doubles are bash scripts put first on PATH. Each records how it was called u
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
-from collections import defaultdict
 from pathlib import Path
+
+import psutil
 
 from tests.conftest import REPO
 
@@ -141,29 +143,17 @@ def task_exits(env: dict[str, str], nodes: int) -> list[list[int]]:
     return [[int(code) for code in (log / f"task_exits.{i}").read_text().split()] for i in range(nodes)]
 
 
-def process_tree(pid: int) -> list[int]:
-    """`pid` and all its descendants, found through /proc: torch's workers start sessions of their own, so a
-    process group does not hold them."""
-    children = defaultdict(list)
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children[parent].append(int(stat.parent.name))
-    tree, todo = [], [pid]
-    while todo:
-        tree.append(todo.pop())
-        todo += children[tree[-1]]
-    return tree
-
-
 def signal_tree(pid: int, sig: int) -> None:
-    for p in process_tree(pid):
-        try:
-            os.kill(p, sig)
-        except ProcessLookupError:
-            pass
+    """`sig` to `pid` and all its descendants: torch's workers start sessions of their own, so a process group
+    does not hold them."""
+    try:
+        root = psutil.Process(pid)
+        tree = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for process in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.send_signal(sig)
 
 
 def signal_job_step(env: dict[str, str], sig: int) -> None:

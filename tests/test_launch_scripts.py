@@ -153,8 +153,8 @@ def test_single_node_runs_the_local_launcher_in_one_task(tmp_path, doubles):
                     "--output-dir", str(job_dir(tmp_path)), "--resume", "auto", "--requeue", "--max-steps", "10"]
     [node] = accelerate_calls(env)
     assert node["argv"] == ["launch", "--config_file", f"{REPO}/accelerate_config.yaml", "--num_processes", "4",
-                            "--main_process_port", "0", "--dynamo_backend", "no", f"{REPO}/train.py",
-                            "--output-dir", str(job_dir(tmp_path)), "--resume", "auto", "--requeue", "--max-steps", "10"]
+                            "--main_process_port", "0", "--dynamo_backend", "no", f"{REPO}/train.py", "--output-dir",
+                            str(job_dir(tmp_path)), "--resume", "auto", "--requeue", "--max-steps", "10"]
     assert node["ignores_usr1"]
     assert node["env"]["WANDB_RUN_ID"] == f"slurm-{CLUSTER}-{JOB_ID}"
 
