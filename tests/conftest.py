@@ -8,12 +8,16 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from vaegan_dist.config import TrainConfig
+from vaegan_dist.export import export_networks
+from vaegan_dist.models import build_models
 
 REPO = Path(__file__).resolve().parents[1]
-# Small networks and batches: the suite runs on 2 CPU cores.
-TINY = dict(hidden_dim=32, depth=2, latent_dim=4, batch_size=16, log_every=5)
+# Small networks and batches, no evaluation (it takes most of a minute on a CPU), one thread per process: the
+# suite runs on 2 CPU cores.
+TINY = dict(hidden_dim=32, depth=2, latent_dim=4, batch_size=16, log_every=5, cpu_threads=1, eval_samples=0)
 
 
 def tiny_config(**overrides) -> TrainConfig:
@@ -24,7 +28,8 @@ def tiny_flags(**overrides) -> list[str]:
     """Command-line flags for a tiny run."""
     flags = []
     for key, value in {**TINY, **overrides}.items():
-        flags += [f"--{key.replace('_', '-')}", str(value)]
+        flag = key.replace("_", "-")
+        flags += [f"--{flag}" if value else f"--no-{flag}"] if isinstance(value, bool) else [f"--{flag}", str(value)]
     return flags
 
 
@@ -55,3 +60,13 @@ def launch(args: list[str], num_processes: int = 1, timeout: float = 300, env: d
 @pytest.fixture
 def tiny() -> TrainConfig:
     return tiny_config()
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory) -> Path:
+    """A directory holding a freshly initialised tiny encoder and decoder, as export_networks writes them."""
+    config = tiny_config()
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        encoder, decoder, _ = build_models(config)
+    return export_networks(encoder, decoder, config, tmp_path_factory.mktemp("export"))

@@ -68,6 +68,16 @@ def test_fp16_overflow_on_one_process_skips_the_step_on_both(ddp_ranks):
         assert all(torch.equal(rank[f"fp16.{k}"], p) for k, p in initial.items())
 
 
+def test_nan_in_one_process_batch_skips_the_step_on_both_and_replicas_stay_identical(ddp_ranks):
+    keys = [k for k in ddp_ranks[0] if k.startswith("nan.") and k.count(".") == 2]
+    assert keys
+    for rank in ddp_ranks:
+        assert not rank["nan.stepped"] and rank["nan.stepped_after"]
+    for key in keys:
+        assert torch.isfinite(ddp_ranks[0][key]).all(), key
+        assert torch.equal(ddp_ranks[0][key], ddp_ranks[1][key]), key
+
+
 def read_metrics(output_dir):
     return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
 

@@ -21,6 +21,10 @@ GeneratorLoss = Literal["minimax", "non_saturating"]
 MixedPrecision = Literal["no", "bf16", "fp16"]
 
 
+EXIT_BAD_INPUT = 2  # the exit status of every command given bad input (settings, data, files)
+MIN_EVAL_SAMPLES = 4  # precision and recall need k + 1 = 4 samples
+
+
 class ConfigError(ValueError):
     """A setting that cannot be used. The message names the key and what to do."""
 
@@ -68,20 +72,28 @@ class TrainConfig:
     keep_last: int = 3
     keep_every: int | None = None
     resume: str = "auto"
+    # A periodic save that fails (disk full, permissions): stop the run (exit 3), or warn and continue.
+    on_save_error: Literal["stop", "continue"] = "stop"
     # After a preemption save (SIGTERM/SIGUSR1), run `scontrol requeue $SLURM_JOB_ID` from the main process.
     requeue: bool = False
+    # This many non-finite steps in a row (each skipped on every process) end the run with a checkpoint.
+    max_consecutive_skips: int = 100
     # Threads per process on the CPU; None: the cores divided among this machine's processes. (Launchers
     # set OMP_NUM_THREADS=1, which would leave a single process on one core.)
     cpu_threads: int | None = None
+    # The classifier-based evaluation (vaegan_dist.evaluation) every eval_every steps and always at the end,
+    # on eval_samples samples; eval_every none: only at the end; eval_samples 0: never.
+    eval_every: int | None = None
+    eval_samples: int = 10_000
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
             object.__setattr__(self, f.name, _coerce(f.name, getattr(self, f.name), hints[f.name]))
         for key in ("latent_dim", "hidden_dim", "depth", "batch_size", "epochs", "log_every", "save_every",
-                    "keep_last"):
+                    "keep_last", "max_consecutive_skips"):
             _require(key, getattr(self, key) > 0, "must be positive")
-        for key in ("global_batch_size", "max_steps", "keep_every", "cpu_threads"):
+        for key in ("global_batch_size", "max_steps", "keep_every", "cpu_threads", "eval_every"):
             value = getattr(self, key)
             _require(key, value is None or value > 0, "must be positive (or none)")
         for key in ("gamma", "beta", "lr"):
@@ -91,6 +103,8 @@ class TrainConfig:
         for key in ("dropout", "encoder_dropout", "decoder_dropout", "discriminator_dropout"):
             value = getattr(self, key)
             _require(key, value is None or 0 <= value < 1, "must be in [0, 1)")
+        _require("eval_samples", self.eval_samples == 0 or self.eval_samples >= MIN_EVAL_SAMPLES,
+                 f"must be 0 (no evaluation) or at least {MIN_EVAL_SAMPLES}")
         _require("hidden_dim", self.hidden_dim >> (self.depth - 1) >= 1,
                  f"is too small for depth {self.depth}: the discriminator halves it per layer")
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 from torch import Tensor
 
 from vaegan_dist.checkpoint import (
@@ -24,8 +24,9 @@ from vaegan_dist.checkpoint import (
     resolve_resume,
     save_checkpoint,
 )
-from vaegan_dist.config import ConfigError, TrainConfig, parse_args
+from vaegan_dist.config import EXIT_BAD_INPUT, ConfigError, TrainConfig, parse_args
 from vaegan_dist.data import DataError, ShardedBatches, load_mnist
+from vaegan_dist.evaluation import Reference, evaluate_distributed, evaluation_line
 from vaegan_dist.losses import LossTerms
 from vaegan_dist.models import build_models, images_to_pixels
 from vaegan_dist.pictures import save_epoch_grids
@@ -34,9 +35,13 @@ from vaegan_dist.step import NETWORKS, StepResult, train_step
 
 NUM_FIXED_SAMPLES = 64
 NUM_RECONSTRUCTED = 32
-EXIT_BAD_INPUT = 2
 EXIT_CHECKPOINT_FAILED = 3
+EXIT_DIVERGED = 4  # max_consecutive_skips non-finite steps in a row; the last good weights are checkpointed
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after saving a checkpoint; run again to resume
+# A discriminator whose mean outputs on real and reconstructed images both sit within COLLAPSE_MARGIN of 0 or 1
+# for COLLAPSE_RECORDS logged records in a row has stopped giving the other networks a useful signal.
+COLLAPSE_MARGIN = 0.01
+COLLAPSE_RECORDS = 10
 
 
 class MetricsLog:
@@ -97,6 +102,11 @@ def log_line(record: dict[str, float | int]) -> str:
             f"{record['images_per_s']:.0f} img/s")
 
 
+def discriminator_collapsed(record: dict[str, float]) -> bool:
+    """Whether D(x) and D(x̃) both sit at 0 or 1: D wins outright, or has given up."""
+    return all(min(record[key], 1 - record[key]) < COLLAPSE_MARGIN for key in ("d_x", "d_x_tilde"))
+
+
 def rng_tensors(device: torch.device) -> dict[str, Tensor]:
     """This process's RNG states: the global torch generators that draw the noise and the dropout masks."""
     states = {"rng.torch": torch.get_rng_state()}
@@ -129,16 +139,24 @@ def configure_cpu_threads(config: TrainConfig) -> None:
 
 
 def train(config: TrainConfig, accelerator: Accelerator) -> int:
-    """Trains until the run's end (returns 0) or a stop signal (saves, returns EXIT_PREEMPTED)."""
+    """Trains to the run's end (returns 0), a stop signal (saves, returns EXIT_PREEMPTED) or divergence
+    (saves, returns EXIT_DIVERGED)."""
     output_dir = Path(config.output_dir)
     resume_from = resolve_resume(config.resume, output_dir, accelerator.print)
+    if len(choices := set(gather_object([str(resume_from)]))) > 1:
+        raise CheckpointError(f"the processes found different checkpoints to resume from ({sorted(choices)}): "
+                              "put --output-dir on a file system that every machine shares")
     checkpoint = Checkpoint(resume_from) if resume_from is not None else None
     if checkpoint is not None:
         for key, old, new in config_changes(checkpoint.config, config):
             accelerator.print(f"resume: overriding {key} = {old!r} from the checkpoint with {new!r}")
-    if accelerator.is_main_process:
+    try:
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        if accelerator.is_main_process:
+            (output_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    except OSError as err:
+        raise ConfigError(f"cannot write to output directory {output_dir} ({err.strerror}): choose a writable "
+                          "--output-dir") from None
     if config.mixed_precision == "fp16" and accelerator.scaler is None:
         accelerator.print("warning: fp16 needs a GPU; Accelerate runs fp32 here. Use --mixed-precision bf16.")
     if accelerator.device.type == "cpu":
@@ -188,6 +206,12 @@ def train(config: TrainConfig, accelerator: Accelerator) -> int:
             torch.manual_seed(hash((config.seed, position.step, accelerator.process_index)) & 0xFFFF_FFFF)
         accelerator.print(f"resume: from {checkpoint.path} (step {position.step}, epoch {position.epoch}, "
                           f"{position.images_seen} images into it)")
+    reference = None
+    if config.eval_samples:
+        try:
+            reference = Reference(accelerator.device)
+        except (OSError, RuntimeError, DataError) as err:  # evaluating is never worth losing the training run
+            accelerator.print(f"warning: evaluation is off for this run: {err}")
 
     steps_per_epoch = shards.steps_per_epoch()
     remaining = steps_to_run(config, shards, position)
@@ -210,6 +234,7 @@ def train(config: TrainConfig, accelerator: Accelerator) -> int:
 
     metrics = MetricsLog(output_dir / "metrics.jsonl", accelerator.is_main_process)
     watch = PreemptionWatch()
+    consecutive_skips, collapsed_records = 0, 0
     last_step = position.step + remaining
     step, epoch, images_seen = position.step, position.epoch, position.images_seen
     while step < last_step:
@@ -217,6 +242,7 @@ def train(config: TrainConfig, accelerator: Accelerator) -> int:
             result = train_step(networks, plain_optimizers, images_to_pixels(batch), config, accelerator.scaler)
             step, images_seen = step + 1, images_seen + shards.global_batch
             skipped_steps += not result.stepped
+            consecutive_skips = 0 if result.stepped else consecutive_skips + 1
             window.add(result)
             if step % config.log_every == 0 or step == last_step:
                 # A run's last record off the log_every grid keeps its window open: the checkpoint carries it,
@@ -225,6 +251,17 @@ def train(config: TrainConfig, accelerator: Accelerator) -> int:
                           **window.record(accelerator, shards.global_batch, reset=step % config.log_every == 0)}
                 metrics.write(record)
                 accelerator.print(log_line(record))
+                collapsed_records = collapsed_records + 1 if discriminator_collapsed(record) else 0
+                if collapsed_records == COLLAPSE_RECORDS:
+                    accelerator.print(f"warning: the discriminator has collapsed: D(x) = {record['d_x']:.4f} and "
+                                      f"D(x̃) = {record['d_x_tilde']:.4f} for {COLLAPSE_RECORDS} records in a "
+                                      "row. Lower --lr, or resume an earlier checkpoint with other settings.")
+            if consecutive_skips == config.max_consecutive_skips:
+                path = save(Position(step, epoch, images_seen))
+                accelerator.print(f"error: the run diverged: {consecutive_skips} steps in a row had non-finite "
+                                  f"losses or gradients and were skipped. {path} holds the last good weights; "
+                                  "resume from it with a lower --lr (or --gamma), or start over.")
+                return EXIT_DIVERGED
             if stop_signal := watch.requested(accelerator):
                 save(Position(step, epoch, images_seen))
                 accelerator.print(f"stopped by {stop_signal.name} at step {step}: exit code {EXIT_PREEMPTED}; "
@@ -232,10 +269,30 @@ def train(config: TrainConfig, accelerator: Accelerator) -> int:
                 if config.requeue and accelerator.is_main_process:
                     accelerator.print(requeue_slurm_job())
                 return EXIT_PREEMPTED
+            if reference is not None and (step == last_step or (config.eval_every and step % config.eval_every == 0)):
+                evaluation_started = time.perf_counter()
+                try:
+                    scores = evaluate_distributed(accelerator, named_networks["encoder"], named_networks["decoder"],
+                                                  config, config.eval_samples, reference)
+                except Exception as err:  # one warning per failed evaluation; training goes on
+                    accelerator.print(f"warning: the evaluation at step {step} failed ({type(err).__name__}: {err}); "
+                                      "training continues")
+                else:
+                    if accelerator.is_main_process:
+                        metrics.write({"step": step, "epoch": epoch,
+                                       **{f"eval/{k}": v for k, v in scores.items()}})
+                        accelerator.print(evaluation_line(step, scores))
+                window.started += time.perf_counter() - evaluation_started  # not training time
             if step == last_step:
                 break
             if step % config.save_every == 0:
-                save(Position(step, epoch, images_seen))
+                try:
+                    save(Position(step, epoch, images_seen))
+                except CheckpointError as err:
+                    if config.on_save_error == "stop":
+                        raise
+                    accelerator.print(f"warning: {err}. Training continues (--on-save-error continue); the "
+                                      "previous checkpoint is kept and the next save tries again.")
         else:  # the epoch ran to its end
             save_pictures(f"epoch_{epoch + 1:03d}")
             epoch, images_seen = epoch + 1, 0

@@ -4,6 +4,7 @@
    gradients and the weights after one step (to compare with one process on the whole batch).
 2. k training steps with dropout, each process on its own data and noise: the weights (to compare replicas).
 3. fp16 loss scaling where only rank 1's batch overflows: whether each process stepped, and its scale.
+4. A NaN in rank 1's batch (fp32): whether each process stepped, then one good step, and the weights.
 """
 
 from __future__ import annotations
@@ -72,6 +73,19 @@ def main(out_dir: str) -> None:
         for i, p in enumerate(net.parameters()):
             results[f"fp16.{name}.{i}"] = p.detach().clone()
     results["fp16.stepped_after"] = torch.tensor(train_step(networks, optimizers, x, config, scaler).stepped)
+
+    config = tiny_config(dropout=0.0)
+    set_seed(0)
+    networks, optimizers = prepared(accelerator, config)
+    x = torch.rand(8, 784) * 2 - 1
+    if rank == 1:
+        x[0, 0] = float("nan")  # one bad pixel on one process, in fp32 without a scaler
+    results["nan.stepped"] = torch.tensor(train_step(networks, optimizers, x, config).stepped)
+    x[0, 0] = 0.0
+    results["nan.stepped_after"] = torch.tensor(train_step(networks, optimizers, x, config).stepped)
+    for name, net in zip(NETWORKS, networks, strict=True):
+        for i, p in enumerate(net.parameters()):
+            results[f"nan.{name}.{i}"] = p.detach().clone()
 
     save_file(results, f"{out_dir}/rank{rank}.safetensors")
     accelerator.wait_for_everyone()

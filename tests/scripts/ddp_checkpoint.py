@@ -1,0 +1,53 @@
+"""Run under `accelerate launch` with 2 CPU processes by tests/test_preemption.py.
+
+Saves one good checkpoint, then one during which process 1 runs out of disk space while writing its rank
+file. Each process writes what it saw of the failed save to <out>/rank<r>.txt.
+"""
+
+from __future__ import annotations
+
+import errno
+import sys
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+import vaegan_dist.checkpoint as checkpoint_module
+from tests.conftest import tiny_config
+from tests.test_step import adam_for
+from vaegan_dist.checkpoint import CheckpointError, Position, save_checkpoint
+from vaegan_dist.models import build_models
+from vaegan_dist.step import NETWORKS
+
+
+def main(out_dir: str) -> None:
+    accelerator = Accelerator(cpu=True)
+    config = tiny_config(output_dir=out_dir)
+    torch.manual_seed(0)
+    networks = build_models(config)
+    named = dict(zip(NETWORKS, networks, strict=True))
+    optimizers = dict(zip(NETWORKS, adam_for(networks, config), strict=True))
+
+    def save(step: int) -> Path:
+        return save_checkpoint(accelerator, out_dir, config, Position(step), named, optimizers, {},
+                               {"rng.torch": torch.get_rng_state()})
+
+    save(1)
+    if accelerator.process_index == 1:
+        def disk_full(path: Path, data: bytes) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+        checkpoint_module._fsync_write = disk_full
+    try:
+        save(2)
+        outcome = "saved"
+    except CheckpointError as err:
+        outcome = str(err)
+    (Path(out_dir) / f"rank{accelerator.process_index}.txt").write_text(outcome)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

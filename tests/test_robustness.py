@@ -1,0 +1,139 @@
+"""Bad input, divergence and failing saves: each a clear one-line error or warning, and no work lost."""
+
+from __future__ import annotations
+
+import errno
+import subprocess
+import sys
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+import vaegan_dist.checkpoint as checkpoint_module
+from tests.conftest import REPO, tiny_config
+from tests.test_resume import final_checkpoint
+from vaegan_dist import data
+from vaegan_dist.checkpoint import CheckpointError, checkpoints_dir
+from vaegan_dist.config import ConfigError
+from vaegan_dist.data import DataError
+from vaegan_dist.step import NETWORKS
+from vaegan_dist.train import EXIT_DIVERGED, discriminator_collapsed, train
+
+
+@pytest.fixture(scope="module")
+def accelerator():
+    return Accelerator(cpu=True)
+
+
+def run(accelerator, tmp_path, **settings):
+    return train(tiny_config(output_dir=str(tmp_path), **settings), accelerator)
+
+
+def test_a_batch_larger_than_the_training_set(accelerator, tmp_path):
+    with pytest.raises(ConfigError, match="batch_size' 70000 × 1 processes exceeds the 60000 training images"):
+        run(accelerator, tmp_path, batch_size=70000)
+
+
+def test_a_missing_data_directory_offline(accelerator, tmp_path, monkeypatch):
+    def offline(folder):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(data, "_download", offline)
+    with pytest.raises(DataError, match=r"not found in .*nothing, and downloading it failed"):
+        run(accelerator, tmp_path, data_dir=str(tmp_path / "nothing"))
+
+
+def test_an_output_directory_that_cannot_be_written(accelerator, tmp_path):
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ConfigError, match=r"cannot write to output directory .*a_file/run .*writable --output-dir"):
+        run(accelerator, tmp_path / "a_file" / "run")
+
+
+def test_bad_resumes(accelerator, tmp_path):
+    with pytest.raises(CheckpointError, match="no such file or directory"):
+        run(accelerator, tmp_path, resume=str(tmp_path / "absent"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="not a usable checkpoint: it has no COMPLETE marker"):
+        run(accelerator, tmp_path, resume=str(tmp_path / "empty"))
+    assert run(accelerator, tmp_path, max_steps=1) == 0
+    with pytest.raises(CheckpointError, match="setting 'latent_dim' is 8 but the checkpoint was trained with 4"):
+        run(accelerator, tmp_path, max_steps=2, latent_dim=8)
+
+
+def disk_full_for(step_name):
+    real = checkpoint_module._fsync_write
+
+    def write(path, data):
+        if step_name in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real(path, data)
+
+    return write
+
+
+def test_a_failed_periodic_save_stops_the_run_and_keeps_the_previous_checkpoint(accelerator, tmp_path,
+                                                                                 monkeypatch):
+    monkeypatch.setattr(checkpoint_module, "_fsync_write", disk_full_for("step_0000004"))
+    with pytest.raises(CheckpointError, match="No space left on device"):
+        run(accelerator, tmp_path, save_every=2, max_steps=5)
+    assert final_checkpoint(tmp_path).path.name == "step_0000002"
+
+
+def test_on_save_error_continue_warns_and_keeps_training(accelerator, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(checkpoint_module, "_fsync_write", disk_full_for("step_0000002"))
+    assert run(accelerator, tmp_path, save_every=2, max_steps=3, on_save_error="continue") == 0
+    assert "warning: writing checkpoint" in capsys.readouterr().out
+    assert sorted(p.name for p in checkpoints_dir(tmp_path).glob("step_*")) == ["step_0000003"]
+
+
+def test_a_diverging_run_stops_with_a_checkpoint_of_finite_weights(accelerator, tmp_path, capsys):
+    assert run(accelerator, tmp_path, lr=1e30, max_consecutive_skips=3, log_every=1) == EXIT_DIVERGED
+    assert "the run diverged: 3 steps in a row" in capsys.readouterr().out
+    checkpoint = final_checkpoint(tmp_path)
+    assert checkpoint.state["skipped_steps"] >= 3
+    for name in NETWORKS:
+        assert all(torch.isfinite(t).all() for t in checkpoint.network(name).values())
+
+
+def test_discriminator_collapse_is_both_outputs_stuck_at_the_ends():
+    assert discriminator_collapsed({"d_x": 0.999, "d_x_tilde": 0.001})  # D wins outright
+    assert discriminator_collapsed({"d_x": 0.002, "d_x_tilde": 0.995})
+    assert not discriminator_collapsed({"d_x": 0.999, "d_x_tilde": 0.3})
+    assert not discriminator_collapsed({"d_x": 0.6, "d_x_tilde": 0.4})
+
+
+@pytest.mark.parametrize(("flags", "code", "message"), [
+    (["--resume", "/nonexistent/ckpt"], 3, "error: --resume /nonexistent/ckpt: no such file or directory"),
+    (["--batch-size", "0"], 2, "error: setting 'batch_size' must be positive"),
+])
+def test_the_command_line_prints_one_line_and_no_traceback(tmp_path, flags, code, message):
+    result = subprocess.run([sys.executable, "-m", "vaegan_dist.train", "--output-dir", str(tmp_path), *flags],
+                            capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == code
+    assert result.stderr.strip().startswith(message) and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_missing_classifier_turns_evaluation_off_with_one_warning(accelerator, tmp_path, monkeypatch, capsys):
+    import vaegan_dist.evaluation as evaluation
+
+    def missing(device):
+        raise DataError("the classifier weights vaegan_dist/classifier.safetensors are missing: restore them")
+
+    monkeypatch.setattr(evaluation, "load_classifier", missing)
+    assert run(accelerator, tmp_path, max_steps=2, eval_samples=100, eval_every=1) == 0
+    out = capsys.readouterr().out
+    assert out.count("warning: evaluation is off for this run: the classifier weights") == 1
+
+
+def test_a_failing_evaluation_warns_each_time_and_training_goes_on(accelerator, tmp_path, monkeypatch, capsys):
+    import vaegan_dist.train as train_module
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(train_module, "evaluate_distributed", broken)
+    assert run(accelerator, tmp_path, max_steps=3, eval_samples=100, eval_every=1) == 0
+    out = capsys.readouterr().out
+    assert out.count("warning: the evaluation at step") == 3 and "RuntimeError: out of memory" in out
+    assert final_checkpoint(tmp_path).state["position"]["step"] == 3

@@ -1,0 +1,251 @@
+"""Sample quality of an encoder/decoder pair, measured with the shipped MNIST classifier against the test set.
+
+From the classifier's penultimate features of N samples x_p = Dec(z_p), z_p ~ N(0, I), against those of the
+10k test images: classifier-FID, KID, precision and recall (k = 3), the inception score and the class
+histogram. From the first min(N, 10k) test images and their reconstructions Dec(μ(x)): the pixel MSE (on
+[0, 1] pixels) and the classifier's accuracy on the reconstructions. Every result carries the real-data floor
+under `floor_<metric>`: the same metrics for N training images in place of the samples (and the classifier's
+accuracy on the real test images), because classifier-FID means nothing across classifiers or sample sizes.
+
+`Reference` holds the classifier and the test set's features, computed once per process (a few seconds on a
+CPU) and reused by every evaluation of a run; the floor is computed once per sample count. Nothing is
+cached on disk. Samples come from a torch.Generator seeded with the given seed, and dropout is off, so an
+evaluation draws nothing from the global RNG: training continues exactly as without it.
+
+`vaegan-eval DIRECTORY` evaluates a checkpoint or export directory, prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from functools import cached_property
+from pathlib import Path
+from typing import NoReturn
+
+import torch
+from accelerate import Accelerator
+from rich.console import Console
+from rich.table import Table
+from torch import Tensor, nn
+
+from vaegan_dist.classifier import NUM_CLASSES, Classifier, accuracy, embed, load_classifier
+from vaegan_dist.config import EXIT_BAD_INPUT, MIN_EVAL_SAMPLES, TrainConfig
+from vaegan_dist.data import DataError, load_mnist
+from vaegan_dist.export import ExportError, load_networks
+from vaegan_dist.metrics import (
+    class_histogram,
+    frechet_distance,
+    inception_score,
+    kernel_inception_distance,
+    knn_radii,
+    precision_recall,
+)
+from vaegan_dist.models import eval_mode, images_to_pixels
+
+DEFAULT_SAMPLES = 10_000
+BATCH = 1000
+K_NEAREST = 3  # precision and recall: the k of the k-NN manifolds
+FLOOR_SEED = 0  # which training images stand in for samples in the floor: fixed, so the floor is a constant
+
+
+class Reference:
+    """The classifier and the test set on one device, with the test features and the floor computed on demand."""
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.classifier: Classifier = load_classifier(self.device)
+        images, labels = load_mnist(None, "test")
+        self.test_pixels = images_to_pixels(images).to(self.device)
+        self.test_labels = labels.long().to(self.device)
+        self._floors: dict[int, dict[str, float]] = {}
+
+    @cached_property
+    def test_features(self) -> Tensor:
+        return embed(self.classifier, self.test_pixels)[0]
+
+    @cached_property
+    def test_radii(self) -> Tensor:
+        """The radius of each test image's ball in the k-NN manifold of the test features."""
+        return knn_radii(self.test_features, K_NEAREST)
+
+    def sample_metrics(self, features: Tensor, probs: Tensor) -> dict[str, float]:
+        """FID, KID, precision, recall, inception score and class histogram of samples against the test set."""
+        precision, recall = precision_recall(self.test_features, features, K_NEAREST, self.test_radii)
+        kid_subsets = torch.Generator().manual_seed(0)  # a fixed choice of subsets, not the global RNG
+        return {
+            "fid": frechet_distance(self.test_features, features),
+            "kid": kernel_inception_distance(self.test_features, features, generator=kid_subsets),
+            "precision": precision,
+            "recall": recall,
+            "inception_score": inception_score(probs),
+            **{f"class_{c}": share for c, share in enumerate(class_histogram(probs).tolist())},
+        }
+
+    def floor(self, num_samples: int) -> dict[str, float]:
+        """The metrics of num_samples training images in place of samples, and as recon_accuracy the
+        classifier's accuracy on the test images that evaluate() reconstructs."""
+        if num_samples not in self._floors:
+            images, _ = load_mnist(None, "train")
+            chosen = torch.randperm(len(images), generator=torch.Generator().manual_seed(FLOOR_SEED))
+            pixels = images_to_pixels(images[chosen[:num_samples]]).to(self.device)
+            self._floors[num_samples] = {
+                **self.sample_metrics(*embed(self.classifier, pixels)),
+                "recon_accuracy": accuracy(self.classifier, self.test_pixels[:num_samples],
+                                           self.test_labels[:num_samples]),
+            }
+        return self._floors[num_samples]
+
+
+def prior_samples(num_samples: int, latent_dim: int, seed: int) -> Tensor:
+    """z_p ~ N(0, I) of shape (num_samples, latent_dim) on the CPU, from a generator of its own."""
+    return torch.randn(num_samples, latent_dim, generator=torch.Generator().manual_seed(seed))
+
+
+def embed_samples(decoder: nn.Module, reference: Reference, z: Tensor) -> tuple[Tensor, Tensor]:
+    """(features, probs) of the samples Dec(z), dropout off."""
+    with eval_mode(decoder):
+        samples = torch.cat([decoder(part.to(reference.device)).float() for part in z.split(BATCH)])
+    return embed(reference.classifier, samples)
+
+
+def reconstruct_test(encoder: nn.Module, decoder: nn.Module, reference: Reference,
+                     test_index: Tensor) -> tuple[Tensor, Tensor]:
+    """(squared error on [0, 1] pixels, correct as 1.0 or 0.0) of the reconstructions Dec(μ(x)) of the test
+    images test_index, one per image."""
+    index = test_index.to(reference.device)
+    x = reference.test_pixels[index]
+    with eval_mode(encoder, decoder):
+        x_tilde = torch.cat([decoder(encoder(part)[0]).float() for part in x.split(BATCH)])
+    _, probs = embed(reference.classifier, x_tilde)
+    return ((x_tilde - x) / 2).square().mean(dim=1), (probs.argmax(dim=1) == reference.test_labels[index]).float()
+
+
+def score(features: Tensor, probs: Tensor, squared_error: Tensor, correct: Tensor,
+          reference: Reference) -> dict[str, float]:
+    """The metrics, and the floor for as many samples under floor_<metric>."""
+    return {**reference.sample_metrics(features, probs),
+            "recon_mse": squared_error.mean().item(),
+            "recon_accuracy": correct.mean().item(),
+            **{f"floor_{name}": value for name, value in reference.floor(len(features)).items()}}
+
+
+def check_num_samples(num_samples: int) -> None:
+    if num_samples < MIN_EVAL_SAMPLES:
+        raise ValueError(f"evaluation needs at least {MIN_EVAL_SAMPLES} samples (k-NN with k = 3), "
+                         f"not {num_samples}")
+
+
+def evaluate(encoder: nn.Module, decoder: nn.Module, config: TrainConfig, num_samples: int = DEFAULT_SAMPLES,
+             reference: Reference | None = None, seed: int | None = None) -> dict[str, float]:
+    """All metrics and their floor (floor_<metric>), from num_samples samples and the first min(num_samples, 10k)
+    test images, on the device of the networks. The samples' z is seeded with `seed`, else config.seed."""
+    check_num_samples(num_samples)
+    reference = reference or Reference(next(decoder.parameters()).device)
+    z = prior_samples(num_samples, config.latent_dim, config.seed if seed is None else seed)
+    test_index = torch.arange(min(num_samples, len(reference.test_pixels)))
+    return score(*embed_samples(decoder, reference, z), *reconstruct_test(encoder, decoder, reference, test_index),
+                 reference)
+
+
+def share(rows: Tensor, accelerator: Accelerator) -> Tensor:
+    """This process's contiguous share of rows, zero-padded to ⌈N / processes⌉ rows so every share has one shape.
+
+    Gathered in process order, the shares give back the N rows first, then the padding."""
+    size = math.ceil(len(rows) / accelerator.num_processes)
+    mine = rows[accelerator.process_index * size: (accelerator.process_index + 1) * size]
+    return torch.cat([mine, mine.new_zeros(size - len(mine), *rows.shape[1:])])
+
+
+def evaluate_distributed(accelerator: Accelerator, encoder: nn.Module, decoder: nn.Module, config: TrainConfig,
+                         num_samples: int, reference: Reference | None = None) -> dict[str, float]:
+    """evaluate() split over the processes: each generates and embeds its share of the samples (the same z as
+    one process would draw, seeded with config.seed) and reconstructs its share of the test images; the main
+    process gathers the results and computes the metrics. Returns them on the main process, {} elsewhere.
+
+    encoder and decoder are the unwrapped networks; call it on every process at the same point.
+    """
+    check_num_samples(num_samples)
+    reference = reference or Reference(accelerator.device)
+    z = prior_samples(num_samples, config.latent_dim, config.seed)
+    num_test = min(num_samples, len(reference.test_pixels))
+    features, probs = embed_samples(decoder, reference, share(z, accelerator))
+    squared_error, correct = reconstruct_test(encoder, decoder, reference, share(torch.arange(num_test), accelerator))
+    features, probs, squared_error, correct = accelerator.gather((features, probs, squared_error, correct))
+    if not accelerator.is_main_process:
+        return {}
+    return score(features[:num_samples], probs[:num_samples], squared_error[:num_test], correct[:num_test], reference)
+
+
+# (key, label, format) of the table's rows: the sample metrics, then the reconstruction metrics.
+SAMPLE_ROWS = [("fid", "classifier-FID ↓", "{:.3f}"), ("kid", "KID ↓", "{:.5f}"),
+               ("precision", "precision ↑", "{:.3f}"), ("recall", "recall ↑", "{:.3f}"),
+               ("inception_score", "inception score ↑", "{:.3f}")]
+RECON_ROWS = [("recon_mse", "reconstruction MSE ↓", "{:.5f}"),
+              ("recon_accuracy", "reconstruction accuracy ↑", "{:.2%}")]
+
+
+def histogram_text(scores: dict[str, float], prefix: str = "") -> str:
+    return " ".join(f"{100 * scores[f'{prefix}class_{c}']:.1f}" for c in range(NUM_CLASSES))
+
+
+def results_table(scores: dict[str, float], title: str) -> Table:
+    """The metrics beside their real-data floor."""
+    table = Table(title=title)
+    for column in ("metric", "model", "real data (floor)"):
+        table.add_column(column)
+    for key, label, form in SAMPLE_ROWS + RECON_ROWS:
+        floor = scores.get(f"floor_{key}")
+        table.add_row(label, form.format(scores[key]), "—" if floor is None else form.format(floor))
+    table.add_row("class histogram (%)", histogram_text(scores), histogram_text(scores, "floor_"))
+    return table
+
+
+def evaluation_line(step: int, scores: dict[str, float]) -> str:
+    """One console line for an evaluation during training, each figure beside its floor."""
+    figures = " | ".join(f"{key} {form.format(scores[key])} ({form.format(scores[f'floor_{key}'])})"
+                         for key, _, form in SAMPLE_ROWS)
+    return (f"eval step {step:>7} | {figures} | recon mse {scores['recon_mse']:.5f} "
+            f"acc {scores['recon_accuracy']:.2%} | (real-data floor in brackets)")
+
+
+def fail(message: str) -> NoReturn:
+    """The command's end on bad input: one line on stderr, exit status EXIT_BAD_INPUT."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(EXIT_BAD_INPUT)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="vaegan-eval", description="Evaluate the networks in a checkpoint or export directory against the "
+        "MNIST test set with the shipped classifier; prints a table and writes JSON.")
+    parser.add_argument("directory", type=Path, help="a checkpoint or export directory (config.json, "
+                        "encoder.safetensors, decoder.safetensors)")
+    parser.add_argument("--samples", type=int, default=DEFAULT_SAMPLES, help="samples to generate (and test "
+                        "images to reconstruct, at most 10k); the floor uses as many training images")
+    parser.add_argument("--seed", type=int, default=None, help="seed of the samples' z (default: the run's seed)")
+    parser.add_argument("--out", type=Path, default=Path("evaluation.json"), help="where to write the JSON")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    if args.samples < MIN_EVAL_SAMPLES:
+        fail(f"--samples must be at least {MIN_EVAL_SAMPLES} (precision and recall use 3 nearest neighbours)")
+    try:
+        config, encoder, decoder = load_networks(args.directory, args.device)
+        scores = evaluate(encoder, decoder, config, args.samples, Reference(args.device), args.seed)
+    except (ExportError, DataError) as err:
+        fail(str(err))
+    seed = config.seed if args.seed is None else args.seed
+    Console().print(results_table(scores, f"{args.directory}: {args.samples} samples, seed {seed}"))
+    model = {k: v for k, v in scores.items() if not k.startswith("floor_")}
+    floor = {k.removeprefix("floor_"): v for k, v in scores.items() if k.startswith("floor_")}
+    report = {"directory": str(args.directory), "num_samples": args.samples, "seed": seed,
+              "model": model, "floor": floor}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
