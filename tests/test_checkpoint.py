@@ -189,3 +189,20 @@ def test_a_checkpoint_copied_elsewhere_still_verifies(accelerator, tmp_path):
     path = save(accelerator, tmp_path / "a", 1)
     copy = shutil.copytree(path, tmp_path / "b" / path.name)
     assert verify(copy) is None
+
+
+def test_export_from_a_run_directory_takes_its_newest_checkpoint(accelerator, tmp_path, capsys):
+    from vaegan_dist.export import load_networks, main
+
+    save(accelerator, tmp_path / "run", 1)
+    newest = save(accelerator, tmp_path / "run", 2, tiny_config(), *trained(tiny_config(), seed=5))
+    main([str(tmp_path / "run"), str(tmp_path / "export"), "--dtype", "float32"])
+    assert f"exported the encoder and decoder of {newest}" in capsys.readouterr().out
+    _, _, decoder = load_networks(tmp_path / "export")
+    _, _, from_run = load_networks(tmp_path / "run")
+    expected = Checkpoint(newest).network("decoder")
+    for network in (decoder, from_run):
+        assert all(torch.equal(network.state_dict()[k], v) for k, v in expected.items())
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path / "nowhere"), str(tmp_path / "export2")])
+    assert exit_info.value.code == 2 and "holds no config.json" in capsys.readouterr().err

@@ -8,7 +8,9 @@ this package; the README's script does that with torch and safetensors alone.
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -16,7 +18,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from vaegan_dist.config import ConfigError, TrainConfig
+from vaegan_dist.checkpoint import checkpoints_dir, newest_complete
+from vaegan_dist.config import EXIT_BAD_INPUT, ConfigError, TrainConfig
 from vaegan_dist.models import Decoder, Encoder, build_models
 
 CONFIG_FILE = "config.json"
@@ -39,9 +42,22 @@ def export_networks(encoder: nn.Module, decoder: nn.Module, config: TrainConfig,
     return directory
 
 
-def load_networks(directory: str | Path, device: torch.device | str = "cpu") -> tuple[TrainConfig, Encoder, Decoder]:
-    """(config, encoder, decoder) from an export or checkpoint directory, in float32 and eval mode on device."""
+def network_directory(directory: str | Path) -> Path:
+    """The directory itself, or for a run's output directory, its newest intact checkpoint."""
     directory = Path(directory)
+    if (directory / NETWORK_FILES["decoder"]).exists() or not checkpoints_dir(directory).is_dir():
+        return directory
+    newest = newest_complete(checkpoints_dir(directory), report=lambda line: None)
+    if newest is None:
+        raise ExportError(f"{directory} is an output directory without a complete checkpoint: train longer, or "
+                          "pass a checkpoint or export directory")
+    return newest
+
+
+def load_networks(directory: str | Path, device: torch.device | str = "cpu") -> tuple[TrainConfig, Encoder, Decoder]:
+    """(config, encoder, decoder) from an export or checkpoint directory, or a run's output directory (its newest
+    intact checkpoint), in float32 and eval mode on device."""
+    directory = network_directory(directory)
     config_path = directory / CONFIG_FILE
     if not config_path.is_file():
         raise ExportError(f"{directory} holds no {CONFIG_FILE}: pass a checkpoint or export directory "
@@ -63,3 +79,23 @@ def load_networks(directory: str | Path, device: torch.device | str = "cpu") -> 
             raise ExportError(f"cannot load the {name} from {path} ({reason}): it is missing, damaged, or "
                               f"does not match {CONFIG_FILE}") from None
     return config, encoder.eval(), decoder.eval()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """vaegan-export SOURCE OUT: the encoder and decoder of a checkpoint (or a run's newest) as an export."""
+    parser = argparse.ArgumentParser(prog="vaegan-export", description=main.__doc__)
+    parser.add_argument("source", help="a checkpoint directory, or a run's output directory (its newest checkpoint)")
+    parser.add_argument("out", help="the export directory to write")
+    parser.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="the weights' type")
+    args = parser.parse_args(argv)
+    try:
+        config, encoder, decoder = load_networks(args.source)
+        export_networks(encoder, decoder, config, args.out, getattr(torch, args.dtype))
+    except (ExportError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+    print(f"exported the encoder and decoder of {network_directory(args.source)} to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
