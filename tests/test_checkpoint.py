@@ -155,8 +155,8 @@ def test_architecture_changes_are_errors_naming_the_key_and_others_are_reported(
     saved = tiny_config().to_dict()
     with pytest.raises(CheckpointError, match="'latent_dim'"):
         list(config_changes(saved, tiny_config(latent_dim=8)))
-    changes = list(config_changes(saved, tiny_config(lr=1e-3, epochs=99, output_dir="elsewhere")))
-    assert changes == [("lr", saved["lr"], 1e-3)]  # epochs and output_dir are how to run, not what to train
+    changes = list(config_changes(saved, tiny_config(lr=1e-3, epochs=99, output_dir="elsewhere", max_steps=7)))
+    assert changes == [("lr", saved["lr"], 1e-3), ("epochs", saved["epochs"], 99)]  # said; output_dir: silent
 
 
 def test_loading_never_unpickles(accelerator, tmp_path, monkeypatch):

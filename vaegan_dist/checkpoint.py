@@ -50,7 +50,7 @@ NAME_PATTERN = re.compile(r"^step_(\d+)$")
 # Settings that shape the networks' parameters or the data order: a resume that changes them is an error.
 ARCHITECTURE_KEYS = ("latent_dim", "hidden_dim", "depth", "seed")
 # Settings that say how to run, not what to train: they change on resume without comment.
-RUN_KEYS = ("resume", "output_dir", "data_dir", "max_steps", "epochs", "save_every", "keep_last", "keep_every",
+RUN_KEYS = ("resume", "output_dir", "data_dir", "max_steps", "save_every", "keep_last", "keep_every",
             "log_every", "requeue", "cpu_threads", "mixed_precision", "on_save_error", "max_consecutive_skips")
 
 
