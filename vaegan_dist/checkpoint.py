@@ -51,7 +51,7 @@ NAME_PATTERN = re.compile(r"^step_(\d+)$")
 ARCHITECTURE_KEYS = ("latent_dim", "hidden_dim", "depth", "seed")
 # Settings that say how to run, not what to train: they change on resume without comment.
 RUN_KEYS = ("resume", "output_dir", "data_dir", "max_steps", "epochs", "save_every", "keep_last", "keep_every",
-            "log_every", "requeue", "cpu_threads", "mixed_precision")
+            "log_every", "requeue", "cpu_threads", "mixed_precision", "compile")
 
 
 class CheckpointError(RuntimeError):

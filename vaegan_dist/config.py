@@ -73,6 +73,8 @@ class TrainConfig:
     # Threads per process on the CPU; None: the cores divided among this machine's processes. (Launchers
     # set OMP_NUM_THREADS=1, which would leave a single process on one core.)
     cpu_threads: int | None = None
+    # torch.compile the three networks (slow to start; see the README's Performance section).
+    compile: bool = False
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))

@@ -21,11 +21,26 @@ from vaegan_dist.config import TrainConfig
 IMAGE_PIXELS = 28 * 28
 
 
+class Dropout(nn.Dropout):
+    """nn.Dropout whose mask, on the CPU, costs one 32-bit random number per element instead of two.
+
+    There, bernoulli_ draws each element's mask from a uniform double (64 random bits), one element after
+    another; a float32 uniform needs half the draws, like PyTorch's own fused dropout on the GPU, which
+    keeps it. The mask keeps each element with probability 1 − p and scales it by 1 / (1 − p) all the same.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0 or x.device.type != "cpu":
+            return super().forward(x)
+        keep = torch.rand(x.shape) >= self.p
+        return x * keep.to(x.dtype).mul_(1 / (1 - self.p))
+
+
 def mlp(widths: list[int], dropout: float) -> nn.Sequential:
     """Dropout → Linear → LeakyReLU(0.2) for each consecutive pair of widths."""
     layers: list[nn.Module] = []
     for fan_in, fan_out in itertools.pairwise(widths):
-        layers += [nn.Dropout(dropout), nn.Linear(fan_in, fan_out), nn.LeakyReLU(0.2)]
+        layers += [Dropout(dropout), nn.Linear(fan_in, fan_out), nn.LeakyReLU(0.2)]
     return nn.Sequential(*layers)
 
 
@@ -33,7 +48,7 @@ class Encoder(nn.Module):
     def __init__(self, hidden_dim: int, depth: int, latent_dim: int, dropout: float) -> None:
         super().__init__()
         self.body = mlp([IMAGE_PIXELS] + [hidden_dim] * depth, dropout)
-        self.head_dropout = nn.Dropout(dropout)
+        self.head_dropout = Dropout(dropout)
         self.mu = nn.Linear(hidden_dim, latent_dim)
         self.logvar = nn.Linear(hidden_dim, latent_dim)
 
@@ -47,7 +62,7 @@ class Decoder(nn.Module):
     def __init__(self, hidden_dim: int, depth: int, latent_dim: int, dropout: float) -> None:
         super().__init__()
         self.body = mlp([latent_dim] + [hidden_dim] * depth, dropout)
-        self.out = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden_dim, IMAGE_PIXELS), nn.Tanh())
+        self.out = nn.Sequential(Dropout(dropout), nn.Linear(hidden_dim, IMAGE_PIXELS), nn.Tanh())
 
     def forward(self, z: Tensor) -> Tensor:
         """Images of shape (B, 784) in [-1, 1]."""
@@ -58,7 +73,7 @@ class Discriminator(nn.Module):
     def __init__(self, hidden_dim: int, depth: int, dropout: float, similarity: str) -> None:
         super().__init__()
         self.body = mlp([IMAGE_PIXELS] + [hidden_dim >> i for i in range(depth)], dropout)
-        self.out = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden_dim >> (depth - 1), 1))
+        self.out = nn.Sequential(Dropout(dropout), nn.Linear(hidden_dim >> (depth - 1), 1))
         self.similarity_kind = similarity
 
     def forward(self, x: Tensor, with_similarity: bool = False) -> Tensor | tuple[Tensor, Tensor]:

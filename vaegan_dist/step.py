@@ -40,14 +40,18 @@ def forward_losses(
     z_p: Tensor,
     config: TrainConfig,
 ) -> LossTerms:
-    """All losses from one pass: the decoder runs once on [z; z_p], the discriminator once on [x; x̃; x_p]."""
-    batch = x.shape[0]
+    """All losses from one forward pass: the encoder on x, the decoder on z and z_p, the discriminator on x, x̃, x_p.
+
+    Each batch goes through a network on its own rather than concatenated with the others: the products are
+    the same, but each becomes its own autograd node, so a backward pass computes only the rows its loss
+    reaches (the encoder's loss, for one, needs the discriminator's input gradient for x̃ alone).
+    """
     mu, logvar = encoder(x)
     z = mu + eps * torch.exp(0.5 * logvar)
-    x_tilde, x_p = decoder(torch.cat([z, z_p])).split(batch)
-    logits, dis_l = discriminator(torch.cat([x, x_tilde, x_p]), with_similarity=True)
-    logit_x, logit_x_tilde, logit_x_p = logits.split(batch)
-    dis_l_x, dis_l_x_tilde, _ = dis_l.split(batch)
+    x_tilde, x_p = decoder(z), decoder(z_p)
+    logit_x, dis_l_x = discriminator(x, with_similarity=True)
+    logit_x_tilde, dis_l_x_tilde = discriminator(x_tilde, with_similarity=True)
+    logit_x_p = discriminator(x_p)
     return vaegan_losses(mu, logvar, (logit_x, logit_x_tilde, logit_x_p), (dis_l_x, dis_l_x_tilde),
                          config.gamma, config.beta, config.generator_loss)
 
@@ -81,6 +85,13 @@ def routed_gradients(
     scale(terms.dec_loss).backward(inputs=params["decoder"], retain_graph=True)
     scale(terms.dis_loss).backward(inputs=params["discriminator"])
     return RoutedGradients({name: [p.grad for p in ps] for name, ps in params.items()}, terms.detached())
+
+
+def adam_optimizers(networks: Sequence[nn.Module], config: TrainConfig) -> list[torch.optim.Adam]:
+    """One Adam per network, fused: one pass over the weights, gradients and moments per step, on the CPU
+    as on the GPU (the default, one pass per operation and parameter, costs several times as much)."""
+    return [torch.optim.Adam(net.parameters(), lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
+                             fused=True) for net in networks]
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from vaegan_dist.losses import LossTerms
 from vaegan_dist.models import build_models, images_to_pixels
 from vaegan_dist.pictures import save_epoch_grids
 from vaegan_dist.preemption import PreemptionWatch, requeue_slurm_job
-from vaegan_dist.step import NETWORKS, StepResult, train_step
+from vaegan_dist.step import NETWORKS, StepResult, adam_optimizers, train_step
 
 NUM_FIXED_SAMPLES = 64
 NUM_RECONSTRUCTED = 32
@@ -149,8 +149,10 @@ def train(config: TrainConfig, accelerator: Accelerator) -> int:
 
     set_seed(config.seed)  # the same initial weights on every process (DDP broadcasts rank 0's as well)
     networks = build_models(config)
-    optimizers = [torch.optim.Adam(net.parameters(), lr=config.lr, betas=(config.adam_beta1, config.adam_beta2))
-                  for net in networks]
+    if config.compile:
+        for net in networks:
+            net.compile()
+    optimizers = adam_optimizers(networks, config)
     prepared = accelerator.prepare(*networks, *optimizers)
     networks, optimizers = prepared[:3], prepared[3:]
     # The step drives the plain optimizers itself; see train_step for why.
