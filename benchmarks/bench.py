@@ -39,45 +39,47 @@ from vaegan_dist.models import build_models  # noqa: E402
 from vaegan_dist.step import NETWORKS, routed_gradients  # noqa: E402
 
 PRECISIONS = {"fp32": ("no", torch.float32), "bf16": ("bf16", torch.bfloat16)}
-# The batches of rows each network's layers carry in the routed step (see vaegan_dist/step.py): forward
-# (and so weight-gradient) batches, and the batches that other networks' losses send back through it for
-# their input gradients: the encoder's loss through the decoder on z, and through the discriminator on x̃;
-# the decoder's loss through the discriminator on x̃ and x_p. A network's own loss needs input gradients on
-# all its forward batches, except at its first layer, whose input no loss of its own can change.
+# The rows, in batches, that each network's layers multiply in the minimal routed step, batched as the design's
+# one pass batches them. The forward batch (the encoder on x, the decoder on [z; z_p], the discriminator on
+# [x; x̃; x_p]) also makes the weight gradients, and the input gradients of the network's own loss at every
+# layer but the first (its input is data, or noise, to its own loss). Other losses pass back through a network
+# for input gradients only: the decoder's loss through the discriminator on [x̃; x_p], the encoder's loss
+# through the discriminator on x̃ (up to Dis_l) and through the decoder on z.
 FORWARD_BATCHES = {"encoder": 1, "decoder": 2, "discriminator": 3}
-PASSING_BATCHES = {"encoder": 0, "decoder": 1, "discriminator": 3}
+PASSING_BATCHES = {"encoder": (), "decoder": (1,), "discriminator": (2, 1)}
 
 
 @dataclass(frozen=True)
 class MatrixProduct:
-    """(m × k) @ (k × n), `count` times per step, laid out as a Linear layer's forward or backward has it."""
+    """(m × k) @ (k × n), laid out as a Linear layer's forward or backward has it."""
 
     kind: str  # forward | input_grad | weight_grad
     m: int
     k: int
     n: int
-    count: int
 
     @property
     def flops(self) -> int:
-        return 2 * self.m * self.k * self.n * self.count
+        return 2 * self.m * self.k * self.n
 
 
 def step_products(config: TrainConfig, batch: int) -> list[MatrixProduct]:
-    """Every matrix product the routed step needs, from the layer shapes: the minimal count of FLOPs."""
+    """Every matrix product of the minimal routed step, from the layer shapes."""
     products = []
     for name, net in zip(NETWORKS, build_models(config), strict=True):
         linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
         for index, layer in enumerate(linears):
-            forward, passing = FORWARD_BATCHES[name], PASSING_BATCHES[name]
-            if name == "discriminator" and index == len(linears) - 1 and config.similarity == "hidden":
-                passing -= 1  # the encoder's loss sees Dis_l, the last hidden layer, and stops short of the logit
-            input_grads = passing + (forward if index > 0 else 0)
+            rows = FORWARD_BATCHES[name] * batch
             fan_in, fan_out = layer.in_features, layer.out_features
-            products += [MatrixProduct("forward", batch, fan_in, fan_out, forward),
-                         MatrixProduct("weight_grad", fan_out, batch, fan_in, forward),
-                         MatrixProduct("input_grad", batch, fan_out, fan_in, input_grads)]
-    return [p for p in products if p.count]
+            products += [MatrixProduct("forward", rows, fan_in, fan_out),
+                         MatrixProduct("weight_grad", fan_out, rows, fan_in)]
+            passing = list(PASSING_BATCHES[name])
+            if name == "discriminator" and index == len(linears) - 1 and config.similarity == "hidden":
+                passing.remove(1)  # the encoder's loss sees Dis_l, the last hidden layer, and stops short of the logit
+            if index > 0:
+                passing.insert(0, FORWARD_BATCHES[name])
+            products += [MatrixProduct("input_grad", batches * batch, fan_out, fan_in) for batches in passing]
+    return products
 
 
 def executed_flops(config: TrainConfig, batch: int) -> int:
@@ -113,7 +115,7 @@ def seconds_per_call(fn: Callable[[], object], device: torch.device, min_time: f
 
 
 def matmul_rate(products: list[MatrixProduct], dtype: torch.dtype, device: torch.device, min_time: float) -> float:
-    """FLOP/s of torch.mm over the step's products, each weighted by how often the step runs it."""
+    """FLOP/s of torch.mm over the step's products."""
     seconds = 0.0
     for p in products:
         # Operands laid out as nn.Linear's: x @ W.T forward, g @ W for the input, g.T @ x for the weight.
@@ -126,8 +128,50 @@ def matmul_rate(products: list[MatrixProduct], dtype: torch.dtype, device: torch
         else:
             a, b = torch.randn(p.k, p.m, dtype=dtype, device=device).t(), torch.randn(p.k, p.n, dtype=dtype,
                                                                                      device=device)
-        seconds += p.count * seconds_per_call(lambda a=a, b=b: torch.mm(a, b), device, min_time)
+        seconds += seconds_per_call(lambda a=a, b=b: torch.mm(a, b), device, min_time)
     return sum(p.flops for p in products) / seconds
+
+
+class Contention:
+    """How much of the CPUs other programs took since `start()`: this script and its children excluded, and
+    niced programs too (they yield to it). Linux only; elsewhere it reports nothing (None)."""
+
+    STAT = Path("/proc/stat")
+
+    def __init__(self) -> None:
+        self.cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        self.start()
+
+    def _now(self) -> tuple[float, float, float] | None:
+        if not self.STAT.exists():
+            return None
+        # user nice system idle iowait irq softirq steal: busy is all but nice, idle and iowait
+        jiffies = [int(v) for v in self.STAT.read_text().split("\n", 1)[0].split()[1:9]]
+        busy = (jiffies[0] + jiffies[2] + sum(jiffies[5:8])) / os.sysconf("SC_CLK_TCK")
+        times = os.times()
+        return busy, times.user + times.system + times.children_user + times.children_system, time.perf_counter()
+
+    def start(self) -> None:
+        self.started = self._now()
+
+    def share(self) -> float | None:
+        """The fraction of all cores that others kept busy since start()."""
+        now = self._now()
+        if now is None or self.started is None:
+            return None
+        busy, ours, wall = (b - a for a, b in zip(self.started, now, strict=True))
+        return max(0.0, busy - ours) / (wall * self.cores)
+
+    def wait_for_quiet(self, limit: float, seconds: int = 3) -> None:
+        """Returns once others have used under 10% of the CPUs for `seconds` running seconds, or after `limit`."""
+        deadline, quiet = time.perf_counter() + limit, 0
+        while quiet < seconds and time.perf_counter() < deadline:
+            self.start()
+            time.sleep(1)
+            share = self.share()
+            quiet = quiet + 1 if share is not None and share < 0.1 else 0
+            if share is None:
+                return
 
 
 def size_flags(args: argparse.Namespace) -> list[str]:
@@ -210,6 +254,8 @@ def parse_args() -> argparse.Namespace:
                         "1 and the GPU count on GPUs)")
     parser.add_argument("--compile", default="off,on", help="torch.compile settings of ours")
     parser.add_argument("--min-time", type=float, default=0.2, help="seconds per matrix-product timing")
+    parser.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
+                        help="before each measurement, wait up to this long for other programs to leave the CPUs")
     args = parser.parse_args()
     if args.quick:
         args.hidden_dim, args.depth, args.latent_dim, args.batch_size = 32, 2, 4, 16
@@ -238,18 +284,25 @@ def main() -> None:
           f"(our step runs {executed_flops(config, args.batch_size) / args.batch_size / 1e6:.2f} M)")
 
     samples: dict[str, list[float]] = {}
-    loads = [os.getloadavg()[0]]
+    others: dict[str, list[float]] = {}
+    loads, contention = [os.getloadavg()[0]], Contention()
+
+    def measure(key: str, what: Callable[[], list[float]]) -> None:
+        contention.wait_for_quiet(args.wait_quiet)
+        loads.append(os.getloadavg()[0])
+        contention.start()
+        samples.setdefault(key, []).extend(what())
+        others.setdefault(key, []).append(contention.share())
+
     with tempfile.TemporaryDirectory() as tmp:
         for round_index in range(args.rounds):
             for precision in args.precisions.split(","):
-                rate = matmul_rate(products, PRECISIONS[precision][1], device, args.min_time)
-                samples.setdefault(f"ceiling {precision}", []).append(rate / flops_per_image)
-            loads.append(os.getloadavg()[0])
-            samples.setdefault("baseline fp32", []).extend(measure_baseline(args, device))
+                measure(f"ceiling {precision}", lambda precision=precision: [
+                    matmul_rate(products, PRECISIONS[precision][1], device, args.min_time) / flops_per_image])
+            measure("baseline fp32", lambda: measure_baseline(args, device))
             for precision, n, compile in ours_runs:
-                loads.append(os.getloadavg()[0])
-                samples.setdefault(f"ours {precision} {n} {compile}", []).extend(
-                    measure_ours(args, precision, n, compile, device, Path(tmp)))
+                measure(f"ours {precision} {n} {compile}", lambda precision=precision, n=n, compile=compile:
+                        measure_ours(args, precision, n, compile, device, Path(tmp)))
             loads.append(os.getloadavg()[0])
             print(f"round {round_index + 1}/{args.rounds} done, 1-minute load average {loads[-1]:.2f}", flush=True)
 
@@ -263,18 +316,22 @@ def main() -> None:
                 "images_per_s": value, "step_time_ms": 1e3 * args.batch_size * (processes or 1) / value,
                 "gflop_per_s": value * flops_per_image / 1e9,
                 "fraction_of_ceiling": value / ceiling if ceiling else None,
-                "vs_baseline_fp32": value / baseline, "samples": samples[key]}
+                "vs_baseline_fp32": value / baseline, "samples": samples[key],
+                "others_cpu_share": others[key]}
 
     rows = [row("ceiling", p, None, None, f"ceiling {p}") for p in args.precisions.split(",")]
     rows.append(row("baseline", "fp32", 1, False, "baseline fp32"))
     rows += [row("ours", p, n, c, f"ours {p} {n} {c}") for p, n, c in ours_runs]
     table, verdicts = format_table(rows), targets(rows, device)
-    load = {"start": loads[0], "max": max(loads), "end": loads[-1]}
+    shares = [share for values in others.values() for share in values if share is not None]
+    load = {"start": loads[0], "max": max(loads), "end": loads[-1],
+            "others_cpu_share_max": max(shares, default=None)}
     print(table)
     for verdict in verdicts:
         print(f"{'met' if verdict['met'] else 'MISSED'}: {verdict['target']} ({verdict['measured']})")
     print(f"1-minute load average during the run: {load['start']:.2f} at the start, {load['max']:.2f} at most, "
-          f"{load['end']:.2f} at the end")
+          f"{load['end']:.2f} at the end" + (f"; other programs took at most {100 * max(shares):.0f}% of the CPUs "
+                                             "during a measurement" if shares else ""))
     output.write_text(json.dumps({
         "machine": machine, "device": device.type, "torch": torch.__version__,
         "command": " ".join(["python", "benchmarks/bench.py", *sys.argv[1:]]),

@@ -9,6 +9,7 @@ This is Algorithm 1 of Larsen et al. (2016):
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from itertools import chain
 
@@ -66,18 +67,22 @@ def routed_gradients(
     config: TrainConfig,
     *,
     scale_loss: Callable[[Tensor], Tensor] | None = None,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
 ) -> RoutedGradients:
     """The gradient of each network's own loss w.r.t. that network's parameters, from one forward pass.
 
     x: images (B, 784) in [-1, 1]; eps, z_p: standard normal noise (B, latent_dim). The same gradients are
     left in each parameter's .grad, where DDP-wrapped networks have averaged them over processes.
-    scale_loss multiplies each loss before its backward pass (fp16 loss scaling).
+    scale_loss multiplies each loss before its backward pass (fp16 loss scaling). The forward pass runs
+    inside autocast() (mixed precision: Accelerator.autocast): one region for all of it, so each weight is cast
+    to half precision once per step, not once per batch that goes through it.
     """
     params = {name: list(net.parameters()) for name, net in zip(NETWORKS, (encoder, decoder, discriminator),
                                                                   strict=True)}
     for p in chain.from_iterable(params.values()):
         p.grad = None
-    terms = forward_losses(encoder, decoder, discriminator, x, eps, z_p, config)
+    with autocast():
+        terms = forward_losses(encoder, decoder, discriminator, x, eps, z_p, config)
     scale = scale_loss or (lambda loss: loss)
     # `inputs=` restricts each backward pass to one network's parameters, so no loss leaks into another
     # network's gradient. It also lets each DDP wrapper all-reduce its network's gradient exactly once.
@@ -107,6 +112,7 @@ def train_step(
     x: Tensor,
     config: TrainConfig,
     scaler: torch.amp.GradScaler | None = None,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
 ) -> StepResult:
     """One step of all three networks on images x (B, 784), with fresh noise from the global RNG.
 
@@ -120,7 +126,7 @@ def train_step(
     eps = torch.randn(x.shape[0], config.latent_dim, device=x.device)
     z_p = torch.randn_like(eps)
     grads = routed_gradients(encoder, decoder, discriminator, x, eps, z_p, config,
-                             scale_loss=scaler.scale if scaler is not None else None)
+                             scale_loss=scaler.scale if scaler is not None else None, autocast=autocast)
     if scaler is not None:
         for optimizer in optimizers:
             scaler.unscale_(optimizer)

@@ -25,6 +25,7 @@ from vaegan_dist.checkpoint import (
     save_checkpoint,
 )
 from vaegan_dist.config import ConfigError, TrainConfig, parse_args
+from vaegan_dist.cpu import keep_freed_memory
 from vaegan_dist.data import DataError, ShardedBatches, load_mnist
 from vaegan_dist.losses import LossTerms
 from vaegan_dist.models import build_models, images_to_pixels
@@ -146,6 +147,7 @@ def train(config: TrainConfig, accelerator: Accelerator) -> int:
         accelerator.print("warning: fp16 needs a GPU; Accelerate runs fp32 here. Use --mixed-precision bf16.")
     if accelerator.device.type == "cpu":
         configure_cpu_threads(config)
+        keep_freed_memory()
 
     set_seed(config.seed)  # the same initial weights on every process (DDP broadcasts rank 0's as well)
     networks = build_models(config)
@@ -219,7 +221,8 @@ def train(config: TrainConfig, accelerator: Accelerator) -> int:
     step, epoch, images_seen = position.step, position.epoch, position.images_seen
     while step < last_step:
         for batch in shards.batches(epoch, images_seen):
-            result = train_step(networks, plain_optimizers, images_to_pixels(batch), config, accelerator.scaler)
+            result = train_step(networks, plain_optimizers, images_to_pixels(batch), config, accelerator.scaler,
+                                accelerator.autocast)
             step, images_seen = step + 1, images_seen + shards.global_batch
             skipped_steps += not result.stepped
             window.add(result)
