@@ -9,12 +9,14 @@ This is Algorithm 1 of Larsen et al. (2016):
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass
 from itertools import chain
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils import get_total_norm
 from torch.optim import Optimizer
 
@@ -72,24 +74,52 @@ def routed_gradients(
     """The gradient of each network's own loss w.r.t. that network's parameters, from one forward pass.
 
     x: images (B, 784) in [-1, 1]; eps, z_p: standard normal noise (B, latent_dim). The same gradients are
-    left in each parameter's .grad, where DDP-wrapped networks have averaged them over processes.
-    scale_loss multiplies each loss before its backward pass (fp16 loss scaling). The forward pass runs
-    inside autocast() (mixed precision: Accelerator.autocast): one region for all of it, so each weight is cast
-    to half precision once per step, not once per batch that goes through it.
+    left in each parameter's .grad, averaged over the processes when there are several. scale_loss multiplies
+    each loss before its backward pass (fp16 loss scaling). The forward pass runs inside autocast() (mixed
+    precision: Accelerator.autocast): one region for all of it, so each weight is cast to half precision once
+    per step, not once per batch that goes through it.
     """
-    params = {name: list(net.parameters()) for name, net in zip(NETWORKS, (encoder, decoder, discriminator),
-                                                                  strict=True)}
+    networks = (encoder, decoder, discriminator)
+    params = {name: list(net.parameters()) for name, net in zip(NETWORKS, networks, strict=True)}
     for p in chain.from_iterable(params.values()):
         p.grad = None
-    with autocast():
-        terms = forward_losses(encoder, decoder, discriminator, x, eps, z_p, config)
     scale = scale_loss or (lambda loss: loss)
-    # `inputs=` restricts each backward pass to one network's parameters, so no loss leaks into another
-    # network's gradient. It also lets each DDP wrapper all-reduce its network's gradient exactly once.
-    scale(terms.enc_loss).backward(inputs=params["encoder"], retain_graph=True)
-    scale(terms.dec_loss).backward(inputs=params["decoder"], retain_graph=True)
-    scale(terms.dis_loss).backward(inputs=params["discriminator"])
+    averaging = []
+    with ExitStack() as no_sync:
+        # DDP would all-reduce each network's gradient inside its backward pass and wait for it there; instead
+        # the average starts after the pass and runs while the next pass computes.
+        for net in networks:
+            if isinstance(net, DistributedDataParallel):
+                no_sync.enter_context(net.no_sync())
+        with autocast():
+            terms = forward_losses(encoder, decoder, discriminator, x, eps, z_p, config)
+        # `inputs=` restricts each backward pass to one network's parameters, so no loss leaks into another
+        # network's gradient. The discriminator's, the smallest, goes last: its average overlaps nothing.
+        for name, loss in zip(NETWORKS, (terms.enc_loss, terms.dec_loss, terms.dis_loss), strict=True):
+            scale(loss).backward(inputs=params[name], retain_graph=name != "discriminator")
+            averaging.append(start_averaging([p.grad for p in params[name]]))
+    for wait in averaging:
+        wait()
     return RoutedGradients({name: [p.grad for p in ps] for name, ps in params.items()}, terms.detached())
+
+
+def start_averaging(grads: list[Tensor]) -> Callable[[], None]:
+    """Starts averaging `grads` over all processes; the function returned waits until they hold the average.
+
+    A network's gradients travel as one flat tensor, in one asynchronous all-reduce: on the CPU this beats
+    both DDP's buckets and one all-reduce per tensor.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return lambda: None
+    flat = torch.cat([g.reshape(-1) for g in grads]).mul_(1 / dist.get_world_size())
+    work = dist.all_reduce(flat, async_op=True)
+
+    def wait() -> None:
+        work.wait()
+        for g, average in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
+            g.copy_(average.view_as(g))
+
+    return wait
 
 
 def adam_optimizers(networks: Sequence[nn.Module], config: TrainConfig) -> list[torch.optim.Adam]:
