@@ -1,4 +1,5 @@
-"""The step computes only what its losses need, the CPU dropout is dropout, and the benchmark runs."""
+"""The step computes only what its losses need, the CPU dropout is dropout, compiled networks train, and the
+benchmark runs."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ import sys
 import torch
 
 from benchmarks.bench import executed_flops, step_products
-from tests.conftest import REPO, tiny_config
+from tests.conftest import REPO, tiny_config, tiny_flags
+from vaegan_dist.checkpoint import Checkpoint, checkpoints_dir, newest_complete
 from vaegan_dist.config import TrainConfig
-from vaegan_dist.models import Dropout
+from vaegan_dist.models import Dropout, build_models
 
 
 def test_routed_step_multiplies_no_matrix_it_does_not_need():
@@ -49,3 +51,14 @@ def test_bench_quick_writes_its_table_and_json(tmp_path):
     tiny = tiny_config(depth=2, hidden_dim=32, latent_dim=4)
     assert results["flops_per_image"] == sum(p.flops for p in step_products(tiny, 16)) / 16
     assert results["table"] in result.stdout and "load average" in result.stdout
+
+
+def test_compiled_networks_train_and_checkpoint_under_their_own_names(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "vaegan_dist.train", *tiny_flags(
+        max_steps=2, log_every=1, output_dir=tmp_path, compile=True)], capture_output=True, text=True, cwd=REPO,
+        timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2] and all(r["skipped_steps"] == 0 for r in records)
+    checkpoint = Checkpoint(newest_complete(checkpoints_dir(tmp_path), report=print))
+    assert set(checkpoint.network("encoder")) == set(build_models(tiny_config())[0].state_dict())

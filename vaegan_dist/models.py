@@ -102,6 +102,20 @@ def build_models(config: TrainConfig) -> tuple[Encoder, Decoder, Discriminator]:
     )
 
 
+def compile_networks(networks: tuple[nn.Module, ...]) -> None:
+    """torch.compile each network in place (its state_dict keys stay as they are).
+
+    The routed step backpropagates through each compiled graph up to three times (retain_graph=True), which
+    a compiled backward allows only when it may not reuse ("donate") its saved buffers: donation is turned off
+    for the process.
+    """
+    import torch._functorch.config
+
+    torch._functorch.config.donated_buffer = False
+    for net in networks:
+        net.compile()
+
+
 def images_to_pixels(images: Tensor) -> Tensor:
     """uint8 images of any shape (B, ...) to float rows of shape (B, 784) in [-1, 1], matching tanh."""
     return images.reshape(images.shape[0], IMAGE_PIXELS).float().div_(127.5).sub_(1.0)

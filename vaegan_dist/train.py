@@ -28,7 +28,7 @@ from vaegan_dist.config import ConfigError, TrainConfig, parse_args
 from vaegan_dist.cpu import keep_freed_memory
 from vaegan_dist.data import DataError, ShardedBatches, load_mnist
 from vaegan_dist.losses import LossTerms
-from vaegan_dist.models import build_models, images_to_pixels
+from vaegan_dist.models import build_models, compile_networks, images_to_pixels
 from vaegan_dist.pictures import save_epoch_grids
 from vaegan_dist.preemption import PreemptionWatch, requeue_slurm_job
 from vaegan_dist.step import NETWORKS, StepResult, adam_optimizers, train_step
@@ -152,8 +152,7 @@ def train(config: TrainConfig, accelerator: Accelerator) -> int:
     set_seed(config.seed)  # the same initial weights on every process (DDP broadcasts rank 0's as well)
     networks = build_models(config)
     if config.compile:
-        for net in networks:
-            net.compile()
+        compile_networks(networks)
     optimizers = adam_optimizers(networks, config)
     prepared = accelerator.prepare(*networks, *optimizers)
     networks, optimizers = prepared[:3], prepared[3:]
