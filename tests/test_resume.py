@@ -16,13 +16,14 @@ import pytest
 import torch
 
 from tests.conftest import REPO, launch, launch_command, tiny_flags
-from vaegan_dist.checkpoint import Checkpoint, checkpoints_dir, newest_complete, verify
+from vaegan_dist.checkpoint import EMA_FILE, Checkpoint, checkpoints_dir, newest_complete, verify
 from vaegan_dist.losses import LossTerms
 from vaegan_dist.step import NETWORKS
 from vaegan_dist.train import EXIT_PREEMPTED
 
 # A global batch of 4096 makes an epoch 14 steps: a stop at step 10 falls mid-epoch, and 20 steps cross an epoch.
-FLAGS = dict(global_batch_size=4096, log_every=5)
+# The decoder's moving average is kept, so that it resumes exactly too.
+FLAGS = dict(global_batch_size=4096, log_every=5, ema_decay=0.9)
 LOSS_KEYS = [*LossTerms.names(), *(f"grad_norm_{n}" for n in NETWORKS), "skipped_steps"]
 
 
@@ -40,7 +41,7 @@ def final_checkpoint(output_dir):
 
 def weights(output_dir):
     checkpoint = final_checkpoint(output_dir)
-    return {f"{name}.{key}": value for name in NETWORKS for key, value in checkpoint.network(name).items()}
+    return {f"{name}.{key}": value for name in (*NETWORKS, EMA_FILE) for key, value in checkpoint.network(name).items()}
 
 
 def losses_after(output_dir, step):

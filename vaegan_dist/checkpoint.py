@@ -7,6 +7,7 @@ Layout under <output_dir>/checkpoints/:
         encoder.safetensors         the unwrapped networks' state_dicts (identical on every process)
         decoder.safetensors
         discriminator.safetensors
+        decoder_ema.safetensors     the decoder's moving average (runs with --ema-decay only)
         optimizers.safetensors      the three Adam states, keys "<network>.<param index>.<name>"
         state.json                  position (step, epoch, images seen in the epoch), seed, world size,
                                     loss-scaler state, W&B run id, every process's weight digest
@@ -44,6 +45,7 @@ from torch.optim import Optimizer
 from vaegan_dist.config import TrainConfig
 
 NETWORK_FILES = ("encoder", "decoder", "discriminator")
+EMA_FILE = "decoder_ema"
 MARKER = "COMPLETE"
 LATEST = "latest"
 NAME_PATTERN = re.compile(r"^step_(\d+)$")
@@ -163,9 +165,10 @@ def save_checkpoint(
 ) -> Path:
     """Writes checkpoint step_<position.step> on every process together; returns its directory.
 
-    networks: the unwrapped modules by name (NETWORK_FILES); state: the rest of the run's state, JSON-able;
-    rank_tensors: this process's own tensors (RNG states, metric sums). Raises CheckpointError on all
-    processes if any of them fails, leaving the previous checkpoints and `latest` untouched.
+    networks: the unwrapped modules by name (NETWORK_FILES, and EMA_FILE when the run keeps one); state: the
+    rest of the run's state, JSON-able; rank_tensors: this process's own tensors (RNG states, metric sums).
+    Raises CheckpointError on all processes if any of them fails, leaving the previous checkpoints and `latest`
+    untouched.
     """
     root = checkpoints_dir(output_dir)
     name = checkpoint_name(position.step)
@@ -188,8 +191,8 @@ def save_checkpoint(
     def write_files() -> None:
         _fsync_write(tmp / f"rank_{rank}.safetensors", save(rank_tensors))
         if main:
-            for network in NETWORK_FILES:
-                _fsync_write(tmp / f"{network}.safetensors", save(_cpu_state(networks[network])))
+            for network, module in networks.items():
+                _fsync_write(tmp / f"{network}.safetensors", save(_cpu_state(module)))
             _fsync_write(tmp / "optimizers.safetensors", save(optimizer_tensors(optimizers)))
             full_state = {"position": dataclasses.asdict(position), **state,
                           "world_size": accelerator.num_processes, "replica_digests": digests}
@@ -315,6 +318,9 @@ class Checkpoint:
 
     def network(self, name: str) -> dict[str, Tensor]:
         return load_file(self.path / f"{name}.safetensors")
+
+    def has_network(self, name: str) -> bool:
+        return (self.path / f"{name}.safetensors").is_file()
 
     def optimizers(self) -> dict[str, Tensor]:
         return load_file(self.path / "optimizers.safetensors")

@@ -54,6 +54,9 @@ class TrainConfig:
     lr: float = 2e-4
     adam_beta1: float = 0.5
     adam_beta2: float = 0.999
+    # A moving average of the decoder's weights, decay ema_decay per step (0: none). Samples, evaluations and
+    # exports use it; training never reads it, so the trained weights are those of the same run without it.
+    ema_decay: float = 0.0
     # batch_size is per process; global_batch_size, when set, replaces it with global / processes.
     batch_size: int = 128
     global_batch_size: int | None = None
@@ -104,7 +107,7 @@ class TrainConfig:
             _require(key, value is None or value > 0, "must be positive (or none)")
         for key in ("gamma", "beta", "lr", "wandb_timeout"):
             _require(key, getattr(self, key) > 0, "must be positive")
-        for key in ("adam_beta1", "adam_beta2"):
+        for key in ("adam_beta1", "adam_beta2", "ema_decay"):
             _require(key, 0 <= getattr(self, key) < 1, "must be in [0, 1)")
         for key in ("dropout", "encoder_dropout", "decoder_dropout", "discriminator_dropout"):
             value = getattr(self, key)

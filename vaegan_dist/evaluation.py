@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from vaegan_dist.classifier import NUM_CLASSES, Classifier, accuracy, embed, load_classifier
 from vaegan_dist.config import EXIT_BAD_INPUT, MIN_EVAL_SAMPLES, TrainConfig
 from vaegan_dist.data import DataError, load_mnist
-from vaegan_dist.export import ExportError, load_networks
+from vaegan_dist.export import ExportError, add_weights_flag, load_networks
 from vaegan_dist.metrics import (
     class_histogram,
     frechet_distance,
@@ -228,11 +228,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=None, help="seed of the samples' z (default: the run's seed)")
     parser.add_argument("--out", type=Path, default=Path("evaluation.json"), help="where to write the JSON")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_weights_flag(parser)
     args = parser.parse_args(argv)
     if args.samples < MIN_EVAL_SAMPLES:
         fail(f"--samples must be at least {MIN_EVAL_SAMPLES} (precision and recall use 3 nearest neighbours)")
     try:
-        config, encoder, decoder = load_networks(args.directory, args.device)
+        config, encoder, decoder = load_networks(args.directory, args.device, args.weights)
         scores = evaluate(encoder, decoder, config, args.samples, Reference(args.device), args.seed)
     except (ExportError, DataError) as err:
         fail(str(err))

@@ -1,6 +1,8 @@
 """The encoder and decoder as plain files: `config.json` (TrainConfig.to_dict()), `encoder.safetensors` and
 `decoder.safetensors` (the state_dict keys of the unwrapped modules). Checkpoint directories hold the same
-three files, so everything that reads networks reads either.
+three files, so everything that reads networks reads either. A checkpoint of a run with --ema-decay also holds
+`decoder_ema.safetensors`, the decoder's moving average: readers take it by default (weights "ema") and the
+trained decoder with weights "raw"; an export holds the one decoder it was made with.
 
 Only torch, safetensors and json are involved, never pickle. The decoder is simple enough to run without
 this package; the README's script does that with torch and safetensors alone.
@@ -18,12 +20,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from vaegan_dist.checkpoint import checkpoints_dir, newest_complete
+from vaegan_dist.checkpoint import EMA_FILE, checkpoints_dir, newest_complete
 from vaegan_dist.config import EXIT_BAD_INPUT, ConfigError, TrainConfig
 from vaegan_dist.models import Decoder, Encoder, build_models
 
 CONFIG_FILE = "config.json"
 NETWORK_FILES = {"encoder": "encoder.safetensors", "decoder": "decoder.safetensors"}
+WEIGHTS = ("ema", "raw")  # which decoder to read: its moving average where the directory has one, or the trained
 
 
 class ExportError(RuntimeError):
@@ -54,10 +57,17 @@ def network_directory(directory: str | Path) -> Path:
     return newest
 
 
-def load_networks(directory: str | Path, device: torch.device | str = "cpu") -> tuple[TrainConfig, Encoder, Decoder]:
+def load_networks(directory: str | Path, device: torch.device | str = "cpu",
+                  weights: str = "ema") -> tuple[TrainConfig, Encoder, Decoder]:
     """(config, encoder, decoder) from an export or checkpoint directory, or a run's output directory (its newest
-    intact checkpoint), in float32 and eval mode on device."""
+    intact checkpoint), in float32 and eval mode on device. weights "ema" reads the decoder's moving average where
+    the directory has one, "raw" the trained decoder."""
+    if weights not in WEIGHTS:
+        raise ExportError(f"weights {weights!r}: choose one of {', '.join(WEIGHTS)}")
     directory = network_directory(directory)
+    files = dict(NETWORK_FILES)
+    if weights == "ema" and (directory / f"{EMA_FILE}.safetensors").is_file():
+        files["decoder"] = f"{EMA_FILE}.safetensors"
     config_path = directory / CONFIG_FILE
     if not config_path.is_file():
         raise ExportError(f"{directory} holds no {CONFIG_FILE}: pass a checkpoint or export directory "
@@ -70,7 +80,7 @@ def load_networks(directory: str | Path, device: torch.device | str = "cpu") -> 
     with torch.device("meta"):  # no random initialisation: loading draws nothing from the global RNG
         encoder, decoder, _ = build_models(config)
     for name, network in (("encoder", encoder), ("decoder", decoder)):
-        path = directory / NETWORK_FILES[name]
+        path = directory / files[name]
         try:
             state = {key: t.to(device, torch.float32) for key, t in load_file(path).items()}
             network.load_state_dict(state, assign=True)
@@ -81,20 +91,29 @@ def load_networks(directory: str | Path, device: torch.device | str = "cpu") -> 
     return config, encoder.eval(), decoder.eval()
 
 
+def add_weights_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--weights", choices=WEIGHTS, default="ema", help="ema (default): the decoder's moving "
+                        "average, where the run kept one (--ema-decay); raw: the trained decoder")
+
+
 def main(argv: list[str] | None = None) -> None:
     """vaegan-export SOURCE OUT: the encoder and decoder of a checkpoint (or a run's newest) as an export."""
     parser = argparse.ArgumentParser(prog="vaegan-export", description=main.__doc__)
     parser.add_argument("source", help="a checkpoint directory, or a run's output directory (its newest checkpoint)")
     parser.add_argument("out", help="the export directory to write")
     parser.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="the weights' type")
+    add_weights_flag(parser)
     args = parser.parse_args(argv)
     try:
-        config, encoder, decoder = load_networks(args.source)
+        config, encoder, decoder = load_networks(args.source, weights=args.weights)
         export_networks(encoder, decoder, config, args.out, getattr(torch, args.dtype))
     except (ExportError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
-    print(f"exported the encoder and decoder of {network_directory(args.source)} to {args.out}")
+    source = network_directory(args.source)
+    averaged = args.weights == "ema" and (source / f"{EMA_FILE}.safetensors").is_file()
+    print(f"exported the encoder and decoder of {source} to {args.out}"
+          + (" (the decoder's moving average)" if averaged else ""))
 
 
 if __name__ == "__main__":

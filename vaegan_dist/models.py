@@ -84,6 +84,23 @@ def build_models(config: TrainConfig) -> tuple[Encoder, Decoder, Discriminator]:
     )
 
 
+def averaged_decoder(config: TrainConfig, decoder: nn.Module) -> Decoder:
+    """A frozen copy of decoder, in eval mode, to hold the moving average of its weights. It is built on the meta
+    device, so making it draws nothing from the RNG (and copies none of Accelerate's wrapping of decoder)."""
+    with torch.device("meta"):
+        average = Decoder(config.hidden_dim, config.depth, config.latent_dim, config.network_dropout("decoder"))
+    average.load_state_dict({key: t.detach().clone() for key, t in decoder.state_dict().items()}, assign=True)
+    return average.requires_grad_(False).eval()
+
+
+@torch.no_grad()
+def update_average(average: nn.Module, network: nn.Module, decay: float, step: int) -> None:
+    """average ← d·average + (1 − d)·network with d = min(decay, (1 + step) / (10 + step)): the early weights,
+    soon meaningless, leave the average quickly."""
+    d = min(decay, (1 + step) / (10 + step))
+    torch._foreach_lerp_(list(average.parameters()), list(network.parameters()), 1 - d)
+
+
 def images_to_pixels(images: Tensor) -> Tensor:
     """uint8 images of any shape (B, ...) to float rows of shape (B, 784) in [-1, 1], matching tanh."""
     return images.reshape(images.shape[0], IMAGE_PIXELS).float().div_(127.5).sub_(1.0)

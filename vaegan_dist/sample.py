@@ -25,7 +25,7 @@ from torchvision.utils import make_grid
 
 from vaegan_dist.data import DataError, load_mnist
 from vaegan_dist.evaluation import fail, prior_samples
-from vaegan_dist.export import ExportError, load_networks
+from vaegan_dist.export import ExportError, add_weights_flag, load_networks
 from vaegan_dist.models import IMAGE_PIXELS, eval_mode, images_to_pixels, pixels_to_images
 from vaegan_dist.pictures import reconstruction_pairs, save_grid
 
@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=10, help="points per latent walk (interpolate)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_weights_flag(parser)
     args = parser.parse_args(argv)
     count = MODES[args.mode] if args.count is None else args.count
     if args.out.suffix not in FORMATS[args.mode]:
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
         fail(f"--mode {args.mode} --count {count} needs {test_digits_needed} distinct test digits, more than "
              f"the {NUM_TEST_IMAGES} there are: lower --count")
     try:
-        config, encoder, decoder = load_networks(args.directory, args.device)
+        config, encoder, decoder = load_networks(args.directory, args.device, args.weights)
         pixels = make(args.mode, encoder, decoder, config.latent_dim, count, args.steps, args.seed, args.device)
     except (ExportError, DataError) as err:
         fail(str(err))

@@ -17,6 +17,7 @@ from accelerate.utils import gather_object, set_seed
 from torch import Tensor
 
 from vaegan_dist.checkpoint import (
+    EMA_FILE,
     Checkpoint,
     CheckpointError,
     Position,
@@ -30,7 +31,7 @@ from vaegan_dist.console import Console, describe_processes
 from vaegan_dist.data import DataError, ShardedBatches, load_mnist
 from vaegan_dist.evaluation import Reference, evaluate_distributed, evaluation_line
 from vaegan_dist.losses import LossTerms
-from vaegan_dist.models import build_models, images_to_pixels
+from vaegan_dist.models import averaged_decoder, build_models, images_to_pixels, update_average
 from vaegan_dist.pictures import grid_image, grid_pixels, save_epoch_grids
 from vaegan_dist.preemption import PreemptionWatch, requeue_slurm_job
 from vaegan_dist.report import ReportError, write_report
@@ -204,6 +205,11 @@ def train(config: TrainConfig, accelerator: Accelerator, console: Console | None
             torch.manual_seed(hash((config.seed, position.step, accelerator.process_index)) & 0xFFFF_FFFF)
         console.info(f"resume: from {checkpoint.path} (step {position.step}, epoch {position.epoch}, "
                      f"{position.images_seen} images into it)")
+    if config.ema_decay:  # from the decoder as it is now: initial, or the checkpoint's when it has no average
+        named_networks[EMA_FILE] = averaged_decoder(config, named_networks["decoder"])
+        if checkpoint is not None and checkpoint.has_network(EMA_FILE):
+            named_networks[EMA_FILE].load_state_dict(checkpoint.network(EMA_FILE))
+    sampler = named_networks.get(EMA_FILE, named_networks["decoder"])  # the decoder that pictures and evaluations use
     reference = None
     if config.eval_samples:
         try:
@@ -245,7 +251,7 @@ def train(config: TrainConfig, accelerator: Accelerator, console: Console | None
 
     def save_pictures(tag: str) -> None:
         if accelerator.is_main_process:
-            save_epoch_grids(named_networks["encoder"], named_networks["decoder"], fixed_z, test_x, output_dir, tag)
+            save_epoch_grids(named_networks["encoder"], sampler, fixed_z, test_x, output_dir, tag)
 
     metrics = MetricsLog(output_dir / "metrics.jsonl", accelerator.is_main_process)
     watch = PreemptionWatch()
@@ -257,6 +263,8 @@ def train(config: TrainConfig, accelerator: Accelerator, console: Console | None
         for batch in shards.batches(epoch, images_seen):
             result = train_step(networks, plain_optimizers, images_to_pixels(batch), config, accelerator.scaler)
             step, images_seen = step + 1, images_seen + shards.global_batch
+            if config.ema_decay and result.stepped:
+                update_average(sampler, named_networks["decoder"], config.ema_decay, step)
             skipped_steps += not result.stepped
             consecutive_skips = 0 if result.stepped else consecutive_skips + 1
             window.add(result)
@@ -276,7 +284,7 @@ def train(config: TrainConfig, accelerator: Accelerator, console: Console | None
                                  f"{record['d_x_tilde']:.4f} for {COLLAPSE_RECORDS} records in a row. Lower --lr, "
                                  "or resume an earlier checkpoint with other settings.")
             if tracker.active and (step % config.image_every == 0 or step == last_step):
-                pixels = grid_pixels(named_networks["encoder"], named_networks["decoder"], fixed_z, test_x)
+                pixels = grid_pixels(named_networks["encoder"], sampler, fixed_z, test_x)
                 tracker.log({"step": step, **{name: np.asarray(grid_image(p)) for name, p in pixels.items()}})
             console.advance(step, epoch)
             if consecutive_skips == config.max_consecutive_skips:
@@ -297,8 +305,8 @@ def train(config: TrainConfig, accelerator: Accelerator, console: Console | None
             if reference is not None and (step == last_step or (config.eval_every and step % config.eval_every == 0)):
                 evaluation_started = time.perf_counter()
                 try:
-                    scores = evaluate_distributed(accelerator, named_networks["encoder"], named_networks["decoder"],
-                                                  config, config.eval_samples, reference)
+                    scores = evaluate_distributed(accelerator, named_networks["encoder"], sampler, config,
+                                                  config.eval_samples, reference)
                 except Exception as err:  # one warning per failed evaluation; training goes on
                     console.warn(f"the evaluation at step {step} failed ({type(err).__name__}: {err}); training "
                                  "continues")
