@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from tests.conftest import tiny_config
 from vaegan_dist.models import build_models
-from vaegan_dist.step import NETWORKS, routed_gradients, train_step
+from vaegan_dist.step import NETWORKS, learning_rate, routed_gradients, train_step
 
 BATCH = 12
 
@@ -174,3 +174,11 @@ def test_non_finite_batch_skips_the_step_without_a_scaler():
     good = train_step(networks, optimizers, make_inputs(config, dtype=torch.float32)[0], config)
     assert good.stepped
     assert not all(torch.equal(a, b) for a, b in zip(before, state_of(networks), strict=True))
+
+
+def test_learning_rate_is_constant_then_falls_linearly_to_zero_at_the_last_step():
+    constant = tiny_config(lr=1e-3)
+    linear = tiny_config(lr=1e-3, lr_schedule="linear", lr_decay_start=0.5)
+    assert [learning_rate(constant, step, 100) for step in (0, 50, 99)] == [1e-3] * 3
+    assert [learning_rate(linear, step, 100) for step in (0, 49, 50, 75)] == pytest.approx([1e-3, 1e-3, 1e-3, 5e-4])
+    assert learning_rate(linear, 99, 100) == pytest.approx(1e-3 / 50)

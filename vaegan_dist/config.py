@@ -54,6 +54,10 @@ class TrainConfig:
     lr: float = 2e-4
     adam_beta1: float = 0.5
     adam_beta2: float = 0.999
+    # lr_schedule "linear": lr until lr_decay_start (a fraction of the run's steps), then linearly down to 0 at
+    # the run's last step; "constant": lr throughout.
+    lr_schedule: Literal["constant", "linear"] = "constant"
+    lr_decay_start: float = 0.5
     # A moving average of the decoder's weights, decay ema_decay per step (0: none). Samples, evaluations and
     # exports use it; training never reads it, so the trained weights are those of the same run without it.
     ema_decay: float = 0.0
@@ -107,7 +111,7 @@ class TrainConfig:
             _require(key, value is None or value > 0, "must be positive (or none)")
         for key in ("gamma", "beta", "lr", "wandb_timeout"):
             _require(key, getattr(self, key) > 0, "must be positive")
-        for key in ("adam_beta1", "adam_beta2", "ema_decay"):
+        for key in ("adam_beta1", "adam_beta2", "ema_decay", "lr_decay_start"):
             _require(key, 0 <= getattr(self, key) < 1, "must be in [0, 1)")
         for key in ("dropout", "encoder_dropout", "decoder_dropout", "discriminator_dropout"):
             value = getattr(self, key)

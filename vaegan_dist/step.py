@@ -83,6 +83,14 @@ def routed_gradients(
     return RoutedGradients({name: [p.grad for p in ps] for name, ps in params.items()}, terms.detached())
 
 
+def learning_rate(config: TrainConfig, step: int, last_step: int) -> float:
+    """The learning rate of step `step` (counting from 0) of a run that ends after step `last_step`."""
+    decay_start = config.lr_decay_start * last_step
+    if config.lr_schedule == "constant" or step < decay_start:
+        return config.lr
+    return config.lr * (last_step - step) / (last_step - decay_start)
+
+
 @dataclass(frozen=True)
 class StepResult:
     terms: LossTerms

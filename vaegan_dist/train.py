@@ -35,7 +35,7 @@ from vaegan_dist.models import averaged_decoder, build_models, images_to_pixels,
 from vaegan_dist.pictures import grid_image, grid_pixels, save_epoch_grids
 from vaegan_dist.preemption import PreemptionWatch, requeue_slurm_job
 from vaegan_dist.report import ReportError, write_report
-from vaegan_dist.step import NETWORKS, StepResult, train_step
+from vaegan_dist.step import NETWORKS, StepResult, learning_rate, train_step
 from vaegan_dist.tracking import Tracker, peak_memory_mb
 
 NUM_FIXED_SAMPLES = 64
@@ -261,6 +261,8 @@ def train(config: TrainConfig, accelerator: Accelerator, console: Console | None
     console.start_progress(last_step, step, epochs=-(-last_step // steps_per_epoch))
     while step < last_step:
         for batch in shards.batches(epoch, images_seen):
+            for optimizer in plain_optimizers:
+                optimizer.param_groups[0]["lr"] = learning_rate(config, step, last_step)
             result = train_step(networks, plain_optimizers, images_to_pixels(batch), config, accelerator.scaler)
             step, images_seen = step + 1, images_seen + shards.global_batch
             if config.ema_decay and result.stepped:
