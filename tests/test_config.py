@@ -30,12 +30,15 @@ def test_paper_preset_differs_from_the_design_only_in_similarity():
     assert paper["similarity"] == "hidden"
 
 
-def test_default_is_the_starting_point_preset():
+def test_default_is_the_starting_point_with_lr_3e_4_sampled_from_the_decoders_moving_average():
     config = TrainConfig()
-    assert config == TrainConfig.preset("starting_point")
+    assert config == TrainConfig.preset("default") == parse_args([])
     assert (config.similarity, config.generator_loss, config.gamma, config.lr, config.adam_beta1) == (
-        "hidden", "non_saturating", 1.0, 2e-4, 0.5)
+        "hidden", "non_saturating", 1.0, 3e-4, 0.5)
     assert config.network_dropout("encoder") == config.network_dropout("decoder") == 0.0
+    assert config.ema_decay == 0.999
+    assert dataclasses.replace(config, lr=2e-4, ema_decay=0.0) == TrainConfig.preset("starting_point")
+    assert TrainConfig.preset("seed").ema_decay == TrainConfig.preset("paper").ema_decay == 0.0
 
 
 def test_seed_networks_have_the_design_layer_shapes():
@@ -118,7 +121,7 @@ def test_help_lists_every_setting_with_its_default():
                             check=True, cwd=REPO)
     for field in dataclasses.fields(TrainConfig):
         assert f"--{field.name.replace('_', '-')}" in result.stdout
-    assert "(default: 0.0002)" in result.stdout and "--preset" in result.stdout
+    assert "(default: 0.0003)" in result.stdout and "--preset" in result.stdout
 
 
 def test_bad_flag_value_exits_with_a_one_line_error(tmp_path):

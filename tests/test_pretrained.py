@@ -1,0 +1,39 @@
+"""The shipped pretrained networks (pretrained/): they load on a fresh clone and make digits of every class."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import REPO
+from vaegan_dist.classifier import embed, load_classifier
+from vaegan_dist.evaluation import prior_samples
+from vaegan_dist.export import NETWORK_FILES, load_networks
+from vaegan_dist.metrics import class_histogram
+from vaegan_dist.models import eval_mode
+from vaegan_dist.sample import main as sample_main
+
+PRETRAINED = REPO / "pretrained"
+
+
+def test_the_weights_are_float16_safetensors_with_their_config():
+    assert (PRETRAINED / "config.json").is_file()
+    for file in NETWORK_FILES.values():
+        assert {t.dtype for t in load_file(PRETRAINED / file).values()} == {torch.float16}
+
+
+def test_the_decoder_makes_confident_digits_of_every_class_in_the_issue_bounds():
+    config, _, decoder = load_networks(PRETRAINED)
+    with eval_mode(decoder):
+        pixels = decoder(prior_samples(2000, config.latent_dim, seed=1))
+    _, probs = embed(load_classifier("cpu"), pixels)
+    shares = class_histogram(probs)
+    assert ((shares >= 0.06) & (shares <= 0.14)).all(), shares
+    assert probs.max(dim=1).values.mean() > 0.9  # the classifier is sure of what it sees: digits, not blobs
+
+
+def test_the_readme_sampling_command_works_on_it(tmp_path, capsys):
+    sample_main([str(PRETRAINED), "--mode", "samples", "--count", "64", "--out", str(tmp_path / "grid.npy")])
+    images = np.load(tmp_path / "grid.npy")
+    assert images.shape == (64, 28, 28) and images.dtype == np.uint8 and images.std() > 30
