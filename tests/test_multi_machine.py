@@ -27,9 +27,9 @@ from tests.slurm_doubles import (
     start,
     task_exits,
 )
-from vaegan_dist.checkpoint import Checkpoint, checkpoints_dir, newest_complete, verify, weights_digest
+from vaegan_dist.checkpoint import EMA_FILE, Checkpoint, checkpoints_dir, newest_complete, verify, weights_digest
 from vaegan_dist.config import TrainConfig
-from vaegan_dist.models import build_models
+from vaegan_dist.models import averaged_decoder, build_models
 from vaegan_dist.step import NETWORKS
 from vaegan_dist.train import EXIT_PREEMPTED
 
@@ -70,7 +70,10 @@ def final_checkpoint(output_dir) -> Checkpoint:
 
 def assert_replicas_hold_the_saved_weights(checkpoint: Checkpoint) -> None:
     """Every process's weight digest (recorded at the save) is the digest of the weights in the files."""
-    networks = dict(zip(NETWORKS, build_models(TrainConfig.from_dict(checkpoint.config)), strict=True))
+    config = TrainConfig.from_dict(checkpoint.config)
+    networks = dict(zip(NETWORKS, build_models(config), strict=True))
+    if checkpoint.has_network(EMA_FILE):  # the decoder's moving average is part of the digest too
+        networks[EMA_FILE] = averaged_decoder(config, networks["decoder"])
     for name, module in networks.items():
         module.load_state_dict(checkpoint.network(name))
     assert checkpoint.state["replica_digests"] == [weights_digest(networks)] * 2
