@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import tiny_config
+from tests.conftest import launch, tiny_config, tiny_flags
 from vaegan_dist.models import build_models
 from vaegan_dist.step import NETWORKS, learning_rate, routed_gradients, train_step
 
@@ -182,3 +183,12 @@ def test_learning_rate_is_constant_then_falls_linearly_to_zero_at_the_last_step(
     assert [learning_rate(constant, step, 100) for step in (0, 50, 99)] == [1e-3] * 3
     assert [learning_rate(linear, step, 100) for step in (0, 49, 50, 75)] == pytest.approx([1e-3, 1e-3, 1e-3, 5e-4])
     assert learning_rate(linear, 99, 100) == pytest.approx(1e-3 / 50)
+
+
+def test_the_training_loop_applies_the_schedule(tmp_path):
+    result = launch(tiny_flags(max_steps=10, log_every=5, lr=1e-3, lr_schedule="linear", output_dir=tmp_path))
+    assert result.returncode == 0, result.stderr[-4000:]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    lrs = {r["step"]: r["lr_encoder"] for r in records if "lr_encoder" in r}
+    # logged after step s: the rate steps 0..s-1 ran with, the last of them s-1; decay starts at step 5 of 10
+    assert lrs == pytest.approx({5: 1e-3, 10: 1e-3 / 5})
