@@ -185,10 +185,12 @@ def test_learning_rate_is_constant_then_falls_linearly_to_zero_at_the_last_step(
     assert learning_rate(linear, 99, 100) == pytest.approx(1e-3 / 50)
 
 
-def test_the_training_loop_applies_the_schedule(tmp_path):
-    result = launch(tiny_flags(max_steps=10, log_every=5, lr=1e-3, lr_schedule="linear", output_dir=tmp_path))
+def test_the_training_loop_applies_the_schedule_and_the_discriminator_scale(tmp_path):
+    result = launch(tiny_flags(max_steps=10, log_every=5, lr=1e-3, lr_schedule="linear", discriminator_lr_scale=3,
+                               output_dir=tmp_path))
     assert result.returncode == 0, result.stderr[-4000:]
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    lrs = {r["step"]: r["lr_encoder"] for r in records if "lr_encoder" in r}
     # logged after step s: the rate steps 0..s-1 ran with, the last of them s-1; decay starts at step 5 of 10
-    assert lrs == pytest.approx({5: 1e-3, 10: 1e-3 / 5})
+    for name, scale in (("encoder", 1), ("decoder", 1), ("discriminator", 3)):
+        lrs = {r["step"]: r[f"lr_{name}"] for r in records if f"lr_{name}" in r}
+        assert lrs == pytest.approx({5: scale * 1e-3, 10: scale * 1e-3 / 5}), name

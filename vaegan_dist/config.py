@@ -50,8 +50,10 @@ class TrainConfig:
     encoder_dropout: float | None = 0.0
     decoder_dropout: float | None = 0.0
     discriminator_dropout: float | None = None
-    # Adam, one optimizer per network, all with the same settings.
+    # Adam, one optimizer per network, all with the same settings but the discriminator's learning rate, which is
+    # lr × discriminator_lr_scale (a two time-scale update rule, Heusel et al. 2017, when above 1).
     lr: float = 3e-4
+    discriminator_lr_scale: float = 1.0
     adam_beta1: float = 0.5
     adam_beta2: float = 0.999
     # lr_schedule "linear": lr until lr_decay_start (a fraction of the run's steps), then linearly down to 0 at
@@ -109,7 +111,7 @@ class TrainConfig:
         for key in ("global_batch_size", "max_steps", "keep_every", "cpu_threads", "eval_every"):
             value = getattr(self, key)
             _require(key, value is None or value > 0, "must be positive (or none)")
-        for key in ("gamma", "beta", "lr", "wandb_timeout"):
+        for key in ("gamma", "beta", "lr", "discriminator_lr_scale", "wandb_timeout"):
             _require(key, getattr(self, key) > 0, "must be positive")
         for key in ("adam_beta1", "adam_beta2", "ema_decay", "lr_decay_start"):
             _require(key, 0 <= getattr(self, key) < 1, "must be in [0, 1)")
@@ -143,6 +145,10 @@ class TrainConfig:
         """The dropout of 'encoder', 'decoder' or 'discriminator'."""
         value = getattr(self, f"{network}_dropout")
         return self.dropout if value is None else value
+
+    def network_lr_scale(self, network: str) -> float:
+        """The factor on the scheduled learning rate of 'encoder', 'decoder' or 'discriminator'."""
+        return self.discriminator_lr_scale if network == "discriminator" else 1.0
 
     def per_process_batch(self, num_processes: int) -> int:
         if self.global_batch_size is None:
