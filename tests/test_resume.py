@@ -22,8 +22,8 @@ from vaegan_dist.step import NETWORKS
 from vaegan_dist.train import EXIT_PREEMPTED
 
 # A global batch of 4096 makes an epoch 14 steps: a stop at step 10 falls mid-epoch, and 20 steps cross an epoch.
-# The decoder's moving average is kept, so that it resumes exactly too.
-FLAGS = dict(global_batch_size=4096, log_every=5, ema_decay=0.9)
+# The decoder's moving average and spectral norm's power-iteration vectors are kept, so they resume exactly too.
+FLAGS = dict(global_batch_size=4096, log_every=5, ema_decay=0.9, spectral_norm=True)
 LOSS_KEYS = [*LossTerms.names(), *(f"grad_norm_{n}" for n in NETWORKS), "skipped_steps"]
 
 

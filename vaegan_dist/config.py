@@ -50,6 +50,8 @@ class TrainConfig:
     encoder_dropout: float | None = 0.0
     decoder_dropout: float | None = 0.0
     discriminator_dropout: float | None = None
+    # Spectral normalisation of every discriminator layer (Miyato et al. 2018).
+    spectral_norm: bool = False
     # Adam, one optimizer per network, all with the same settings but the discriminator's learning rate, which is
     # lr × discriminator_lr_scale (a two time-scale update rule, Heusel et al. 2017, when above 1).
     lr: float = 3e-4

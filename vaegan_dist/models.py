@@ -55,11 +55,17 @@ class Decoder(nn.Module):
 
 
 class Discriminator(nn.Module):
-    def __init__(self, hidden_dim: int, depth: int, dropout: float, similarity: str) -> None:
+    def __init__(self, hidden_dim: int, depth: int, dropout: float, similarity: str,
+                 spectral_norm: bool = False) -> None:
         super().__init__()
         self.body = mlp([IMAGE_PIXELS] + [hidden_dim >> i for i in range(depth)], dropout)
         self.out = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden_dim >> (depth - 1), 1))
         self.similarity_kind = similarity
+        if spectral_norm:
+            # Each weight divided by its largest singular value (one power iteration per training forward):
+            # D is 1-Lipschitz, so neither its logit nor Dis_l, the similarity's features, can grow without bound.
+            for layer in [m for m in self.modules() if isinstance(m, nn.Linear)]:
+                nn.utils.parametrizations.spectral_norm(layer)
 
     def forward(self, x: Tensor, with_similarity: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """The logit of "x is real", shape (B, 1); with_similarity also returns Dis_l(x) from the same pass."""
@@ -80,7 +86,7 @@ def build_models(config: TrainConfig) -> tuple[Encoder, Decoder, Discriminator]:
         Encoder(config.hidden_dim, config.depth, config.latent_dim, config.network_dropout("encoder")),
         Decoder(config.hidden_dim, config.depth, config.latent_dim, config.network_dropout("decoder")),
         Discriminator(config.hidden_dim, config.depth, config.network_dropout("discriminator"),
-                      config.similarity),
+                      config.similarity, config.spectral_norm),
     )
 
 
