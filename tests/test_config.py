@@ -30,14 +30,14 @@ def test_paper_preset_differs_from_the_design_only_in_similarity():
     assert paper["similarity"] == "hidden"
 
 
-def test_default_is_the_starting_point_with_lr_3e_4_sampled_from_the_decoders_moving_average():
+def test_default_is_the_starting_point_with_lr_3e_4_batch_64_sampled_from_the_decoders_moving_average():
     config = TrainConfig()
     assert config == TrainConfig.preset("default") == parse_args([])
     assert (config.similarity, config.generator_loss, config.gamma, config.lr, config.adam_beta1) == (
         "hidden", "non_saturating", 1.0, 3e-4, 0.5)
     assert config.network_dropout("encoder") == config.network_dropout("decoder") == 0.0
-    assert config.ema_decay == 0.999
-    assert dataclasses.replace(config, lr=2e-4, ema_decay=0.0) == TrainConfig.preset("starting_point")
+    assert (config.ema_decay, config.batch_size) == (0.999, 64)
+    assert dataclasses.replace(config, lr=2e-4, ema_decay=0.0, batch_size=128) == TrainConfig.preset("starting_point")
     assert TrainConfig.preset("seed").ema_decay == TrainConfig.preset("paper").ema_decay == 0.0
 
 
