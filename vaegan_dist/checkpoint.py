@@ -53,7 +53,8 @@ NAME_PATTERN = re.compile(r"^step_(\d+)$")
 ARCHITECTURE_KEYS = ("latent_dim", "hidden_dim", "depth", "seed")
 # Settings that say how to run, not what to train: they change on resume without comment.
 RUN_KEYS = ("resume", "output_dir", "data_dir", "max_steps", "save_every", "keep_last", "keep_every",
-            "log_every", "requeue", "cpu_threads", "mixed_precision", "on_save_error", "max_consecutive_skips")
+            "log_every", "requeue", "cpu_threads", "mixed_precision", "on_save_error", "max_consecutive_skips",
+            "compile")
 
 
 class CheckpointError(RuntimeError):

@@ -93,6 +93,8 @@ class TrainConfig:
     # Threads per process on the CPU; None: the cores divided among this machine's processes. (Launchers
     # set OMP_NUM_THREADS=1, which would leave a single process on one core.)
     cpu_threads: int | None = None
+    # torch.compile the three networks (slow to start; see the README's Performance section).
+    compile: bool = False
     # The classifier-based evaluation (vaegan_dist.evaluation) every eval_every steps and always at the end,
     # on eval_samples samples; eval_every none: only at the end; eval_samples 0: never.
     eval_every: int | None = None

@@ -90,6 +90,20 @@ def build_models(config: TrainConfig) -> tuple[Encoder, Decoder, Discriminator]:
     )
 
 
+def compile_networks(networks: tuple[nn.Module, ...]) -> None:
+    """torch.compile each network in place (its state_dict keys stay as they are).
+
+    The routed step backpropagates through each compiled graph up to three times (retain_graph=True), which
+    a compiled backward allows only when it may not reuse ("donate") its saved buffers: donation is turned off
+    for the process.
+    """
+    import torch._functorch.config
+
+    torch._functorch.config.donated_buffer = False
+    for net in networks:
+        net.compile()
+
+
 def averaged_decoder(config: TrainConfig, decoder: nn.Module) -> Decoder:
     """A frozen copy of decoder, in eval mode, to hold the moving average of its weights. It is built on the meta
     device, so making it draws nothing from the RNG (and copies none of Accelerate's wrapping of decoder)."""

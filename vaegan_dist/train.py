@@ -28,14 +28,15 @@ from vaegan_dist.checkpoint import (
 )
 from vaegan_dist.config import EXIT_BAD_INPUT, ConfigError, TrainConfig, parse_args
 from vaegan_dist.console import Console, describe_processes
+from vaegan_dist.cpu import keep_freed_memory
 from vaegan_dist.data import DataError, ShardedBatches, load_mnist
 from vaegan_dist.evaluation import Reference, evaluate_distributed, evaluation_line
 from vaegan_dist.losses import LossTerms
-from vaegan_dist.models import averaged_decoder, build_models, images_to_pixels, update_average
+from vaegan_dist.models import averaged_decoder, build_models, compile_networks, images_to_pixels, update_average
 from vaegan_dist.pictures import grid_image, grid_pixels, save_epoch_grids
 from vaegan_dist.preemption import PreemptionWatch, requeue_slurm_job
 from vaegan_dist.report import ReportError, write_report
-from vaegan_dist.step import NETWORKS, StepResult, learning_rate, train_step
+from vaegan_dist.step import NETWORKS, StepResult, adam_optimizers, learning_rate, train_step
 from vaegan_dist.tracking import Tracker, peak_memory_mb
 
 NUM_FIXED_SAMPLES = 64
@@ -160,11 +161,13 @@ def train(config: TrainConfig, accelerator: Accelerator, console: Console | None
         console.warn("fp16 needs a GPU; Accelerate runs fp32 here. Use --mixed-precision bf16.")
     if accelerator.device.type == "cpu":
         configure_cpu_threads(config)
+        keep_freed_memory()
 
     set_seed(config.seed)  # the same initial weights on every process (DDP broadcasts rank 0's as well)
     networks = build_models(config)
-    optimizers = [torch.optim.Adam(net.parameters(), lr=config.lr, betas=(config.adam_beta1, config.adam_beta2))
-                  for net in networks]
+    if config.compile:
+        compile_networks(networks)
+    optimizers = adam_optimizers(networks, config)
     prepared = accelerator.prepare(*networks, *optimizers)
     networks, optimizers = prepared[:3], prepared[3:]
     # The step drives the plain optimizers itself; see train_step for why.

@@ -1,0 +1,408 @@
+"""The VAE/GAN step's speed beside a plain baseline and the machine's matrix-product ceiling, in one run.
+
+    python benchmarks/bench.py            # the full measurement: several minutes on 2 CPU cores
+    python benchmarks/bench.py --quick    # tiny networks and a few steps: checks that everything runs
+
+Rows of the table:
+  ours      train.py end to end (its own images/s in metrics.jsonl), for each precision, process count and
+            torch.compile setting; 2 processes are launched with `accelerate launch` (gloo on the CPU)
+  baseline  benchmarks/baseline.py: the design's loop as a user writes it (torchvision, five discriminator calls)
+  ceiling   torch.mm on the matrices of our step's layers at this batch, at the machine's measured rate
+The measurements run interleaved, in rounds, so that all of them see the same machine; each figure is the
+median of the timed windows of all rounds, the first window of each run (start-up, compilation) left out.
+The table goes to stdout and, with everything else, to JSON.
+
+Our runs time the training step, so train.py runs with what is not the step turned off: no evaluation
+(--eval-samples 0), no W&B (--wandb disabled, and so no image grids; --image-every is the run's length too),
+no moving average of the decoder (--ema-decay 0) and one checkpoint, after the last timed window
+(--save-every is the run's length). The default preset, `seed`, is the design that the baseline implements.
+
+FLOPs per image count the matrix products of our step from the layer shapes (step_products); torch's FLOP
+counter over one routed step (executed_flops) must agree, and the tests check that it does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from vaegan_dist.config import TrainConfig  # noqa: E402
+from vaegan_dist.models import build_models  # noqa: E402
+from vaegan_dist.step import NETWORKS, routed_gradients  # noqa: E402
+
+PRECISIONS = {"fp32": ("no", torch.float32), "bf16": ("bf16", torch.bfloat16)}
+# Our step runs each network once, on its batches concatenated: the encoder on x, the decoder on [z; z_p], the
+# discriminator on [x; x̃; x_p]. Every product of a network has these rows, in batches: a backward pass that
+# reaches a network multiplies all of them, whichever its loss needs.
+FORWARD_BATCHES = {"encoder": 1, "decoder": 2, "discriminator": 3}
+# The other networks' losses whose backward passes carry input gradients through a network: the encoder's
+# through the discriminator (to x̃, up to Dis_l) and the decoder (to z); the decoder's through the discriminator.
+PASSING_LOSSES = {"encoder": (), "decoder": ("encoder",), "discriminator": ("encoder", "decoder")}
+
+
+@dataclass(frozen=True)
+class MatrixProduct:
+    """(m × k) @ (k × n), laid out as a Linear layer's forward or backward has it."""
+
+    kind: str  # forward | input_grad | weight_grad
+    m: int
+    k: int
+    n: int
+
+    @property
+    def flops(self) -> int:
+        return 2 * self.m * self.k * self.n
+
+
+def step_products(config: TrainConfig, batch: int) -> list[MatrixProduct]:
+    """Every matrix product of our step, from the layer shapes."""
+    products = []
+    for name, net in zip(NETWORKS, build_models(config), strict=True):
+        rows = FORWARD_BATCHES[name] * batch
+        linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
+        for index, layer in enumerate(linears):
+            # The network's own loss makes the weight gradient, and input gradients at every layer but the first
+            # (whose input is data, or noise, to that loss).
+            passes = [name] * (index > 0) + list(PASSING_LOSSES[name])
+            if name == "discriminator" and index == len(linears) - 1 and config.similarity == "hidden":
+                passes.remove("encoder")  # the encoder's loss sees Dis_l, the last hidden layer, not the logit
+            fan_in, fan_out = layer.in_features, layer.out_features
+            products += [MatrixProduct("forward", rows, fan_in, fan_out),
+                         MatrixProduct("weight_grad", fan_out, rows, fan_in),
+                         *(MatrixProduct("input_grad", rows, fan_out, fan_in) for _ in passes)]
+    return products
+
+
+def executed_flops(config: TrainConfig, batch: int) -> int:
+    """The matrix FLOPs our step runs, counted by torch's FLOP counter over one routed step."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):  # shapes only: nothing is computed
+        networks = build_models(config)
+        x, (eps, z_p) = torch.rand(batch, 784), torch.randn(2, batch, config.latent_dim)
+    with FlopCounterMode(display=False) as counter:
+        routed_gradients(*networks, x, eps, z_p, config)
+    return counter.get_total_flops()
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def seconds_per_call(fn: Callable[[], object], device: torch.device, min_time: float) -> float:
+    fn()
+    calls = 1
+    while True:
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        synchronize(device)
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_time:
+            return elapsed / calls
+        calls *= 2
+
+
+def matmul_rate(products: list[MatrixProduct], dtype: torch.dtype, device: torch.device, min_time: float) -> float:
+    """FLOP/s of torch.mm over the step's products."""
+    seconds = 0.0
+    for p in products:
+        # Operands laid out as nn.Linear's: x @ W.T forward, g @ W for the input, g.T @ x for the weight.
+        if p.kind == "forward":
+            a, b = torch.randn(p.m, p.k, dtype=dtype, device=device), torch.randn(p.n, p.k, dtype=dtype,
+                                                                                 device=device).t()
+        elif p.kind == "input_grad":
+            a, b = torch.randn(p.m, p.k, dtype=dtype, device=device), torch.randn(p.k, p.n, dtype=dtype,
+                                                                                 device=device)
+        else:
+            a, b = torch.randn(p.k, p.m, dtype=dtype, device=device).t(), torch.randn(p.k, p.n, dtype=dtype,
+                                                                                     device=device)
+        seconds += seconds_per_call(lambda a=a, b=b: torch.mm(a, b), device, min_time)
+    return sum(p.flops for p in products) / seconds
+
+
+class Contention:
+    """How much of the CPUs other programs took since `start()`: all busy time, niced included, but this script's
+    and its children's. (Niced programs need not yield: the kernel's autogroups share the CPUs between sessions
+    whatever their programs' nice values, and a niced bench's own time is counted as nice.) Linux only;
+    elsewhere it reports nothing (None)."""
+
+    STAT = Path("/proc/stat")
+
+    def __init__(self) -> None:
+        self.cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        self.start()
+
+    def _now(self) -> tuple[float, float, float] | None:
+        if not self.STAT.exists():
+            return None
+        # user nice system idle iowait irq softirq steal: busy is all but idle and iowait
+        jiffies = [int(v) for v in self.STAT.read_text().split("\n", 1)[0].split()[1:9]]
+        busy = (sum(jiffies[0:3]) + sum(jiffies[5:8])) / os.sysconf("SC_CLK_TCK")
+        times = os.times()
+        return busy, times.user + times.system + times.children_user + times.children_system, time.perf_counter()
+
+    def start(self) -> None:
+        self.started = self._now()
+
+    def share(self) -> float | None:
+        """The fraction of all cores that others kept busy since start()."""
+        now = self._now()
+        if now is None or self.started is None:
+            return None
+        busy, ours, wall = (b - a for a, b in zip(self.started, now, strict=True))
+        return max(0.0, busy - ours) / (wall * self.cores)
+
+    def wait_for_quiet(self, limit: float, seconds: int = 3) -> None:
+        """Returns once others have used under 10% of the CPUs for `seconds` running seconds, or after `limit`."""
+        deadline, quiet = time.perf_counter() + limit, 0
+        while quiet < seconds and time.perf_counter() < deadline:
+            self.start()
+            time.sleep(1)
+            share = self.share()
+            quiet = quiet + 1 if share is not None and share < 0.1 else 0
+            if share is None:
+                return
+
+
+def size_flags(args: argparse.Namespace) -> list[str]:
+    return ["--preset", args.preset, "--hidden-dim", str(args.hidden_dim), "--depth", str(args.depth),
+            "--latent-dim", str(args.latent_dim), "--batch-size", str(args.batch_size)]
+
+
+def child_env(device: torch.device) -> dict[str, str]:
+    env = {**os.environ, "WANDB_MODE": "disabled",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    if device.type == "cpu":
+        env["ACCELERATE_USE_CPU"] = "1"
+    return env
+
+
+def run(command: list[str], device: torch.device, what: str) -> str:
+    result = subprocess.run(command, capture_output=True, text=True, env=child_env(device), cwd=REPO)
+    if result.returncode:
+        raise SystemExit(f"error: {what} failed (exit code {result.returncode}):\n{result.stderr[-3000:]}")
+    return result.stdout
+
+
+def measure_ours(args: argparse.Namespace, precision: str, processes: int, compile: bool,
+                 device: torch.device, workdir: Path) -> list[float]:
+    """images/s of each timed window of one train.py run (all processes together)."""
+    output_dir = Path(tempfile.mkdtemp(dir=workdir))
+    steps = args.window * (args.windows + 1)
+    flags = [*size_flags(args), "--max-steps", str(steps), "--log-every", str(args.window),
+             "--save-every", str(steps), "--resume", "none", "--output-dir", str(output_dir),
+             "--mixed-precision", PRECISIONS[precision][0], "--compile" if compile else "--no-compile",
+             # only the step is timed: see the module's docstring
+             "--eval-samples", "0", "--wandb", "disabled", "--image-every", str(steps), "--ema-decay", "0"]
+    if processes == 1:
+        command = [sys.executable, str(REPO / "train.py"), *flags]
+    else:
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+                   str(processes), "--num_machines", "1", "--main_process_port", "0", "--mixed_precision",
+                   PRECISIONS[precision][0], "--dynamo_backend", "no", str(REPO / "train.py"), *flags]
+    run(command, device, f"train.py ({precision}, {processes} processes, compile {compile})")
+    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["images_per_s"] for r in records[1:]]  # the first window is warm-up (and compilation)
+
+
+def measure_baseline(args: argparse.Namespace, device: torch.device) -> list[float]:
+    steps = args.window * (args.windows + 1)
+    command = [sys.executable, str(REPO / "benchmarks" / "baseline.py"), *size_flags(args),
+               "--steps", str(steps), "--window", str(args.window)]
+    return json.loads(run(command, device, "the baseline").splitlines()[-1])["images_per_s"][1:]
+
+
+def machine_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or "cpu"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        model = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                      if line.startswith("model name")), model)
+    return f"{model}, {len(os.sched_getaffinity(0))} cores"
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny networks, batch 16, few short windows, one round: checks that it runs")
+    parser.add_argument("--output", type=Path, help="the JSON file (none: benchmarks/results-<machine>.json, "
+                        "results-<machine>-quick.json with --quick)")
+    parser.add_argument("--preset", default="seed", help="the training preset of ours and the baseline")
+    parser.add_argument("--batch-size", type=int, default=128, help="images per step per process")
+    parser.add_argument("--hidden-dim", type=int, default=1024)
+    parser.add_argument("--depth", type=int, default=3)
+    parser.add_argument("--latent-dim", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of all measurements")
+    parser.add_argument("--window", type=int, default=20, help="steps per timed window")
+    parser.add_argument("--windows", type=int, default=4, help="timed windows per run, after one of warm-up")
+    parser.add_argument("--precisions", default="fp32,bf16")
+    parser.add_argument("--processes", default=None, help="process counts of ours (default: 1,2 on the CPU, "
+                        "1 and the GPU count on GPUs)")
+    parser.add_argument("--compile", default="off,on", help="torch.compile settings of ours")
+    parser.add_argument("--min-time", type=float, default=0.2, help="seconds per matrix-product timing")
+    parser.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
+                        help="before each measurement, wait up to this long for other programs to leave the CPUs")
+    args = parser.parse_args()
+    if args.quick:
+        args.hidden_dim, args.depth, args.latent_dim, args.batch_size = 32, 2, 4, 16
+        args.rounds, args.window, args.windows, args.min_time = 1, 2, 2, 0.01
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
+    gpus = torch.cuda.device_count()
+    processes = [int(n) for n in (args.processes or ("1,2" if device.type == "cpu" else f"1,{gpus}")).split(",")]
+    ours_runs = [(precision, n, compile == "on") for compile in args.compile.split(",")
+                 for precision in args.precisions.split(",") for n in dict.fromkeys(processes)]
+    config = TrainConfig.preset(args.preset, hidden_dim=args.hidden_dim, depth=args.depth,
+                                latent_dim=args.latent_dim)
+    products = step_products(config, args.batch_size)
+    flops_per_image = sum(p.flops for p in products) / args.batch_size
+    machine = machine_name(device)
+    output = args.output or REPO / "benchmarks" / f"results-{slug(machine)}{'-quick' if args.quick else ''}.json"
+    print(f"machine: {machine}; torch {torch.__version__}; {args.preset} networks (hidden {args.hidden_dim}, "
+          f"depth {args.depth}, latent {args.latent_dim}), batch {args.batch_size} per process")
+    print(f"FLOPs per image per step, from the layer shapes: {flops_per_image / 1e6:.2f} M (torch's FLOP counter "
+          f"over one of our steps: {executed_flops(config, args.batch_size) / args.batch_size / 1e6:.2f} M)")
+
+    samples: dict[str, list[float]] = {}
+    others: dict[str, list[float]] = {}
+    loads, contention = [os.getloadavg()[0]], Contention()
+
+    def measure(key: str, what: Callable[[], list[float]]) -> None:
+        contention.wait_for_quiet(args.wait_quiet)
+        loads.append(os.getloadavg()[0])
+        contention.start()
+        samples.setdefault(key, []).extend(what())
+        others.setdefault(key, []).append(contention.share())
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for round_index in range(args.rounds):
+            for precision in args.precisions.split(","):
+                measure(f"ceiling {precision}", lambda precision=precision: [
+                    matmul_rate(products, PRECISIONS[precision][1], device, args.min_time) / flops_per_image])
+            measure("baseline fp32", lambda: measure_baseline(args, device))
+            for precision, n, compile in ours_runs:
+                measure(f"ours {precision} {n} {compile}", lambda precision=precision, n=n, compile=compile:
+                        measure_ours(args, precision, n, compile, device, Path(tmp)))
+            loads.append(os.getloadavg()[0])
+            print(f"round {round_index + 1}/{args.rounds} done, 1-minute load average {loads[-1]:.2f}", flush=True)
+
+    images_per_s = {key: statistics.median(values) for key, values in samples.items()}
+    baseline = images_per_s["baseline fp32"]
+
+    def row(name: str, precision: str, processes: int | None, compile: bool | None, key: str) -> dict:
+        value = images_per_s[key]
+        ceiling = images_per_s.get(f"ceiling {precision}")
+        return {"run": name, "precision": precision, "processes": processes, "compile": compile,
+                "images_per_s": value, "step_time_ms": 1e3 * args.batch_size * (processes or 1) / value,
+                "gflop_per_s": value * flops_per_image / 1e9,
+                "fraction_of_ceiling": value / ceiling if ceiling else None,
+                "vs_baseline_fp32": value / baseline, "samples": samples[key],
+                "others_cpu_share": others[key]}
+
+    rows = [row("ceiling", p, None, None, f"ceiling {p}") for p in args.precisions.split(",")]
+    rows.append(row("baseline", "fp32", 1, False, "baseline fp32"))
+    rows += [row("ours", p, n, c, f"ours {p} {n} {c}") for p, n, c in ours_runs]
+    table, verdicts = format_table(rows), targets(rows, device)
+    shares = [share for values in others.values() for share in values if share is not None]
+    load = {"start": loads[0], "max": max(loads), "end": loads[-1],
+            "others_cpu_share_max": max(shares, default=None)}
+    print(table)
+    for verdict in verdicts:
+        print(f"{'met' if verdict['met'] else 'MISSED'}: {verdict['target']} ({verdict['measured']})")
+    print(f"1-minute load average during the run: {load['start']:.2f} at the start, {load['max']:.2f} at most, "
+          f"{load['end']:.2f} at the end" + (f"; other programs took at most {100 * max(shares):.0f}% of the CPUs "
+                                             "during a measurement" if shares else ""))
+    output.write_text(json.dumps({
+        "machine": machine, "device": device.type, "torch": torch.__version__,
+        "command": " ".join(["python", "benchmarks/bench.py", *sys.argv[1:]]),
+        "config": {"preset": args.preset, "hidden_dim": args.hidden_dim, "depth": args.depth,
+                   "latent_dim": args.latent_dim, "batch_size": args.batch_size, "rounds": args.rounds,
+                   "window": args.window, "windows": args.windows},
+        "flops_per_image": flops_per_image, "load_average": load, "rows": rows, "targets": verdicts,
+        "table": table,
+    }, indent=2) + "\n")
+    print(f"written to {output}")
+
+
+def targets(rows: list[dict], device: torch.device) -> list[dict]:
+    """The issue's targets that this run's rows can judge, each with what was measured."""
+    def best(precision: str, processes: int) -> dict | None:
+        candidates = [r for r in rows if r["run"] == "ours" and r["precision"] == precision
+                      and r["processes"] == processes]
+        return max(candidates, key=lambda r: r["images_per_s"], default=None)
+
+    def name(r: dict) -> str:
+        return f"{r['precision']}, {r['processes']} process(es), compile {'on' if r['compile'] else 'off'}"
+
+    verdicts = []
+    if (r := best("fp32", 1)) and r["fraction_of_ceiling"] is not None:
+        verdicts.append({"target": "fp32 at 80% of the fp32 matrix-product ceiling or more",
+                         "measured": f"{100 * r['fraction_of_ceiling']:.0f}%, {name(r)}",
+                         "met": r["fraction_of_ceiling"] >= 0.8})
+    if r := best("bf16", 1):
+        verdicts.append({"target": "bf16 at 4× the baseline's fp32 images/s or more",
+                         "measured": f"{r['vs_baseline_fp32']:.2f}×, {name(r)}", "met": r["vs_baseline_fp32"] >= 4})
+    for one in (r for r in rows if r["run"] == "ours" and r["processes"] == 1):
+        two = [r for r in rows if r["run"] == "ours" and r["processes"] == 2 and r["precision"] == one["precision"]
+               and r["compile"] == one["compile"]]
+        if two and device.type == "cpu":
+            ratio = two[0]["images_per_s"] / one["images_per_s"]
+            verdicts.append({"target": "2 processes at 90% of 1 process's images/s or more",
+                             "measured": f"{100 * ratio:.0f}%, {name(two[0])}", "met": ratio >= 0.9})
+    if device.type == "cuda" and (r := best("bf16", 1)):
+        verdicts.append({"target": "200,000 images/s or more on one GPU",
+                         "measured": f"{r['images_per_s']:,.0f}, {name(r)}", "met": r["images_per_s"] >= 200_000})
+        verdicts.append({"target": "40% of the bf16 matrix-product rate or more (at a batch that fills the GPU)",
+                         "measured": f"{100 * r['fraction_of_ceiling']:.0f}%, {name(r)}",
+                         "met": r["fraction_of_ceiling"] >= 0.4})
+    return verdicts
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = ["| run | precision | processes | compile | images/s | step ms | GFLOP/s | of ceiling | × baseline |",
+             "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        processes = "" if r["processes"] is None else str(r["processes"])
+        compile = "" if r["compile"] is None else ("on" if r["compile"] else "off")
+        fraction = "" if r["fraction_of_ceiling"] is None else f"{100 * r['fraction_of_ceiling']:.0f}%"
+        lines.append(f"| {r['run']} | {r['precision']} | {processes} | {compile} | {r['images_per_s']:,.0f} | "
+                     f"{r['step_time_ms']:.1f} | {r['gflop_per_s']:.1f} | {fraction} | "
+                     f"{r['vs_baseline_fp32']:.2f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
