@@ -24,7 +24,8 @@ def grid_image(pixels: Tensor, nrow: int = 8) -> Image.Image:
     side = digits.shape[-1]
     grid = digits.reshape(rows, nrow, side, side).permute(0, 2, 1, 3).reshape(rows * side, nrow * side)
     grid = F.pad(grid, (0, PADDING, 0, PADDING))
-    return Image.fromarray(grid.mul(255).round().to(torch.uint8).numpy(), mode="L")
+    # + 0.5 then truncation, as torchvision's save_image rounds (round() would send halves to even)
+    return Image.fromarray(grid.mul(255).add(0.5).clamp(0, 255).to(torch.uint8).numpy(), mode="L")
 
 
 def save_grid(pixels: Tensor, path: Path, nrow: int = 8) -> None:
