@@ -264,8 +264,9 @@ def train(config: TrainConfig, accelerator: Accelerator, console: Console | None
     console.start_progress(last_step, step, epochs=-(-last_step // steps_per_epoch))
     while step < last_step:
         for batch in shards.batches(epoch, images_seen):
+            lr = learning_rate(config, step, last_step)
             for name, optimizer in named_optimizers.items():
-                optimizer.param_groups[0]["lr"] = learning_rate(config, step, last_step) * config.network_lr_scale(name)
+                optimizer.param_groups[0]["lr"] = lr * config.network_lr_scale(name)
             result = train_step(networks, plain_optimizers, images_to_pixels(batch), config, accelerator.scaler)
             step, images_seen = step + 1, images_seen + shards.global_batch
             if config.ema_decay and result.stepped:
