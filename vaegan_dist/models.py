@@ -21,11 +21,29 @@ from vaegan_dist.config import TrainConfig
 IMAGE_PIXELS = 28 * 28
 
 
+class Dropout(nn.Dropout):
+    """nn.Dropout with a cheaper mask on the CPU; GPUs keep PyTorch's fused kernel.
+
+    On the CPU, nn.Dropout's bernoulli_ costs ~9 ns an element: the slowest elementwise work of a step (11% of
+    it). Here each element takes 32 bits of int64 words drawn from the same generator, two elements a word
+    (~3 ns), and is kept when they lie at or above p·2³², so with probability 1 − p to within 2⁻³³; what is
+    kept is scaled by 1 / (1 − p), as before.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0 or x.device.type != "cpu":
+            return super().forward(x)
+        words = torch.empty((x.numel() + 1) // 2, dtype=torch.int64).random_(-(2**63), None)  # all 64 bits
+        bits = words.view(torch.int32)[: x.numel()].view(x.shape)  # uniform over [-2³¹, 2³¹)
+        keep = bits >= round(self.p * 2**32) - 2**31
+        return x * keep.to(x.dtype).mul_(1 / (1 - self.p))
+
+
 def mlp(widths: list[int], dropout: float) -> nn.Sequential:
     """Dropout → Linear → LeakyReLU(0.2) for each consecutive pair of widths."""
     layers: list[nn.Module] = []
     for fan_in, fan_out in itertools.pairwise(widths):
-        layers += [nn.Dropout(dropout), nn.Linear(fan_in, fan_out), nn.LeakyReLU(0.2)]
+        layers += [Dropout(dropout), nn.Linear(fan_in, fan_out), nn.LeakyReLU(0.2)]
     return nn.Sequential(*layers)
 
 
@@ -33,7 +51,7 @@ class Encoder(nn.Module):
     def __init__(self, hidden_dim: int, depth: int, latent_dim: int, dropout: float) -> None:
         super().__init__()
         self.body = mlp([IMAGE_PIXELS] + [hidden_dim] * depth, dropout)
-        self.head_dropout = nn.Dropout(dropout)
+        self.head_dropout = Dropout(dropout)
         self.mu = nn.Linear(hidden_dim, latent_dim)
         self.logvar = nn.Linear(hidden_dim, latent_dim)
 
@@ -47,7 +65,7 @@ class Decoder(nn.Module):
     def __init__(self, hidden_dim: int, depth: int, latent_dim: int, dropout: float) -> None:
         super().__init__()
         self.body = mlp([latent_dim] + [hidden_dim] * depth, dropout)
-        self.out = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden_dim, IMAGE_PIXELS), nn.Tanh())
+        self.out = nn.Sequential(Dropout(dropout), nn.Linear(hidden_dim, IMAGE_PIXELS), nn.Tanh())
 
     def forward(self, z: Tensor) -> Tensor:
         """Images of shape (B, 784) in [-1, 1]."""
@@ -59,7 +77,7 @@ class Discriminator(nn.Module):
                  spectral_norm: bool = False) -> None:
         super().__init__()
         self.body = mlp([IMAGE_PIXELS] + [hidden_dim >> i for i in range(depth)], dropout)
-        self.out = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden_dim >> (depth - 1), 1))
+        self.out = nn.Sequential(Dropout(dropout), nn.Linear(hidden_dim >> (depth - 1), 1))
         self.similarity_kind = similarity
         if spectral_norm:
             # Each weight divided by its largest singular value (one power iteration per training forward):
