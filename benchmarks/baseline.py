@@ -4,7 +4,9 @@ torchvision's MNIST with ToTensor and a DataLoader (batch 128, shuffled), five d
 (x, and the detached x̃ and x_p for the discriminator's loss; x̃ and x_p again for the decoder's and the
 encoder's), each network's gradient from its own loss alone by torch.autograd.grad (as tests/test_step.py's
 reference does), and three default Adams. The networks are the package's, so both loops multiply the same
-matrices. Prints one JSON object: the images/s of each timed window.
+matrices, with torch's nn.Dropout in place of the package's cheaper CPU dropout, as a user's networks have; and
+none of the package's CPU process settings (vaegan_dist/cpu.py). Prints one JSON object: the images/s of each
+timed window.
 
     python benchmarks/baseline.py --steps 60 --window 10
 """
@@ -19,13 +21,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 from torchvision.datasets.utils import extract_archive
 
 from vaegan_dist.config import TrainConfig
 from vaegan_dist.data import BUNDLED_DIR
-from vaegan_dist.models import build_models
+from vaegan_dist.models import Dropout, build_models
 
 
 def bundled_mnist(root: Path) -> datasets.MNIST:
@@ -35,6 +38,15 @@ def bundled_mnist(root: Path) -> datasets.MNIST:
     for archive in BUNDLED_DIR.glob("*.gz"):
         extract_archive(str(archive), str(raw))
     return datasets.MNIST(str(root), train=True, download=False, transform=transforms.ToTensor())
+
+
+def with_torch_dropout(net: nn.Module) -> nn.Module:
+    """net with each of the package's dropout layers replaced by torch's own, of the same p."""
+    for module in list(net.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, Dropout):
+                setattr(module, name, nn.Dropout(child.p))
+    return net
 
 
 def bce(logits: torch.Tensor, target: float) -> torch.Tensor:
@@ -56,7 +68,7 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     torch.manual_seed(0)
-    encoder, decoder, discriminator = (net.to(device) for net in build_models(config))
+    encoder, decoder, discriminator = (with_torch_dropout(net).to(device) for net in build_models(config))
     networks = (encoder, decoder, discriminator)
     optimizers = [torch.optim.Adam(net.parameters(), lr=config.lr, betas=(config.adam_beta1, config.adam_beta2))
                   for net in networks]

@@ -1,5 +1,5 @@
-"""The benchmark counts the FLOPs that the step runs and runs end to end; fused Adam is Adam; compiled networks
-train; the heap keeps freed memory."""
+"""The benchmark counts the FLOPs that the step runs and runs end to end, beside a baseline with torch's own
+layers; fused Adam is Adam; compiled networks train; the CPU settings hold on every thread."""
 
 from __future__ import annotations
 
@@ -11,12 +11,13 @@ import sys
 import pytest
 import torch
 
+from benchmarks.baseline import with_torch_dropout
 from benchmarks.bench import executed_flops, step_products
 from tests.conftest import REPO, tiny_config, tiny_flags
 from vaegan_dist.checkpoint import EMA_FILE, Checkpoint, checkpoints_dir, newest_complete
 from vaegan_dist.config import TrainConfig
 from vaegan_dist.cpu import keep_freed_memory
-from vaegan_dist.models import build_models
+from vaegan_dist.models import Dropout, build_models
 from vaegan_dist.step import adam_optimizers
 
 
@@ -29,6 +30,15 @@ def test_step_multiplies_exactly_the_matrices_counted_from_the_layer_shapes(pres
     # Dis_l: the encoder's loss passes back through the discriminator's logit layer only when it is the logit.
     logit_input_grads = [p for p in products if p.kind == "input_grad" and p.k == 1]  # fan_out 1: the logit's
     assert len(logit_input_grads) == (3 if config.similarity == "logit" else 2)
+
+
+def test_the_baseline_has_the_same_networks_with_torch_dropout():
+    config = tiny_config(dropout=0.2)
+    for ours, baseline in zip(build_models(config), map(with_torch_dropout, build_models(config)), strict=True):
+        assert [type(m).__name__ for m in baseline.modules()] == [type(m).__name__ for m in ours.modules()]
+        dropouts = [m for m in baseline.modules() if isinstance(m, torch.nn.Dropout)]
+        assert dropouts and all(type(m) is torch.nn.Dropout and m.p == 0.2 for m in dropouts)
+        assert not any(isinstance(m, Dropout) for m in baseline.modules())
 
 
 def test_fused_adam_steps_as_adam_does():
@@ -51,6 +61,16 @@ def test_fused_adam_steps_as_adam_does():
     stepped = [p.detach() for net in fused_nets for p in net.parameters()]
     torch.testing.assert_close(stepped, [p.detach() for net in plain_nets for p in net.parameters()])
     assert all(not torch.equal(a, b) for a, b in zip(stepped, initial, strict=True))
+
+
+def test_cpu_setup_flushes_denormals_on_every_thread_of_the_pool():
+    # In a fresh process, as train.py runs it: 2²² elements are split over both threads.
+    code = ("import torch; from vaegan_dist.cpu import configure_cpu; configure_cpu(2); "
+            "tiny = torch.full((1 << 22,), 1e-39); "
+            "print(torch.get_num_threads(), torch.count_nonzero(tiny * 1.0).item())")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["2", "0"]
 
 
 def test_heap_keeps_freed_memory_on_glibc():

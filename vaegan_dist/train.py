@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ from vaegan_dist.checkpoint import (
 )
 from vaegan_dist.config import EXIT_BAD_INPUT, ConfigError, TrainConfig, parse_args
 from vaegan_dist.console import Console, describe_processes
-from vaegan_dist.cpu import keep_freed_memory
+from vaegan_dist.cpu import configure_cpu
 from vaegan_dist.data import DataError, ShardedBatches, load_mnist
 from vaegan_dist.evaluation import Reference, evaluate_distributed, evaluation_line
 from vaegan_dist.losses import LossTerms
@@ -131,15 +130,11 @@ def steps_to_run(config: TrainConfig, shards: ShardedBatches, position: Position
     return max(left, 0)
 
 
-def configure_cpu_threads(config: TrainConfig) -> None:
-    """On the CPU, give each process its share of the cores unless --cpu-threads says otherwise."""
-    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    torch.set_num_threads(config.cpu_threads or max(1, len(os.sched_getaffinity(0)) // local_processes))
-
-
 def train(config: TrainConfig, accelerator: Accelerator, console: Console | None = None) -> int:
     """Trains to the run's end (returns 0), a stop signal (saves, returns EXIT_PREEMPTED) or divergence
     (saves, returns EXIT_DIVERGED). `console` shows the run (by default, a new one for this process)."""
+    if accelerator.device.type == "cpu":
+        configure_cpu(config.cpu_threads)
     console = console or Console(accelerator.is_main_process, accelerator.process_index)
     output_dir = Path(config.output_dir)
     resume_from = resolve_resume(config.resume, output_dir, console.warn)
@@ -159,9 +154,6 @@ def train(config: TrainConfig, accelerator: Accelerator, console: Console | None
                           "--output-dir") from None
     if config.mixed_precision == "fp16" and accelerator.scaler is None:
         console.warn("fp16 needs a GPU; Accelerate runs fp32 here. Use --mixed-precision bf16.")
-    if accelerator.device.type == "cpu":
-        configure_cpu_threads(config)
-        keep_freed_memory()
 
     set_seed(config.seed)  # the same initial weights on every process (DDP broadcasts rank 0's as well)
     networks = build_models(config)
