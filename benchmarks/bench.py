@@ -44,8 +44,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from vaegan_dist.config import TrainConfig  # noqa: E402
-from vaegan_dist.models import build_models  # noqa: E402
-from vaegan_dist.step import NETWORKS, routed_gradients  # noqa: E402
+from vaegan_dist.models import Networks, build_models  # noqa: E402
+from vaegan_dist.step import routed_gradients  # noqa: E402
 
 PRECISIONS = {"fp32": ("no", torch.float32), "bf16": ("bf16", torch.bfloat16)}
 # Our step runs each network once, on its batches concatenated: the encoder on x, the decoder on [z; z_p], the
@@ -74,7 +74,7 @@ class MatrixProduct:
 def step_products(config: TrainConfig, batch: int) -> list[MatrixProduct]:
     """Every matrix product of our step, from the layer shapes."""
     products = []
-    for name, net in zip(NETWORKS, build_models(config), strict=True):
+    for name, net in zip(Networks._fields, build_models(config), strict=True):
         rows = FORWARD_BATCHES[name] * batch
         linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
         for index, layer in enumerate(linears):

@@ -16,6 +16,7 @@ from vaegan_dist.checkpoint import (
     Checkpoint,
     CheckpointError,
     Position,
+    TrainState,
     checkpoints_dir,
     config_changes,
     load_optimizer_tensors,
@@ -24,8 +25,9 @@ from vaegan_dist.checkpoint import (
     save_checkpoint,
     verify,
 )
-from vaegan_dist.models import build_models
-from vaegan_dist.step import NETWORKS, routed_gradients
+from vaegan_dist.models import Networks, build_models
+from vaegan_dist.step import routed_gradients
+from vaegan_dist.training_log import MetricWindow
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +43,7 @@ def trained(config, seed=0):
     routed_gradients(*networks, *make_inputs(config, dtype=torch.float32), config)
     for optimizer in optimizers:
         optimizer.step()
-    return dict(zip(NETWORKS, networks, strict=True)), dict(zip(NETWORKS, optimizers, strict=True))
+    return networks, optimizers
 
 
 RNG_STATE = torch.Generator().manual_seed(123).get_state()
@@ -51,8 +53,9 @@ def save(accelerator, tmp_path, step, config=None, networks=None, optimizers=Non
     config = config or tiny_config(output_dir=str(tmp_path))
     if networks is None:
         networks, optimizers = trained(config)
-    return save_checkpoint(accelerator, tmp_path, config, Position(step, 1, 2048), networks, optimizers,
-                           {"seed": 0, "skipped_steps": 0}, {"rng.torch": RNG_STATE})
+    torch.set_rng_state(RNG_STATE)
+    state = TrainState(Position(step, 1, 2048), MetricWindow(torch.device("cpu")))
+    return save_checkpoint(accelerator, tmp_path, config, networks, optimizers, state)
 
 
 def test_round_trip_restores_weights_and_optimizer_state_exactly(accelerator, tmp_path):
@@ -67,13 +70,13 @@ def test_round_trip_restores_weights_and_optimizer_state_exactly(accelerator, tm
     assert checkpoint.state["position"] == {"step": 7, "epoch": 1, "images_seen": 2048}
     assert checkpoint.config == config.to_dict()
     fresh, fresh_optimizers = trained(config, seed=1)
-    for name, module in fresh.items():
-        module.load_state_dict(checkpoint.network(name))
+    checkpoint.load_networks(fresh, None)
     load_optimizer_tensors(fresh_optimizers, checkpoint.optimizers())
-    for name in NETWORKS:
-        for a, b in zip(networks[name].parameters(), fresh[name].parameters(), strict=True):
+    for network, loaded_network, optimizer, loaded_optimizer in zip(networks, fresh, optimizers, fresh_optimizers,
+                                                                     strict=True):
+        for a, b in zip(network.parameters(), loaded_network.parameters(), strict=True):
             assert torch.equal(a, b)
-        saved, loaded = optimizers[name].state_dict(), fresh_optimizers[name].state_dict()
+        saved, loaded = optimizer.state_dict(), loaded_optimizer.state_dict()
         assert saved["state"].keys() == loaded["state"].keys()
         for index, state in saved["state"].items():
             for key, value in state.items():
@@ -85,7 +88,7 @@ def test_loading_keeps_the_new_learning_rate(accelerator, tmp_path):
     path = save(accelerator, tmp_path, 1)
     _, optimizers = trained(tiny_config(lr=1e-3))
     load_optimizer_tensors(optimizers, Checkpoint(path).optimizers())
-    assert all(opt.param_groups[0]["lr"] == 1e-3 for opt in optimizers.values())
+    assert all(opt.param_groups[0]["lr"] == 1e-3 for opt in optimizers)
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "no_marker", "delete"])
@@ -177,7 +180,7 @@ def test_loading_never_unpickles(accelerator, tmp_path, monkeypatch):
     for module, name in ((pickle, "load"), (pickle, "loads"), (pickle, "Unpickler"), (torch, "load")):
         monkeypatch.setattr(module, name, forbidden)
     checkpoint = Checkpoint(resolve_resume("auto", tmp_path, print))
-    for name in NETWORKS:
+    for name in Networks._fields:
         checkpoint.network(name)
     checkpoint.optimizers()
     checkpoint.rank_tensors(0)

@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 from tests.conftest import REPO, launch, tiny_config, tiny_flags
 from tests.test_step import adam_for, make_inputs
 from vaegan_dist.losses import LossTerms
-from vaegan_dist.models import build_models
-from vaegan_dist.step import NETWORKS, routed_gradients
+from vaegan_dist.models import Networks, build_models
+from vaegan_dist.step import routed_gradients
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def ddp_ranks(tmp_path_factory):
 def initial_weights(config):
     """The weights the script's networks start from (it seeds with 0), keyed like its files."""
     torch.manual_seed(0)
-    return {f"{name}.{i}": p.detach() for name, net in zip(NETWORKS, build_models(config), strict=True)
+    return {f"{name}.{i}": p.detach() for name, net in zip(Networks._fields, build_models(config), strict=True)
             for i, p in enumerate(net.parameters())}
 
 
@@ -43,7 +43,7 @@ def test_two_half_batches_average_to_one_whole_batch(ddp_ranks):
     for optimizer in optimizers:
         optimizer.step()
     for rank in ddp_ranks:
-        for name, net in zip(NETWORKS, networks, strict=True):
+        for name, net in zip(Networks._fields, networks, strict=True):
             for i, (g, p) in enumerate(zip(grads[name], net.parameters(), strict=True)):
                 torch.testing.assert_close(rank[f"grad.{name}.{i}"], g, rtol=1e-4, atol=1e-7)
                 torch.testing.assert_close(rank[f"step1.{name}.{i}"], p.detach(), rtol=1e-5, atol=1e-6)

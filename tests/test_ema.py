@@ -9,8 +9,7 @@ from tests.conftest import launch, tiny_config, tiny_flags
 from vaegan_dist.checkpoint import EMA_FILE, Checkpoint, checkpoints_dir, newest_complete
 from vaegan_dist.export import load_networks
 from vaegan_dist.export import main as export_main
-from vaegan_dist.models import averaged_decoder, build_models, update_average
-from vaegan_dist.step import NETWORKS
+from vaegan_dist.models import Networks, averaged_decoder, build_models, update_average
 
 
 def test_update_is_a_lerp_with_a_warm_up_and_making_the_average_draws_no_randomness():
@@ -44,7 +43,7 @@ def test_training_is_the_same_with_or_without_the_average_and_readers_choose_it(
     averaged = run(tmp_path / "averaged", ema_decay=0.9)
 
     assert not plain.has_network(EMA_FILE)
-    for name in NETWORKS:  # the average is an observer: the trained weights are bit for bit the same
+    for name in Networks._fields:  # the average is an observer: the trained weights are bit for bit the same
         for key, value in plain.network(name).items():
             assert torch.equal(averaged.network(name)[key], value), (name, key)
     ema = averaged.network(EMA_FILE)

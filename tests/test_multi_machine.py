@@ -29,9 +29,8 @@ from tests.slurm_doubles import (
 )
 from vaegan_dist.checkpoint import EMA_FILE, Checkpoint, checkpoints_dir, newest_complete, verify, weights_digest
 from vaegan_dist.config import TrainConfig
-from vaegan_dist.models import averaged_decoder, build_models
-from vaegan_dist.step import NETWORKS
-from vaegan_dist.train import EXIT_PREEMPTED
+from vaegan_dist.exits import Ending
+from vaegan_dist.models import Networks, averaged_decoder, build_models
 
 TIMEOUT = 240
 
@@ -71,7 +70,7 @@ def final_checkpoint(output_dir) -> Checkpoint:
 def assert_replicas_hold_the_saved_weights(checkpoint: Checkpoint) -> None:
     """Every process's weight digest (recorded at the save) is the digest of the weights in the files."""
     config = TrainConfig.from_dict(checkpoint.config)
-    networks = dict(zip(NETWORKS, build_models(config), strict=True))
+    networks = dict(zip(Networks._fields, build_models(config), strict=True))
     if checkpoint.has_network(EMA_FILE):  # the decoder's moving average is part of the digest too
         networks[EMA_FILE] = averaged_decoder(config, networks["decoder"])
     for name, module in networks.items():
@@ -112,7 +111,7 @@ def test_sigusr1_to_the_job_step_saves_requeues_and_the_requeued_job_resumes(tmp
     wait_for_training(job, job_dir(tmp_path))
     signal_job_step(env, signal.SIGUSR1)  # SLURM, 300 s before the time limit
     code, output = finish(job, TIMEOUT)
-    assert "stopped by SIGUSR1" in output and f"exitcode  : {EXIT_PREEMPTED}" in output, output[-6000:]
+    assert "stopped by SIGUSR1" in output and f"exitcode  : {Ending.PREEMPTED}" in output, output[-6000:]
     # Each node's agent outlived the signal and reported its process's exit 75 as 1; killed by SIGUSR1 it would
     # have ended at once with 138, before the checkpoint.
     assert code == 1 and task_exits(env, nodes=2) == [[1], [1]], output[-6000:]

@@ -11,7 +11,7 @@ import time
 from tests.conftest import REPO, launch, tiny_flags
 from tests.test_resume import final_checkpoint, wait_for
 from vaegan_dist.checkpoint import checkpoints_dir, newest_complete
-from vaegan_dist.train import EXIT_PREEMPTED
+from vaegan_dist.exits import Ending
 
 
 def test_sigusr1_saves_exits_75_and_requeues_the_slurm_job(tmp_path):
@@ -35,7 +35,7 @@ def test_sigusr1_saves_exits_75_and_requeues_the_slurm_job(tmp_path):
             output, _ = run.communicate(timeout=120)
         finally:
             run.kill()
-    assert run.returncode == EXIT_PREEMPTED, output[-3000:]
+    assert run.returncode == Ending.PREEMPTED, output[-3000:]
     assert "stopped by SIGUSR1" in output and "requeued SLURM job 4242" in output
     assert calls.read_text() == "requeue 4242\n"
     assert final_checkpoint(out).state["position"]["step"] > 0

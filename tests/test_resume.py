@@ -17,14 +17,14 @@ import torch
 
 from tests.conftest import REPO, launch, launch_command, tiny_flags
 from vaegan_dist.checkpoint import EMA_FILE, Checkpoint, checkpoints_dir, newest_complete, verify
+from vaegan_dist.exits import Ending
 from vaegan_dist.losses import LossTerms
-from vaegan_dist.step import NETWORKS
-from vaegan_dist.train import EXIT_PREEMPTED
+from vaegan_dist.models import Networks
 
 # A global batch of 4096 makes an epoch 14 steps: a stop at step 10 falls mid-epoch, and 20 steps cross an epoch.
 # The decoder's moving average and spectral norm's power-iteration vectors are kept, so they resume exactly too.
 FLAGS = dict(global_batch_size=4096, log_every=5, ema_decay=0.9, spectral_norm=True)
-LOSS_KEYS = [*LossTerms.names(), *(f"grad_norm_{n}" for n in NETWORKS), "skipped_steps"]
+LOSS_KEYS = [*LossTerms.names(), *(f"grad_norm_{n}" for n in Networks._fields), "skipped_steps"]
 
 
 def train(output_dir, processes, max_steps, **flags):
@@ -41,7 +41,8 @@ def final_checkpoint(output_dir):
 
 def weights(output_dir):
     checkpoint = final_checkpoint(output_dir)
-    return {f"{name}.{key}": value for name in (*NETWORKS, EMA_FILE) for key, value in checkpoint.network(name).items()}
+    return {f"{name}.{key}": value for name in (*Networks._fields, EMA_FILE)
+            for key, value in checkpoint.network(name).items()}
 
 
 def losses_after(output_dir, step):
@@ -131,7 +132,7 @@ def test_sigterm_to_one_process_saves_and_the_resumed_run_matches_an_unbroken_on
         finally:
             os.killpg(launcher.pid, signal.SIGKILL) if launcher.poll() is None else None
     assert launcher.returncode != 0, output[-3000:]  # accelerate reports the workers' exit code 75 as a failure
-    assert "stopped by SIGTERM" in output and f"exitcode  : {EXIT_PREEMPTED}" in output, output[-3000:]
+    assert "stopped by SIGTERM" in output and f"exitcode  : {Ending.PREEMPTED}" in output, output[-3000:]
     stopped_at = final_checkpoint(preempted).state["position"]["step"]
     assert 5 * stop_at <= stopped_at < 20
 
@@ -168,7 +169,7 @@ def test_sigkill_at_random_moments_during_saves_never_loses_a_complete_checkpoin
         newest = newest_complete(root, report=lambda line: None)
         assert newest is not None and verify(newest) is None
         checkpoint = Checkpoint(newest)
-        assert [checkpoint.network(name) for name in NETWORKS] and checkpoint.optimizers()
+        assert [checkpoint.network(name) for name in Networks._fields] and checkpoint.optimizers()
         assert checkpoint.state["position"]["step"] == int(newest.name.split("_")[1])
     finish = Checkpoint(newest).state["position"]["step"] + 2
     resumed = subprocess.run(command(finish), env=env, cwd=REPO, capture_output=True, text=True, timeout=300)

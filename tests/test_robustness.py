@@ -17,8 +17,10 @@ from vaegan_dist import data
 from vaegan_dist.checkpoint import CheckpointError, checkpoints_dir
 from vaegan_dist.config import ConfigError
 from vaegan_dist.data import DataError
-from vaegan_dist.step import NETWORKS
-from vaegan_dist.train import EXIT_DIVERGED, discriminator_collapsed, train
+from vaegan_dist.exits import Ending
+from vaegan_dist.models import Networks
+from vaegan_dist.train import train
+from vaegan_dist.training_log import discriminator_collapsed
 
 
 @pytest.fixture(scope="module")
@@ -88,11 +90,11 @@ def test_on_save_error_continue_warns_and_keeps_training(accelerator, tmp_path, 
 
 
 def test_a_diverging_run_stops_with_a_checkpoint_of_finite_weights(accelerator, tmp_path, capsys):
-    assert run(accelerator, tmp_path, lr=1e30, max_consecutive_skips=3, log_every=1) == EXIT_DIVERGED
+    assert run(accelerator, tmp_path, lr=1e30, max_consecutive_skips=3, log_every=1) == Ending.DIVERGED
     assert "error: the run diverged: 3 steps in a row" in capsys.readouterr().err
     checkpoint = final_checkpoint(tmp_path)
     assert checkpoint.state["skipped_steps"] >= 3
-    for name in NETWORKS:
+    for name in Networks._fields:
         assert all(torch.isfinite(t).all() for t in checkpoint.network(name).values())
 
 

@@ -11,7 +11,8 @@ from vaegan_dist.data import load_mnist
 from vaegan_dist.evaluation import prior_samples
 from vaegan_dist.export import load_networks
 from vaegan_dist.models import images_to_pixels
-from vaegan_dist.sample import main, to_uint8
+from vaegan_dist.pictures import to_uint8
+from vaegan_dist.sample import main
 
 
 def run(exported, out, *flags):

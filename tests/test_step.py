@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from tests.conftest import launch, tiny_config, tiny_flags
-from vaegan_dist.models import build_models
-from vaegan_dist.step import NETWORKS, learning_rate, routed_gradients, train_step
+from vaegan_dist.models import Networks, build_models
+from vaegan_dist.step import learning_rate, routed_gradients, train_step
 
 BATCH = 12
 
@@ -74,8 +74,8 @@ def test_routed_gradients_match_independent_formulation(similarity, generator_lo
     routed = routed_gradients(*networks, x, eps, z_p, config)
     expected = reference_gradients(*networks, x, eps, z_p, config)
 
-    assert set(routed) == set(NETWORKS)
-    for name, net in zip(NETWORKS, networks, strict=True):
+    assert set(routed) == set(Networks._fields)
+    for name, net in zip(Networks._fields, networks, strict=True):
         assert len(routed[name]) == len(list(net.parameters()))
         for got, want in zip(routed[name], expected[name], strict=True):
             torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
@@ -106,15 +106,15 @@ def test_routed_gradients_are_left_in_grad_and_replace_old_ones():
     for p in networks[2].parameters():
         p.grad = torch.full_like(p, 1e6)  # stale gradients must not leak into the result
     routed = routed_gradients(*networks, *make_inputs(config), config)
-    for name, net in zip(NETWORKS, networks, strict=True):
+    for name, net in zip(Networks._fields, networks, strict=True):
         for p, g in zip(net.parameters(), routed[name], strict=True):
             assert p.grad is g
     assert all(g.abs().max() < 1e5 for g in routed["discriminator"])
 
 
 def adam_for(networks, config):
-    return [torch.optim.Adam(net.parameters(), lr=config.lr, betas=(config.adam_beta1, config.adam_beta2))
-            for net in networks]
+    return Networks(*(torch.optim.Adam(net.parameters(), lr=config.lr, betas=(config.adam_beta1, config.adam_beta2))
+                      for net in networks))
 
 
 def state_of(networks):

@@ -40,12 +40,12 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from safetensors.torch import load, load_file, save
 from torch import Tensor, nn
-from torch.optim import Optimizer
 
 from vaegan_dist.config import TrainConfig
+from vaegan_dist.models import Networks
+from vaegan_dist.training_log import MetricWindow
 
-NETWORK_FILES = ("encoder", "decoder", "discriminator")
-EMA_FILE = "decoder_ema"
+EMA_FILE = "decoder_ema"  # the decoder's moving average, in runs that keep one (--ema-decay)
 MARKER = "COMPLETE"
 LATEST = "latest"
 NAME_PATTERN = re.compile(r"^step_(\d+)$")
@@ -68,6 +68,47 @@ class Position:
     step: int = 0
     epoch: int = 0
     images_seen: int = 0
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint carries besides the weights and the optimizers' moments: where training stands, what it
+    has logged so far, and this process's random streams (restored on resume only, never read while training).
+
+    Written as the `state.json` keys position, skipped_steps, wandb_run_id and scaler, and per process as
+    rank_<r>.safetensors (the RNG states and the open metrics window).
+    """
+
+    position: Position
+    window: MetricWindow
+    skipped_steps: int = 0
+    wandb_run_id: str | None = None
+
+    def to_checkpoint(self, scaler: torch.amp.GradScaler | None) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        """(the state.json entries, this process's tensors)."""
+        state = {"position": dataclasses.asdict(self.position), "skipped_steps": self.skipped_steps,
+                 "wandb_run_id": self.wandb_run_id, "scaler": scaler.state_dict() if scaler is not None else None}
+        rng = {"rng.torch": torch.get_rng_state()}
+        if self.window.terms.device.type == "cuda":
+            rng["rng.cuda"] = torch.cuda.get_rng_state(self.window.terms.device)
+        return state, {**rng, **self.window.to_tensors()}
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: Checkpoint, scaler: torch.amp.GradScaler | None, window: MetricWindow,
+                        rank: int | None) -> TrainState:
+        """The checkpoint's state, with its scaler's state loaded into `scaler`. With `rank`, that process's RNG
+        states become the global generators' and its open window is loaded into `window`; without (a resume on
+        another number of processes), both stay as they are."""
+        state = checkpoint.state
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        if rank is not None:
+            tensors = checkpoint.rank_tensors(rank)
+            torch.set_rng_state(tensors["rng.torch"])
+            if window.terms.device.type == "cuda":
+                torch.cuda.set_rng_state(tensors["rng.cuda"], window.terms.device)
+            window.load_tensors(tensors)
+        return cls(Position(**state["position"]), window, state["skipped_steps"], state.get("wandb_run_id"))
 
 
 def checkpoint_name(step: int) -> str:
@@ -107,6 +148,11 @@ def _cpu_state(module: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
 
 
+def named_modules(networks: Networks, decoder_ema: nn.Module | None) -> dict[str, nn.Module]:
+    """The modules a checkpoint holds, by file name."""
+    return {**networks._asdict(), **({EMA_FILE: decoder_ema} if decoder_ema is not None else {})}
+
+
 def weights_digest(networks: Mapping[str, nn.Module]) -> str:
     """SHA-256 over every weight of the networks: equal on all processes iff their replicas are identical."""
     digest = hashlib.sha256()
@@ -117,19 +163,19 @@ def weights_digest(networks: Mapping[str, nn.Module]) -> str:
     return digest.hexdigest()
 
 
-def optimizer_tensors(optimizers: Mapping[str, Optimizer]) -> dict[str, Tensor]:
+def optimizer_tensors(optimizers: Networks) -> dict[str, Tensor]:
     """The per-parameter state of each optimizer as flat tensors, keyed "<network>.<param index>.<name>"."""
     flat = {}
-    for network, optimizer in optimizers.items():
+    for network, optimizer in optimizers._asdict().items():
         for index, state in optimizer.state_dict()["state"].items():
             for name, value in state.items():
                 flat[f"{network}.{index}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
     return flat
 
 
-def load_optimizer_tensors(optimizers: Mapping[str, Optimizer], flat: Mapping[str, Tensor]) -> None:
+def load_optimizer_tensors(optimizers: Networks, flat: Mapping[str, Tensor]) -> None:
     """Restores optimizer_tensors' output. Hyper-parameters (lr, betas) stay as the optimizers have them now."""
-    for network, optimizer in optimizers.items():
+    for network, optimizer in optimizers._asdict().items():
         state: dict[int, dict[str, Tensor]] = {}
         for key, value in flat.items():
             owner, index, name = key.split(".")
@@ -158,21 +204,21 @@ def save_checkpoint(
     accelerator: Accelerator,
     output_dir: str | Path,
     config: TrainConfig,
-    position: Position,
-    networks: Mapping[str, nn.Module],
-    optimizers: Mapping[str, Optimizer],
-    state: dict[str, Any],
-    rank_tensors: dict[str, Tensor],
+    networks: Networks,
+    optimizers: Networks,
+    state: TrainState,
+    decoder_ema: nn.Module | None = None,
 ) -> Path:
-    """Writes checkpoint step_<position.step> on every process together; returns its directory.
+    """Writes checkpoint step_<state.position.step> on every process together; returns its directory.
 
-    networks: the unwrapped modules by name (NETWORK_FILES, and EMA_FILE when the run keeps one); state: the
-    rest of the run's state, JSON-able; rank_tensors: this process's own tensors (RNG states, metric sums).
-    Raises CheckpointError on all processes if any of them fails, leaving the previous checkpoints and `latest`
-    untouched.
+    networks: the unwrapped modules; optimizers: the plain torch optimizers. Raises CheckpointError on all
+    processes if any of them fails, leaving the previous checkpoints and `latest` untouched.
     """
     root = checkpoints_dir(output_dir)
+    position = state.position
     name = checkpoint_name(position.step)
+    modules = named_modules(networks, decoder_ema)
+    state_entries, rank_tensors = state.to_checkpoint(accelerator.scaler)
     final, tmp = root / name, root / f".tmp-{name}"
     main, rank = accelerator.is_main_process, accelerator.process_index
 
@@ -183,8 +229,8 @@ def save_checkpoint(
             tmp.mkdir(parents=True)
 
     _agree(accelerator, _attempt(prepare_dir), f"creating checkpoint {tmp}")
-    digests = gather_object([weights_digest(networks)]) if accelerator.num_processes > 1 else [
-        weights_digest(networks)]
+    digests = gather_object([weights_digest(modules)]) if accelerator.num_processes > 1 else [
+        weights_digest(modules)]
     if len(set(digests)) != 1:
         raise CheckpointError(f"the processes hold different weights at step {position.step} (digests "
                               f"{digests}): the replicas diverged; resume from the previous checkpoint")
@@ -192,33 +238,34 @@ def save_checkpoint(
     def write_files() -> None:
         _fsync_write(tmp / f"rank_{rank}.safetensors", save(rank_tensors))
         if main:
-            for network, module in networks.items():
-                _fsync_write(tmp / f"{network}.safetensors", save(_cpu_state(module)))
+            for file, module in modules.items():
+                _fsync_write(tmp / f"{file}.safetensors", save(_cpu_state(module)))
             _fsync_write(tmp / "optimizers.safetensors", save(optimizer_tensors(optimizers)))
-            full_state = {"position": dataclasses.asdict(position), **state,
-                          "world_size": accelerator.num_processes, "replica_digests": digests}
+            full_state = {**state_entries, "world_size": accelerator.num_processes, "replica_digests": digests}
             _fsync_write(tmp / "state.json", (json.dumps(full_state, indent=2) + "\n").encode())
             _fsync_write(tmp / "config.json", (json.dumps(config.to_dict(), indent=2) + "\n").encode())
 
     _agree(accelerator, _attempt(write_files), f"writing checkpoint {tmp}")
 
-    def publish() -> None:
-        if not main:
-            return
-        hashes = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
-        _fsync_write(tmp / MARKER, (json.dumps({"sha256": hashes}, indent=2) + "\n").encode())
-        _fsync_dir(tmp)
-        if final.exists():  # a checkpoint of the same step from an earlier, interrupted attempt
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-        _fsync_write(root / f"{LATEST}.tmp", f"{name}\n".encode())
-        os.replace(root / f"{LATEST}.tmp", root / LATEST)
-        _fsync_dir(root)
-        prune(root, config.keep_last, config.keep_every)
-
-    _agree(accelerator, _attempt(publish), f"publishing checkpoint {final}")
+    _agree(accelerator, _attempt(lambda: _publish(tmp, final, config) if main else None),
+           f"publishing checkpoint {final}")
     return final
+
+
+def _publish(tmp: Path, final: Path, config: TrainConfig) -> None:
+    """Seals the written checkpoint (its COMPLETE marker), moves it into place and `latest` to it, then prunes."""
+    root = final.parent
+    hashes = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
+    _fsync_write(tmp / MARKER, (json.dumps({"sha256": hashes}, indent=2) + "\n").encode())
+    _fsync_dir(tmp)
+    if final.exists():  # a checkpoint of the same step from an earlier, interrupted attempt
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    _fsync_write(root / f"{LATEST}.tmp", f"{final.name}\n".encode())
+    os.replace(root / f"{LATEST}.tmp", root / LATEST)
+    _fsync_dir(root)
+    prune(root, config.keep_last, config.keep_every)
 
 
 def prune(root: Path, keep_last: int, keep_every: int | None) -> None:
@@ -251,7 +298,7 @@ def verify(path: Path) -> str | None:
         hashes = json.loads(marker.read_text())["sha256"]
     except (OSError, ValueError, KeyError, TypeError):
         return f"its {MARKER} marker is unreadable"
-    required = {f"{n}.safetensors" for n in (*NETWORK_FILES, "optimizers")} | {"state.json", "config.json"}
+    required = {f"{n}.safetensors" for n in (*Networks._fields, "optimizers")} | {"state.json", "config.json"}
     if missing := sorted(required - set(hashes)):
         return f"its {MARKER} marker does not list {', '.join(missing)}"
     for name, expected in hashes.items():
@@ -322,6 +369,14 @@ class Checkpoint:
 
     def has_network(self, name: str) -> bool:
         return (self.path / f"{name}.safetensors").is_file()
+
+    def load_networks(self, networks: Networks, decoder_ema: nn.Module | None) -> None:
+        """Loads the saved weights into the networks, and into decoder_ema when given: the saved average, or
+        the saved decoder where the checkpoint has no average (a run that starts keeping one there)."""
+        for name, module in networks._asdict().items():
+            module.load_state_dict(self.network(name))
+        if decoder_ema is not None:
+            decoder_ema.load_state_dict(self.network(EMA_FILE if self.has_network(EMA_FILE) else "decoder"))
 
     def optimizers(self) -> dict[str, Tensor]:
         return load_file(self.path / "optimizers.safetensors")

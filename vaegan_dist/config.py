@@ -22,7 +22,6 @@ MixedPrecision = Literal["no", "bf16", "fp16"]
 WandbMode = Literal["auto", "online", "offline", "disabled"]
 
 
-EXIT_BAD_INPUT = 2  # the exit status of every command given bad input (settings, data, files)
 MIN_EVAL_SAMPLES = 4  # precision and recall need k + 1 = 4 samples
 
 

@@ -15,6 +15,7 @@ import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -105,9 +106,15 @@ def load_mnist(data_dir: str | Path | None, split: str) -> tuple[Tensor, Tensor]
     return images, labels
 
 
+def derived_seed(seed: int, *keys: int) -> int:
+    """A 64-bit seed for the stream that (seed, *keys) names, e.g. (seed, epoch): numpy's SeedSequence hashes
+    them, so nearby tuples give unrelated streams, the same on every machine and Python version."""
+    return int(np.random.SeedSequence([seed, *keys]).generate_state(1, np.uint64)[0])
+
+
 def epoch_permutation(num_images: int, seed: int, epoch: int) -> Tensor:
     """The order of the training set in one epoch: a function of (seed, epoch) alone."""
-    generator = torch.Generator().manual_seed(hash((seed, epoch)) & 0xFFFF_FFFF_FFFF_FFFF)
+    generator = torch.Generator().manual_seed(derived_seed(seed, epoch))
     return torch.randperm(num_images, generator=generator)
 
 

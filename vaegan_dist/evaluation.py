@@ -20,10 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from functools import cached_property
 from pathlib import Path
-from typing import NoReturn
 
 import torch
 from accelerate import Accelerator
@@ -32,8 +30,9 @@ from rich.table import Table
 from torch import Tensor, nn
 
 from vaegan_dist.classifier import NUM_CLASSES, Classifier, accuracy, embed, load_classifier
-from vaegan_dist.config import EXIT_BAD_INPUT, MIN_EVAL_SAMPLES, TrainConfig
+from vaegan_dist.config import MIN_EVAL_SAMPLES, TrainConfig
 from vaegan_dist.data import DataError, load_mnist
+from vaegan_dist.exits import fail
 from vaegan_dist.export import ExportError, add_weights_flag, load_networks
 from vaegan_dist.metrics import (
     class_histogram,
@@ -209,12 +208,6 @@ def evaluation_line(step: int, scores: dict[str, float]) -> str:
                          for key, _, form in SAMPLE_ROWS)
     return (f"eval step {step:>7} | {figures} | recon mse {scores['recon_mse']:.5f} "
             f"acc {scores['recon_accuracy']:.2%} | (real-data floor in brackets)")
-
-
-def fail(message: str) -> NoReturn:
-    """The command's end on bad input: one line on stderr, exit status EXIT_BAD_INPUT."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(EXIT_BAD_INPUT)
 
 
 def main(argv: list[str] | None = None) -> None:

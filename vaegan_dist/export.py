@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -21,7 +20,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vaegan_dist.checkpoint import EMA_FILE, checkpoints_dir, newest_complete
-from vaegan_dist.config import EXIT_BAD_INPUT, ConfigError, TrainConfig
+from vaegan_dist.config import ConfigError, TrainConfig
+from vaegan_dist.exits import fail
 from vaegan_dist.models import Decoder, Encoder, build_models
 
 CONFIG_FILE = "config.json"
@@ -108,8 +108,7 @@ def main(argv: list[str] | None = None) -> None:
         config, encoder, decoder = load_networks(args.source, weights=args.weights)
         export_networks(encoder, decoder, config, args.out, getattr(torch, args.dtype))
     except (ExportError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
+        fail(str(err))
     source = network_directory(args.source)
     averaged = args.weights == "ema" and (source / f"{EMA_FILE}.safetensors").is_file()
     print(f"exported the encoder and decoder of {source} to {args.out}"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -19,6 +20,15 @@ from torch import Tensor, nn
 from vaegan_dist.config import TrainConfig
 
 IMAGE_PIXELS = 28 * 28
+
+
+class Networks(NamedTuple):
+    """One thing per network, in the step's order: the modules themselves, their optimizers, their gradients.
+    (Not Generic: a generic NamedTuple needs Python 3.11.)"""
+
+    encoder: Any
+    decoder: Any
+    discriminator: Any
 
 
 class Dropout(nn.Dropout):
@@ -98,9 +108,9 @@ class Discriminator(nn.Module):
         return self.forward(x, with_similarity=True)[1]
 
 
-def build_models(config: TrainConfig) -> tuple[Encoder, Decoder, Discriminator]:
-    """(encoder, decoder, discriminator) as the config describes them, freshly initialised."""
-    return (
+def build_models(config: TrainConfig) -> Networks:
+    """The encoder, decoder and discriminator as the config describes them, freshly initialised."""
+    return Networks(
         Encoder(config.hidden_dim, config.depth, config.latent_dim, config.network_dropout("encoder")),
         Decoder(config.hidden_dim, config.depth, config.latent_dim, config.network_dropout("decoder")),
         Discriminator(config.hidden_dim, config.depth, config.network_dropout("discriminator"),
@@ -108,7 +118,7 @@ def build_models(config: TrainConfig) -> tuple[Encoder, Decoder, Discriminator]:
     )
 
 
-def compile_networks(networks: tuple[nn.Module, ...]) -> None:
+def compile_networks(networks: Networks) -> None:
     """torch.compile each network in place (its state_dict keys stay as they are).
 
     The routed step backpropagates through each compiled graph up to three times (retain_graph=True), which
@@ -142,11 +152,6 @@ def update_average(average: nn.Module, network: nn.Module, decay: float, step: i
 def images_to_pixels(images: Tensor) -> Tensor:
     """uint8 images of any shape (B, ...) to float rows of shape (B, 784) in [-1, 1], matching tanh."""
     return images.reshape(images.shape[0], IMAGE_PIXELS).float().div_(127.5).sub_(1.0)
-
-
-def pixels_to_images(pixels: Tensor) -> Tensor:
-    """Rows in [-1, 1] back to (B, 1, 28, 28) floats in [0, 1], for image files."""
-    return pixels.detach().float().reshape(-1, 1, 28, 28).add(1.0).div(2.0).clamp(0.0, 1.0)
 
 
 @contextmanager

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-EXIT_BAD_INPUT = 2
+from vaegan_dist.exits import fail
+
 CURVES = {  # file: (title, y label, {metrics key: legend label})
     "loss_curves.png": ("Losses", "loss", {"enc_loss": "encoder", "dec_loss": "decoder",
                                           "dis_loss": "discriminator"}),
@@ -111,13 +111,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("output_dir", type=Path, help="a run's --output-dir")
     output_dir = parser.parse_args(argv).output_dir
     if not output_dir.is_dir():
-        print(f"error: {output_dir} is not a directory: give the output directory of a run", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
+        fail(f"{output_dir} is not a directory: give the output directory of a run")
     try:
         paths = write_report(output_dir)
     except ReportError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
+        fail(str(err))
     for path in paths:
         print(path)
 

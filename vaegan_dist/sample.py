@@ -19,15 +19,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor, nn
-from torchvision.utils import make_grid
 
 from vaegan_dist.data import DataError, load_mnist
-from vaegan_dist.evaluation import fail, prior_samples
+from vaegan_dist.evaluation import prior_samples
+from vaegan_dist.exits import fail
 from vaegan_dist.export import ExportError, add_weights_flag, load_networks
-from vaegan_dist.models import IMAGE_PIXELS, eval_mode, images_to_pixels, pixels_to_images
-from vaegan_dist.pictures import reconstruction_pairs, save_grid
+from vaegan_dist.models import IMAGE_PIXELS, eval_mode, images_to_pixels
+from vaegan_dist.pictures import grid_image, reconstruction_pairs, save_grid, to_uint8
 
 MODES = {"samples": 64, "reconstruct": 32, "interpolate": 8}  # mode: default count
 FORMATS = {"samples": (".png", ".npy"), "reconstruct": (".png", ".npy"), "interpolate": (".png", ".npy", ".gif")}
@@ -52,19 +51,11 @@ def latent_walks(encoder: nn.Module, decoder: nn.Module, a: Tensor, b: Tensor, s
         return decoder(z.reshape(-1, z.shape[-1])).float().reshape(len(a), steps, IMAGE_PIXELS)
 
 
-def to_uint8(pixels: Tensor) -> np.ndarray:
-    """Pixel rows (..., 784) in [-1, 1] as uint8 images (..., 28, 28), 0 = black."""
-    images = pixels_to_images(pixels).mul(255).round().to(torch.uint8)
-    return images.reshape(*pixels.shape[:-1], 28, 28).cpu().numpy()
-
-
 def save_gif(walks: Tensor, path: Path) -> None:
     """Frame t shows step t of every walk (N, K, 784) in one grid; the frames go there and back."""
     row = math.ceil(math.sqrt(walks.shape[0]))
-    frames = []
-    for t in [*range(walks.shape[1]), *range(walks.shape[1] - 2, 0, -1)]:
-        grid = make_grid(pixels_to_images(walks[:, t]), nrow=row, padding=2)[0]  # one channel suffices
-        frames.append(Image.fromarray(grid.mul(255).round().to(torch.uint8).cpu().numpy()))
+    steps = [*range(walks.shape[1]), *range(walks.shape[1] - 2, 0, -1)]
+    frames = [grid_image(walks[:, t], nrow=row) for t in steps]
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=FRAME_MS, loop=0)
 
 
@@ -84,7 +75,7 @@ def write(pixels: Tensor, path: Path, grid_row: int) -> None:
     """pixels from make() to path, in the format its suffix names; a PNG grid has grid_row digits a row."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".npy":
-        np.save(path, to_uint8(pixels))
+        np.save(path, to_uint8(pixels).numpy())
     elif path.suffix == ".gif":
         save_gif(pixels, path)
     else:

@@ -8,44 +8,35 @@ This is Algorithm 1 of Larsen et al. (2016):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import chain
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import get_total_norm
-from torch.optim import Optimizer
 
 from vaegan_dist.config import TrainConfig
 from vaegan_dist.losses import LossTerms, vaegan_losses
-
-NETWORKS = ("encoder", "decoder", "discriminator")
+from vaegan_dist.models import Networks
 
 
 class RoutedGradients(dict[str, list[Tensor]]):
-    """Each network's gradients (keys NETWORKS, lists in .parameters() order); `terms`, the losses of the pass."""
+    """Each network's gradients (keys Networks._fields, lists in .parameters() order); `terms`, the losses of the
+    pass."""
 
     def __init__(self, gradients: dict[str, list[Tensor]], terms: LossTerms) -> None:
         super().__init__(gradients)
         self.terms = terms
 
 
-def forward_losses(
-    encoder: nn.Module,
-    decoder: nn.Module,
-    discriminator: nn.Module,
-    x: Tensor,
-    eps: Tensor,
-    z_p: Tensor,
-    config: TrainConfig,
-) -> LossTerms:
+def forward_losses(networks: Networks, x: Tensor, eps: Tensor, z_p: Tensor, config: TrainConfig) -> LossTerms:
     """All losses from one pass: the decoder runs once on [z; z_p], the discriminator once on [x; x̃; x_p]."""
     batch = x.shape[0]
-    mu, logvar = encoder(x)
+    mu, logvar = networks.encoder(x)
     z = mu + eps * torch.exp(0.5 * logvar)
-    x_tilde, x_p = decoder(torch.cat([z, z_p])).split(batch)
-    logits, dis_l = discriminator(torch.cat([x, x_tilde, x_p]), with_similarity=True)
+    x_tilde, x_p = networks.decoder(torch.cat([z, z_p])).split(batch)
+    logits, dis_l = networks.discriminator(torch.cat([x, x_tilde, x_p]), with_similarity=True)
     logit_x, logit_x_tilde, logit_x_p = logits.split(batch)
     dis_l_x, dis_l_x_tilde, _ = dis_l.split(batch)
     return vaegan_losses(mu, logvar, (logit_x, logit_x_tilde, logit_x_p), (dis_l_x, dis_l_x_tilde),
@@ -69,11 +60,11 @@ def routed_gradients(
     left in each parameter's .grad, where DDP-wrapped networks have averaged them over processes.
     scale_loss multiplies each loss before its backward pass (fp16 loss scaling).
     """
-    params = {name: list(net.parameters()) for name, net in zip(NETWORKS, (encoder, decoder, discriminator),
-                                                                  strict=True)}
+    networks = Networks(encoder, decoder, discriminator)
+    params = {name: list(net.parameters()) for name, net in networks._asdict().items()}
     for p in chain.from_iterable(params.values()):
         p.grad = None
-    terms = forward_losses(encoder, decoder, discriminator, x, eps, z_p, config)
+    terms = forward_losses(networks, x, eps, z_p, config)
     scale = scale_loss or (lambda loss: loss)
     # `inputs=` restricts each backward pass to one network's parameters, so no loss leaks into another
     # network's gradient. It also lets each DDP wrapper all-reduce its network's gradient exactly once.
@@ -91,44 +82,43 @@ def learning_rate(config: TrainConfig, step: int, last_step: int) -> float:
     return config.lr * (last_step - step) / (last_step - decay_start)
 
 
-def adam_optimizers(networks: Sequence[nn.Module], config: TrainConfig) -> list[torch.optim.Adam]:
+def adam_optimizers(networks: Networks, config: TrainConfig) -> Networks:
     """One Adam per network, fused: one pass over the weights, gradients and moments per step, on the CPU
     as on the GPU (the default, one pass per operation and parameter, costs several times as much)."""
-    return [torch.optim.Adam(net.parameters(), lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
-                             fused=True) for net in networks]
+    return Networks(*(torch.optim.Adam(net.parameters(), lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
+                                       fused=True) for net in networks))
 
 
 @dataclass(frozen=True)
 class StepResult:
     terms: LossTerms
-    grad_norms: Tensor  # (3,): each network's gradient norm, NETWORKS order, after unscaling
+    grad_norms: Tensor  # (3,): each network's gradient norm, in Networks order, after unscaling
     stepped: bool  # False when a non-finite gradient made every process skip the step
 
 
 def train_step(
-    networks: Sequence[nn.Module],
-    optimizers: Sequence[Optimizer],
+    networks: Networks,
+    optimizers: Networks,
     x: Tensor,
     config: TrainConfig,
     scaler: torch.amp.GradScaler | None = None,
 ) -> StepResult:
     """One step of all three networks on images x (B, 784), with fresh noise from the global RNG.
 
-    The optimizers are plain torch optimizers, in NETWORKS order. All three step, or, when any gradient is
+    The optimizers are plain torch optimizers. All three step, or, when any gradient is
     not finite, none does. The gradients are already averaged over processes, so every process reaches the
     same verdict. With fp16, every network is unscaled by the scale its loss was multiplied with, and the
     scale is updated once afterwards. (Accelerate's AcceleratedOptimizer.step updates the shared scaler
     after each optimizer, so the next one would be unscaled with a changed scale: it is not used.)
     """
-    encoder, decoder, discriminator = networks
     eps = torch.randn(x.shape[0], config.latent_dim, device=x.device)
     z_p = torch.randn_like(eps)
-    grads = routed_gradients(encoder, decoder, discriminator, x, eps, z_p, config,
+    grads = routed_gradients(*networks, x, eps, z_p, config,
                              scale_loss=scaler.scale if scaler is not None else None)
     if scaler is not None:
         for optimizer in optimizers:
             scaler.unscale_(optimizer)
-    grad_norms = torch.stack([get_total_norm(grads[name]) for name in NETWORKS])
+    grad_norms = torch.stack([get_total_norm(grads[name]) for name in Networks._fields])
     stepped = bool(torch.isfinite(grad_norms).all())
     if stepped:
         for optimizer in optimizers:

@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import os
 import queue
-import resource
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 DEFAULT_PROJECT = "vaegan-dist"
 MAX_PENDING = 100  # logs waiting for a slow W&B service before new ones are dropped
@@ -53,13 +51,6 @@ def resolve_mode(requested: str) -> str:
     if env_mode:
         return env_mode
     return "online" if has_credentials() else "offline"
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """This process's peak memory: allocated on its GPU, or its peak resident size on the CPU (Linux)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # KiB on Linux
 
 
 def _first_line(err: BaseException) -> str:

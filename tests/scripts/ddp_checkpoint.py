@@ -16,9 +16,9 @@ from accelerate import Accelerator
 import vaegan_dist.checkpoint as checkpoint_module
 from tests.conftest import tiny_config
 from tests.test_step import adam_for
-from vaegan_dist.checkpoint import CheckpointError, Position, save_checkpoint
+from vaegan_dist.checkpoint import CheckpointError, Position, TrainState, save_checkpoint
 from vaegan_dist.models import build_models
-from vaegan_dist.step import NETWORKS
+from vaegan_dist.training_log import MetricWindow
 
 
 def main(out_dir: str) -> None:
@@ -26,12 +26,11 @@ def main(out_dir: str) -> None:
     config = tiny_config(output_dir=out_dir)
     torch.manual_seed(0)
     networks = build_models(config)
-    named = dict(zip(NETWORKS, networks, strict=True))
-    optimizers = dict(zip(NETWORKS, adam_for(networks, config), strict=True))
+    optimizers = adam_for(networks, config)
 
     def save(step: int) -> Path:
-        return save_checkpoint(accelerator, out_dir, config, Position(step), named, optimizers, {},
-                               {"rng.torch": torch.get_rng_state()})
+        state = TrainState(Position(step), MetricWindow(accelerator.device))
+        return save_checkpoint(accelerator, out_dir, config, networks, optimizers, state)
 
     save(1)
     if accelerator.process_index == 1:

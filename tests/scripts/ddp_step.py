@@ -18,8 +18,8 @@ from safetensors.torch import save_file
 
 from tests.conftest import tiny_config
 from tests.test_step import adam_for, make_inputs
-from vaegan_dist.models import build_models
-from vaegan_dist.step import NETWORKS, routed_gradients, train_step
+from vaegan_dist.models import Networks, build_models
+from vaegan_dist.step import routed_gradients, train_step
 
 BATCH = 12  # the whole batch of part 1; each process takes half
 
@@ -41,12 +41,12 @@ def main(out_dir: str) -> None:
     networks, optimizers = prepared(accelerator, config)
     x, eps, z_p = (t[rank * half:(rank + 1) * half] for t in make_inputs(config, dtype=torch.float32))
     grads = routed_gradients(*networks, x, eps, z_p, config)
-    for name in NETWORKS:
+    for name in Networks._fields:
         for i, g in enumerate(grads[name]):
             results[f"grad.{name}.{i}"] = g.clone()
     for optimizer in optimizers:
         optimizer.step()
-    for name, net in zip(NETWORKS, networks, strict=True):
+    for name, net in zip(Networks._fields, networks, strict=True):
         for i, p in enumerate(net.parameters()):
             results[f"step1.{name}.{i}"] = p.detach().clone()
 
@@ -57,7 +57,7 @@ def main(out_dir: str) -> None:
     for _ in range(4):
         x = torch.rand(8, 784) * 2 - 1
         assert train_step(networks, optimizers, x, config).stepped
-    for name, net in zip(NETWORKS, networks, strict=True):
+    for name, net in zip(Networks._fields, networks, strict=True):
         for i, p in enumerate(net.parameters()):
             results[f"replica.{name}.{i}"] = p.detach().clone()
 
@@ -69,7 +69,7 @@ def main(out_dir: str) -> None:
     overflow = train_step(networks, optimizers, x * (1e30 if rank == 1 else 1.0), config, scaler)
     results["fp16.stepped_on_overflow"] = torch.tensor(overflow.stepped)
     results["fp16.scale_after_overflow"] = torch.tensor(scaler.get_scale())
-    for name, net in zip(NETWORKS, networks, strict=True):
+    for name, net in zip(Networks._fields, networks, strict=True):
         for i, p in enumerate(net.parameters()):
             results[f"fp16.{name}.{i}"] = p.detach().clone()
     results["fp16.stepped_after"] = torch.tensor(train_step(networks, optimizers, x, config, scaler).stepped)
@@ -83,7 +83,7 @@ def main(out_dir: str) -> None:
     results["nan.stepped"] = torch.tensor(train_step(networks, optimizers, x, config).stepped)
     x[0, 0] = 0.0
     results["nan.stepped_after"] = torch.tensor(train_step(networks, optimizers, x, config).stepped)
-    for name, net in zip(NETWORKS, networks, strict=True):
+    for name, net in zip(Networks._fields, networks, strict=True):
         for i, p in enumerate(net.parameters()):
             results[f"nan.{name}.{i}"] = p.detach().clone()
 

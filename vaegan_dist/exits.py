@@ -1,0 +1,24 @@
+"""How every command ends: its exit codes, and the one way it stops on an error."""
+
+from __future__ import annotations
+
+import sys
+from enum import IntEnum
+from typing import NoReturn
+
+EXIT_BAD_INPUT = 2  # a setting, data set or file that cannot be used; the message says what to do
+EXIT_CHECKPOINT_FAILED = 3  # a checkpoint could not be written, found or used
+
+
+class Ending(IntEnum):
+    """How a training run ended; the value is the process's exit code."""
+
+    FINISHED = 0
+    DIVERGED = 4  # max_consecutive_skips non-finite steps in a row; the last good weights are checkpointed
+    PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal after saving a checkpoint; run again to resume
+
+
+def fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
+    """The command's end on an error: one line on stderr, then exit with `code`."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
