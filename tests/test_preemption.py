@@ -8,7 +8,9 @@ import subprocess
 import sys
 import time
 
-from tests.conftest import REPO, launch, tiny_flags
+import pytest
+
+from tests.conftest import REPO, launch, launch_command, tiny_flags
 from tests.test_resume import final_checkpoint, wait_for
 from vaegan_dist.checkpoint import checkpoints_dir, newest_complete
 from vaegan_dist.exits import Ending
@@ -50,3 +52,63 @@ def test_a_save_failing_on_one_process_fails_on_all_and_keeps_the_previous_check
         assert "process 0" not in outcome
     assert newest_complete(checkpoints_dir(tmp_path), report=print).name == "step_0000001"
     assert (checkpoints_dir(tmp_path) / "latest").read_text() == "step_0000001\n"
+
+
+def start_tiny_run(out, *, under_launcher=False):
+    """A tiny run started as a user starts it, on its way once its first record is written."""
+    flags = tiny_flags(batch_size=16, log_every=1, output_dir=out)
+    if under_launcher:
+        command, env = launch_command(flags, num_processes=2)
+    else:
+        command, env = [sys.executable, "-m", "vaegan_dist.train", *flags], {**os.environ, "WANDB_MODE": "disabled"}
+    run = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for(lambda: (out / "metrics.jsonl").exists(), 120, "training to start")
+    time.sleep(0.2)
+    return run
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path):
+    out = tmp_path / "run"
+    with start_tiny_run(out) as run:
+        try:
+            run.send_signal(signal.SIGINT)
+            output, _ = run.communicate(timeout=120)
+        finally:
+            run.kill()
+    assert run.returncode == Ending.INTERRUPTED == 130, output[-3000:]
+    assert output.count("Ctrl-C: stopping at the end of this step") == 1 and "Traceback" not in output
+    assert "stopped by SIGINT" in output
+    assert final_checkpoint(out).state["position"]["step"] > 0
+    assert not (out / ".lock").exists()  # the output directory is free again
+
+
+def test_a_second_ctrl_c_quits_at_once_saving_nothing(tmp_path, monkeypatch):
+    """The first Ctrl-C asks for a save; a second one, before the step ends, quits without one."""
+    import vaegan_dist.train as train_module
+
+    def endless_save(*args, **kwargs):  # stands in for a save that takes long: the second Ctrl-C lands in it
+        os.kill(os.getpid(), signal.SIGINT)
+        raise AssertionError("the second Ctrl-C did not stop the save")
+
+    monkeypatch.setattr(train_module, "save_checkpoint", endless_save)
+    monkeypatch.setattr(train_module.PreemptionWatch, "requested", lambda self, accelerator: (
+        os.kill(os.getpid(), signal.SIGINT) or self.received))
+    with pytest.raises(SystemExit) as stopped:
+        train_module.main(tiny_flags(max_steps=5, output_dir=tmp_path / "run"))
+    assert stopped.value.code == Ending.INTERRUPTED
+    assert not checkpoints_dir(tmp_path / "run").exists() and not (tmp_path / "run" / ".lock").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # pytest's own Ctrl-C is back
+
+
+def test_ctrl_c_under_accelerate_launch_saves_on_every_process(tmp_path):
+    """A terminal's Ctrl-C reaches the launcher, which passes SIGINT on to its processes (torch elastic)."""
+    out = tmp_path / "run"
+    with start_tiny_run(out, under_launcher=True) as run:
+        try:
+            run.send_signal(signal.SIGINT)
+            output, _ = run.communicate(timeout=120)
+        finally:
+            run.kill()
+    assert "stopped by SIGINT" in output, output[-3000:]  # (the launcher then reports its own SignalException)
+    checkpoint = final_checkpoint(out)
+    assert checkpoint.state["world_size"] == 2 and checkpoint.state["position"]["step"] > 0

@@ -153,6 +153,12 @@ def named_modules(networks: Networks, decoder_ema: nn.Module | None) -> dict[str
     return {**networks._asdict(), **({EMA_FILE: decoder_ema} if decoder_ema is not None else {})}
 
 
+def non_finite_modules(modules: Mapping[str, nn.Module]) -> list[str]:
+    """The names of the modules holding a NaN or an infinity: a checkpoint never stores them."""
+    return [name for name, module in modules.items()
+            if not all(torch.isfinite(t).all() for t in module.state_dict().values() if t.is_floating_point())]
+
+
 def weights_digest(networks: Mapping[str, nn.Module]) -> str:
     """SHA-256 over every weight of the networks: equal on all processes iff their replicas are identical."""
     digest = hashlib.sha256()
@@ -228,6 +234,9 @@ def save_checkpoint(
                 shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir(parents=True)
 
+    if not_finite := non_finite_modules(modules):
+        raise CheckpointError(f"the weights of {', '.join(not_finite)} at step {position.step} are not finite: not "
+                              "saved; resume from the previous checkpoint with a lower --lr")
     _agree(accelerator, _attempt(prepare_dir), f"creating checkpoint {tmp}")
     digests = gather_object([weights_digest(modules)]) if accelerator.num_processes > 1 else [
         weights_digest(modules)]

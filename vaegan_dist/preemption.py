@@ -1,4 +1,5 @@
-"""Preemption: SIGTERM or SIGUSR1 on any process becomes a stop that every process agrees on at a step boundary.
+"""Preemption: SIGTERM, SIGUSR1 or Ctrl-C (SIGINT) on any process becomes a stop that every process agrees on at a
+step boundary.
 
 SLURM sends SIGUSR1 (with `--signal=USR1@<seconds>`) or SIGTERM before it preempts or times out a job. The
 handler only records the signal; the loop asks `requested()` at each step boundary, where one all-reduce
@@ -10,22 +11,40 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from accelerate import Accelerator
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class PreemptionWatch:
-    """Records the first stop signal this process receives."""
+    """Records the first stop signal this process receives, from entering the `with` block to leaving it.
 
-    def __init__(self) -> None:
+    Ctrl-C (SIGINT) is a stop like the others, announced at once; a second Ctrl-C quits at once
+    (KeyboardInterrupt), saving nothing.
+    """
+
+    def __init__(self, announce: Callable[[str], None]) -> None:
         self.received: signal.Signals | None = None
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, self._record)
+        self._announce = announce
+        self._previous: dict[signal.Signals, Any] = {}
+
+    def __enter__(self) -> PreemptionWatch:
+        self._previous = {sig: signal.signal(sig, self._record) for sig in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
     def _record(self, signum: int, frame: object) -> None:
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            self._announce("Ctrl-C: stopping at the end of this step, with a checkpoint (Ctrl-C again quits at once, "
+                           "unsaved)")
         self.received = self.received or signal.Signals(signum)
 
     def requested(self, accelerator: Accelerator) -> signal.Signals | None:

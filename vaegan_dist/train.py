@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import signal
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +54,7 @@ from vaegan_dist.models import (
 from vaegan_dist.pictures import grid_image, grid_pixels, save_epoch_grids
 from vaegan_dist.preemption import PreemptionWatch, requeue_slurm_job
 from vaegan_dist.report import ReportError, write_report
+from vaegan_dist.run_lock import LockHeld, OutputLock
 from vaegan_dist.step import StepResult, adam_optimizers, learning_rate, train_step
 from vaegan_dist.tracking import Tracker
 from vaegan_dist.training_log import CollapseWatch, MetricsLog, MetricWindow, peak_memory_mb
@@ -88,6 +91,27 @@ class Run:
 
 
 # ---------------------------------------------------------------------------------------------- setting up
+
+@contextmanager
+def output_dir_held(config: TrainConfig, accelerator: Accelerator) -> Iterator[None]:
+    """The output directory, created and held against other runs (by the main process) for the block."""
+    lock, problem = OutputLock(Path(config.output_dir)), None
+    if accelerator.is_main_process:
+        try:
+            lock.path.parent.mkdir(parents=True, exist_ok=True)
+            lock.acquire()
+        except LockHeld as err:
+            problem = str(err)
+        except OSError as err:
+            problem = (f"cannot write to output directory {lock.path.parent} ({err.strerror}): choose a writable "
+                       "--output-dir")
+    if problem := gather_object([problem])[0]:  # the main process's verdict, on every process
+        raise ConfigError(problem)
+    try:
+        yield
+    finally:
+        lock.release()
+
 
 def open_run(config: TrainConfig, accelerator: Accelerator, console: Console) -> tuple[Path, Checkpoint | None]:
     """The output directory, holding the run's config.json, and the checkpoint to resume (None: a fresh start)."""
@@ -191,8 +215,9 @@ def start(config: TrainConfig, accelerator: Accelerator, console: Console) -> tu
     run = Run(config, accelerator, console, output_dir, checkpoint, networks, modules, optimizers,
               averaged_decoder(config, modules.decoder) if config.ema_decay else None, shards, fixed_z, test_x,
               evaluation_reference(config, accelerator.device, console), Tracker(console.warn),
-              MetricsLog(output_dir / "metrics.jsonl", accelerator.is_main_process), last_step=0)
+              MetricsLog(output_dir / "metrics.jsonl", accelerator.is_main_process, console.warn), last_step=0)
     state = restore(run)
+    run.metrics.resume_at(state.position.step)  # what a crashed run logged past its checkpoint goes
     run.last_step = state.position.step + steps_to_run(config, shards, state.position)
     return run, state
 
@@ -316,10 +341,10 @@ def save_periodically(run: Run, state: TrainState) -> None:
 
 # ---------------------------------------------------------------------------------------------- the loop
 
-def train_loop(run: Run, state: TrainState) -> Ending:
-    """Steps to the run's last step (FINISHED), or until a stop signal (PREEMPTED) or max_consecutive_skips
-    non-finite steps in a row (DIVERGED)."""
-    config, watch, collapse, consecutive_skips = run.config, PreemptionWatch(), CollapseWatch(), 0
+def train_loop(run: Run, state: TrainState, watch: PreemptionWatch) -> Ending:
+    """Steps to the run's last step (FINISHED), or until a stop signal (PREEMPTED; INTERRUPTED for Ctrl-C) or
+    max_consecutive_skips non-finite steps in a row (DIVERGED)."""
+    config, collapse, consecutive_skips = run.config, CollapseWatch(), 0
     run.console.start_progress(run.last_step, state.position.step,
                                epochs=-(-run.last_step // run.shards.steps_per_epoch()))
     for batch, epoch, position in batches_from(run.shards, state.position, run.last_step):
@@ -336,9 +361,10 @@ def train_loop(run: Run, state: TrainState) -> Ending:
         if consecutive_skips == config.max_consecutive_skips:
             return Ending.DIVERGED
         if stop_signal := watch.requested(run.accelerator):
-            run.console.info(f"stopped by {stop_signal.name} at step {step}: exit code {Ending.PREEMPTED.value}; "
-                             "run the same command again to resume")
-            return Ending.PREEMPTED
+            ending = Ending.INTERRUPTED if stop_signal == signal.SIGINT else Ending.PREEMPTED
+            run.console.info(f"stopped by {stop_signal.name} at step {step}: exit code {ending.value}; run the same "
+                             "command again to resume")
+            return ending
         if run.reference is not None and due(run, step, config.eval_every):
             evaluate(run, state, epoch)
         if position.epoch > epoch:
@@ -380,11 +406,13 @@ def train(config: TrainConfig, accelerator: Accelerator, console: Console | None
     if accelerator.device.type == "cpu":
         configure_cpu(config.cpu_threads)
     console = console or Console(accelerator.is_main_process, accelerator.process_index)
-    run, state = start(config, accelerator, console)
-    announce(run, state)
-    first_step = state.position.step
-    ending = train_loop(run, state)
-    return finish(run, state, ending, ran=state.position.step > first_step)
+    with output_dir_held(config, accelerator):
+        run, state = start(config, accelerator, console)
+        announce(run, state)
+        first_step = state.position.step
+        with PreemptionWatch(console.info) as watch:  # kept through the last save: a late signal waits for it
+            ending = train_loop(run, state, watch)
+            return finish(run, state, ending, ran=state.position.step > first_step)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -394,10 +422,15 @@ def main(argv: list[str] | None = None) -> None:
         with Console(accelerator.is_main_process, accelerator.process_index) as console:
             ending = train(dataclasses.replace(config, mixed_precision=accelerator.mixed_precision), accelerator,
                            console)
+        # All processes leave together: the main process may still be finishing W&B and the report, and a peer
+        # tearing down its gloo connections meanwhile is the likeliest cause of the rare abort at exit.
+        accelerator.wait_for_everyone()
     except (ConfigError, DataError) as err:
         fail(str(err), EXIT_BAD_INPUT)
     except CheckpointError as err:
         fail(str(err), EXIT_CHECKPOINT_FAILED)
+    except KeyboardInterrupt:  # a second Ctrl-C
+        fail("stopped by a second Ctrl-C: nothing was saved since the last checkpoint", Ending.INTERRUPTED)
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -3,9 +3,12 @@ the checks read off the records (a collapsed discriminator)."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import resource
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -23,16 +26,58 @@ COLLAPSE_RECORDS = 10
 
 
 class MetricsLog:
-    """metrics.jsonl: one JSON object per logged step, written by the main process only."""
+    """metrics.jsonl: one JSON object per logged step (and per evaluation), written by the main process only.
 
-    def __init__(self, path: Path, enabled: bool) -> None:
+    A record is written whole or not at all: a failed write (a full disk) is cut back off the file, costs one
+    warning, and the log goes on with the next record.
+    """
+
+    def __init__(self, path: Path, enabled: bool, warn: Callable[[str], None]) -> None:
         self.path = path
         self.enabled = enabled
+        self._warn = warn
+        self._warned = False
+
+    def resume_at(self, step: int) -> None:
+        """Cuts the log back to the records of steps up to `step` (where the run resumes; 0 for a fresh start),
+        dropping what a crashed run logged past its checkpoint and any torn last line."""
+        if not self.enabled or not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and record.get("step", 0) <= step:
+                kept.append(line + "\n")
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, self.path)
 
     def write(self, record: dict[str, float | int]) -> None:
-        if self.enabled:
-            with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+        if not self.enabled:
+            return
+        try:
+            self._append((json.dumps(record) + "\n").encode())
+        except OSError as err:
+            if not self._warned:
+                self._warn(f"cannot write to {self.path} ({err.strerror}): records are missing from it until "
+                           "writing works again; training goes on")
+            self._warned = True
+
+    def _append(self, line: bytes) -> None:
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            size = os.fstat(fd).st_size
+            try:
+                if os.write(fd, line) != len(line):
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            except OSError:
+                os.ftruncate(fd, size)  # no torn line for readers, nor for the next record to follow
+                raise
+        finally:
+            os.close(fd)
 
 
 class MetricWindow:
