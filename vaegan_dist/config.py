@@ -280,5 +280,10 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     preset = flags.pop("preset", file_values.pop("preset", DEFAULT_PRESET))
     if not isinstance(preset, str) or preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
-    return TrainConfig.from_dict({**PRESETS[preset], **file_values, **flags},
-                                 source=f"config file {config_file}")
+    config = TrainConfig.from_dict({**PRESETS[preset], **file_values, **flags}, source=f"config file {config_file}")
+    from vaegan_dist.guard import refuse_output  # it imports this module
+
+    refuse_output(config.output_dir, "--output-dir")
+    if config.data_dir is not None:  # MNIST may be downloaded into it
+        refuse_output(config.data_dir, "--data-dir")
+    return config

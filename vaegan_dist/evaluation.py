@@ -35,6 +35,7 @@ from vaegan_dist.classifier import NUM_CLASSES, Classifier, accuracy, embed, loa
 from vaegan_dist.config import EXIT_BAD_INPUT, MIN_EVAL_SAMPLES, TrainConfig
 from vaegan_dist.data import DataError, load_mnist
 from vaegan_dist.export import ExportError, add_weights_flag, load_networks
+from vaegan_dist.guard import OutputError, refuse_output
 from vaegan_dist.metrics import (
     class_histogram,
     frechet_distance,
@@ -233,6 +234,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.samples < MIN_EVAL_SAMPLES:
         fail(f"--samples must be at least {MIN_EVAL_SAMPLES} (precision and recall use 3 nearest neighbours)")
     try:
+        refuse_output(args.out, "--out")
+        args.out.parent.mkdir(parents=True, exist_ok=True)  # before the evaluation's minute, not after it
+    except OutputError as err:
+        fail(str(err))
+    except OSError as err:
+        fail(f"cannot write --out {args.out} ({err.strerror or err}): choose a writable path")
+    try:
         config, encoder, decoder = load_networks(args.directory, args.device, args.weights)
         scores = evaluate(encoder, decoder, config, args.samples, Reference(args.device), args.seed)
     except (ExportError, DataError) as err:
@@ -243,8 +251,11 @@ def main(argv: list[str] | None = None) -> None:
     floor = {k.removeprefix("floor_"): v for k, v in scores.items() if k.startswith("floor_")}
     report = {"directory": str(args.directory), "num_samples": args.samples, "seed": seed,
               "model": model, "floor": floor}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    try:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    except OSError as err:
+        fail(f"cannot write --out {args.out} ({err.strerror or err}): choose a writable path")
     print(f"wrote {args.out}")
 
 

@@ -22,6 +22,7 @@ from torch import nn
 
 from vaegan_dist.checkpoint import EMA_FILE, checkpoints_dir, newest_complete
 from vaegan_dist.config import EXIT_BAD_INPUT, ConfigError, TrainConfig
+from vaegan_dist.guard import OutputError, refuse_output
 from vaegan_dist.models import Decoder, Encoder, build_models
 
 CONFIG_FILE = "config.json"
@@ -105,10 +106,15 @@ def main(argv: list[str] | None = None) -> None:
     add_weights_flag(parser)
     args = parser.parse_args(argv)
     try:
+        refuse_output(args.out, "the export directory", (args.source, network_directory(args.source)), directory=True)
         config, encoder, decoder = load_networks(args.source, weights=args.weights)
         export_networks(encoder, decoder, config, args.out, getattr(torch, args.dtype))
-    except (ExportError, OSError) as err:
+    except (ExportError, OutputError) as err:
         print(f"error: {err}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+    except OSError as err:
+        print(f"error: cannot write the export to {args.out} ({err.strerror or err}): choose a writable directory",
+              file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
     source = network_directory(args.source)
     averaged = args.weights == "ema" and (source / f"{EMA_FILE}.safetensors").is_file()

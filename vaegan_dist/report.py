@@ -113,10 +113,17 @@ def main(argv: list[str] | None = None) -> None:
     if not output_dir.is_dir():
         print(f"error: {output_dir} is not a directory: give the output directory of a run", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
+    from vaegan_dist.guard import OutputError, refuse_output
+
     try:
+        refuse_output(output_dir, "the output directory")
         paths = write_report(output_dir)
-    except ReportError as err:
+    except (ReportError, OutputError) as err:
         print(f"error: {err}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+    except OSError as err:
+        print(f"error: cannot write the pictures into {output_dir} ({err.strerror or err}): make it writable",
+              file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
     for path in paths:
         print(path)

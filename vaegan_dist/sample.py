@@ -26,6 +26,7 @@ from torchvision.utils import make_grid
 from vaegan_dist.data import DataError, load_mnist
 from vaegan_dist.evaluation import fail, prior_samples
 from vaegan_dist.export import ExportError, add_weights_flag, load_networks
+from vaegan_dist.guard import OutputError, refuse_output
 from vaegan_dist.models import IMAGE_PIXELS, eval_mode, images_to_pixels, pixels_to_images
 from vaegan_dist.pictures import reconstruction_pairs, save_grid
 
@@ -116,11 +117,15 @@ def main(argv: list[str] | None = None) -> None:
         fail(f"--mode {args.mode} --count {count} needs {test_digits_needed} distinct test digits, more than "
              f"the {NUM_TEST_IMAGES} there are: lower --count")
     try:
+        refuse_output(args.out, "--out")
         config, encoder, decoder = load_networks(args.directory, args.device, args.weights)
         pixels = make(args.mode, encoder, decoder, config.latent_dim, count, args.steps, args.seed, args.device)
-    except (ExportError, DataError) as err:
+    except (ExportError, DataError, OutputError) as err:
         fail(str(err))
-    write(pixels, args.out, args.steps if args.mode == "interpolate" else GRID_ROW)
+    try:
+        write(pixels, args.out, args.steps if args.mode == "interpolate" else GRID_ROW)
+    except OSError as err:
+        fail(f"cannot write --out {args.out} ({err.strerror or err}): choose a writable path")
     print(f"wrote {args.out}")
 
 

@@ -1,0 +1,131 @@
+"""Every command against bad input: one line `error: ...`, exit code 2, no traceback, and nothing written where it
+must not be (a checkpoint directory above all)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+
+import pytest
+from accelerate import Accelerator
+
+from tests.conftest import REPO, tiny_config
+from vaegan_dist import checkpoint as checkpoint_module
+from vaegan_dist import guard
+from vaegan_dist.checkpoint import checkpoints_dir, newest_complete, verify
+from vaegan_dist.config import ConfigError, parse_args
+from vaegan_dist.train import train
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A tiny run's output directory with two checkpoints."""
+    output_dir = tmp_path_factory.mktemp("run")
+    assert train(tiny_config(output_dir=str(output_dir), max_steps=2, save_every=1), Accelerator(cpu=True)) == 0
+    return output_dir
+
+
+@pytest.fixture
+def checkpoint(run_dir):
+    return newest_complete(checkpoints_dir(run_dir), report=pytest.fail)
+
+
+def snapshot(directory):
+    """Every file under directory with its SHA-256: what a command must leave untouched."""
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def command(module, *args, timeout=300):
+    result = subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True,
+                            cwd=REPO, timeout=timeout, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin",
+                                                            "WANDB_MODE": "disabled"})
+    return result
+
+
+def assert_one_line_error(result, code, *fragments):
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == code, result.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_the_guard_knows_the_checkpoint_layout():
+    assert (checkpoint_module.checkpoints_dir("").name, checkpoint_module.MARKER) == (guard.CHECKPOINTS, guard.MARKER)
+    assert guard.STEP_DIR.match(checkpoint_module.checkpoint_name(12)) and guard.STEP_DIR.match(".tmp-step_0000012")
+
+
+# ------------------------------------------------------------------------- no command writes into a checkpoint
+
+def test_export_into_its_own_checkpoint_is_refused_and_writes_nothing(checkpoint, run_dir):
+    before = snapshot(run_dir)
+    result = command("vaegan_dist.export", checkpoint, checkpoint)
+    assert_one_line_error(result, 2, "is inside the checkpoint directory", "never writes into a checkpoint")
+    assert snapshot(run_dir) == before and verify(checkpoint) is None
+
+
+@pytest.mark.parametrize("where", ["other checkpoint", "subfolder", "checkpoints folder", "run", "tmp save"])
+def test_export_anywhere_in_a_run_s_checkpoints_or_over_the_run_is_refused(checkpoint, run_dir, tmp_path, where,
+                                                                           capsys):
+    from vaegan_dist.export import main
+
+    older = sorted(checkpoints_dir(run_dir).glob("step_*"))[0]
+    out = {"other checkpoint": older, "subfolder": checkpoint / "export", "run": run_dir,
+           "checkpoints folder": checkpoints_dir(run_dir) / "exports",
+           "tmp save": checkpoints_dir(run_dir) / ".tmp-step_0000009"}[where]
+    before = snapshot(run_dir)
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(checkpoint), str(out)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    assert snapshot(run_dir) == before
+    assert out in (older, run_dir) or not out.exists()
+
+
+def test_export_over_its_source_export_or_into_another_run_is_refused(exported, run_dir, tmp_path, capsys):
+    from vaegan_dist.export import main
+
+    before = snapshot(exported)
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(exported), str(exported / ".." / exported.name)])  # the same, spelt otherwise
+    assert exit_info.value.code == 2 and "is the directory it reads" in capsys.readouterr().err
+    assert snapshot(exported) == before
+    other_run = tmp_path / "other_run"
+    (other_run / "checkpoints" / "step_0000001").mkdir(parents=True)
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(exported), str(other_run)])
+    assert exit_info.value.code == 2 and "is a run's output directory" in capsys.readouterr().err
+    main([str(run_dir), str(tmp_path / "fine")])  # elsewhere: fine
+    assert (tmp_path / "fine" / "decoder.safetensors").is_file()
+
+
+def test_sample_eval_and_report_never_write_into_a_checkpoint(checkpoint, run_dir, exported):
+    before = snapshot(run_dir)
+    assert_one_line_error(command("vaegan_dist.sample", exported, "--out", checkpoint / "grid.png"), 2,
+                          "--out", "is inside the checkpoint directory")
+    assert_one_line_error(command("vaegan_dist.evaluation", exported, "--out", checkpoint / "eval.json",
+                                  "--samples", 4), 2, "--out", "is inside the checkpoint directory")
+    assert_one_line_error(command("vaegan_dist.report", checkpoint), 2, "is inside the checkpoint directory")
+    assert snapshot(run_dir) == before
+
+
+def test_training_never_writes_into_a_checkpoint(checkpoint):
+    for flag in ("--output-dir", "--data-dir"):
+        with pytest.raises(ConfigError, match=f"{flag} .* is inside the checkpoint directory"):
+            parse_args([flag, str(checkpoint)])
+    with pytest.raises(ConfigError, match="is inside the checkpoint directory"):
+        parse_args(["--output-dir", str(checkpoint.parent)])  # the checkpoints/ folder itself
+
+
+def test_outputs_that_cannot_be_written_are_one_line_errors(exported, tmp_path):
+    (tmp_path / "a_file").write_text("")
+    blocked = tmp_path / "a_file" / "sub"
+    assert_one_line_error(command("vaegan_dist.sample", exported, "--out", blocked / "grid.png"), 2,
+                          "cannot write --out")
+    assert_one_line_error(command("vaegan_dist.evaluation", exported, "--out", blocked / "eval.json"), 2,
+                          "cannot write --out")
+    assert_one_line_error(command("vaegan_dist.export", exported, blocked), 2, "cannot write the export to")
+    assert json.loads((exported / "config.json").read_text())  # untouched
