@@ -129,3 +129,84 @@ def test_outputs_that_cannot_be_written_are_one_line_errors(exported, tmp_path):
                           "cannot write --out")
     assert_one_line_error(command("vaegan_dist.export", exported, blocked), 2, "cannot write the export to")
     assert json.loads((exported / "config.json").read_text())  # untouched
+
+
+# ------------------------------------------------------------------------------------------- settings
+
+FLOAT_SETTINGS = ["gamma", "beta", "dropout", "encoder_dropout", "decoder_dropout", "discriminator_dropout", "lr",
+                  "discriminator_lr_scale", "adam_beta1", "adam_beta2", "lr_decay_start", "ema_decay", "wandb_timeout"]
+
+
+def test_every_float_setting_is_listed_here():
+    import dataclasses
+    import typing
+
+    from vaegan_dist.config import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    floats = {f.name for f in dataclasses.fields(TrainConfig)
+              if float in (hints[f.name], *typing.get_args(hints[f.name]))}
+    assert floats == set(FLOAT_SETTINGS)
+
+
+@pytest.mark.parametrize("key", FLOAT_SETTINGS)
+@pytest.mark.parametrize("value", ["inf", "nan", "-inf"])
+def test_non_finite_settings_are_errors_naming_the_setting_from_flags_and_files(key, value, tmp_path):
+    message = f"setting '{key}' is {value}: it must be a finite number"
+    with pytest.raises(ConfigError, match=message):
+        parse_args([f"--{key.replace('_', '-')}={value}", "--output-dir", str(tmp_path)])
+    yaml_value = {"inf": ".inf", "nan": ".nan", "-inf": "-.inf"}[value]
+    (tmp_path / "run.yaml").write_text(f"{key}: {yaml_value}\n")
+    json_value = {"inf": "Infinity", "nan": "NaN", "-inf": "-Infinity"}[value]
+    (tmp_path / "run.json").write_text(f'{{"{key}": {json_value}}}')
+    for config_file in ("run.yaml", "run.json"):
+        with pytest.raises(ConfigError, match=message):
+            parse_args(["--config", str(tmp_path / config_file), "--output-dir", str(tmp_path)])
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--seed", "-1"], r"setting 'seed' must be in \[0, 4294967295\]"),
+    (["--seed", str(2**32)], r"setting 'seed' must be in \[0, 4294967295\]"),
+    (["--cpu-threads", "100000"], "setting 'cpu_threads' must be at most 1024"),
+    (["--wandb-timeout", "1e300"], "setting 'wandb_timeout' must be at most 86400 s"),
+    (["--output-dir", ""], "setting 'output_dir' cannot be empty"),
+    (["--resume", ""], "setting 'resume' cannot be empty"),
+    (["--data-dir", ""], "setting 'data_dir' cannot be empty"),
+])
+def test_settings_that_would_fail_later_with_a_traceback_are_errors_now(flags, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_args(flags)
+
+
+@pytest.mark.parametrize(("contents", "message"), [
+    (b"\x1f\x8b\x08\x00\xff\xfe", "is not text: give a YAML or JSON file"),
+    (b"1: 2\ngama: 3\n", "unknown setting 'gama'|unknown setting 1"),
+])
+def test_config_files_that_are_not_settings(tmp_path, contents, message):
+    (tmp_path / "bad.yaml").write_bytes(contents)
+    with pytest.raises(ConfigError, match=message):
+        parse_args(["--config", str(tmp_path / "bad.yaml")])
+
+
+# ------------------------------------------------------------------------------------ command lines
+
+@pytest.mark.parametrize(("module", "args", "fragments"), [
+    ("vaegan_dist.train", ["--gama", "3"], ["unrecognized arguments: --gama 3", "did you mean --gamma?"]),
+    ("vaegan_dist.train", ["--preset", "sed"], ["invalid choice: 'sed'", "did you mean seed?"]),
+    ("vaegan_dist.train", ["--lr", "fast"], ["argument --lr: invalid float value: 'fast'"]),
+    ("vaegan_dist.export", ["a", "b", "--dtype", "float8"], ["did you mean float32 or float16?"]),
+    ("vaegan_dist.sample", ["a", "--out", "x.png", "--mode", "sample"], ["did you mean samples?"]),
+    ("vaegan_dist.evaluation", ["a", "--seeed", "3"], ["did you mean --seed?"]),
+    ("vaegan_dist.report", [], ["the following arguments are required: output_dir"]),
+])
+def test_a_command_line_mistake_is_one_line_with_the_close_matches_and_help(module, args, fragments):
+    result = command(module, *args)
+    assert_one_line_error(result, 2, *fragments, "--help lists the flags")
+    assert "usage:" not in result.stderr
+
+
+def test_a_command_line_mistake_is_printed_by_the_first_process_only(monkeypatch, capsys):
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--gama", "3"])
+    assert exit_info.value.code == 2 and capsys.readouterr().err == ""

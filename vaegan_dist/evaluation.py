@@ -17,7 +17,6 @@ evaluation draws nothing from the global RNG: training continues exactly as with
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -32,7 +31,7 @@ from rich.table import Table
 from torch import Tensor, nn
 
 from vaegan_dist.classifier import NUM_CLASSES, Classifier, accuracy, embed, load_classifier
-from vaegan_dist.config import EXIT_BAD_INPUT, MIN_EVAL_SAMPLES, TrainConfig
+from vaegan_dist.config import EXIT_BAD_INPUT, MIN_EVAL_SAMPLES, ArgumentParser, TrainConfig
 from vaegan_dist.data import DataError, load_mnist
 from vaegan_dist.export import ExportError, add_weights_flag, load_networks
 from vaegan_dist.guard import OutputError, refuse_output
@@ -219,7 +218,7 @@ def fail(message: str) -> NoReturn:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="vaegan-eval", description="Evaluate the networks in a checkpoint or export directory against the "
         "MNIST test set with the shipped classifier; prints a table and writes JSON.")
     parser.add_argument("directory", type=Path, help="a checkpoint or export directory (config.json, "

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vaegan_dist.checkpoint import EMA_FILE, checkpoints_dir, newest_complete
-from vaegan_dist.config import EXIT_BAD_INPUT, ConfigError, TrainConfig
+from vaegan_dist.config import EXIT_BAD_INPUT, ArgumentParser, ConfigError, TrainConfig
 from vaegan_dist.guard import OutputError, refuse_output
 from vaegan_dist.models import Decoder, Encoder, build_models
 
@@ -99,7 +99,7 @@ def add_weights_flag(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """vaegan-export SOURCE OUT: the encoder and decoder of a checkpoint (or a run's newest) as an export."""
-    parser = argparse.ArgumentParser(prog="vaegan-export", description=main.__doc__)
+    parser = ArgumentParser(prog="vaegan-export", description=main.__doc__)
     parser.add_argument("source", help="a checkpoint directory, or a run's output directory (its newest checkpoint)")
     parser.add_argument("out", help="the export directory to write")
     parser.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="the weights' type")

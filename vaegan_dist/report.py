@@ -12,12 +12,13 @@ The curves need matplotlib, an optional extra: pip install 'vaegan-dist[report]'
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+from vaegan_dist.config import ArgumentParser
 
 EXIT_BAD_INPUT = 2
 CURVES = {  # file: (title, y label, {metrics key: legend label})
@@ -107,7 +108,7 @@ def write_report(output_dir: Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="vaegan-report", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="vaegan-report", description=__doc__.splitlines()[0])
     parser.add_argument("output_dir", type=Path, help="a run's --output-dir")
     output_dir = parser.parse_args(argv).output_dir
     if not output_dir.is_dir():

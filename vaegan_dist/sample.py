@@ -23,6 +23,7 @@ from PIL import Image
 from torch import Tensor, nn
 from torchvision.utils import make_grid
 
+from vaegan_dist.config import ArgumentParser
 from vaegan_dist.data import DataError, load_mnist
 from vaegan_dist.evaluation import fail, prior_samples
 from vaegan_dist.export import ExportError, add_weights_flag, load_networks
@@ -93,7 +94,7 @@ def write(pixels: Tensor, path: Path, grid_row: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="vaegan-sample", description=__doc__,
+    parser = ArgumentParser(prog="vaegan-sample", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("directory", type=Path, help="a checkpoint or export directory")
     parser.add_argument("--mode", choices=list(MODES), default="samples")
