@@ -210,3 +210,58 @@ def test_a_command_line_mistake_is_printed_by_the_first_process_only(monkeypatch
     with pytest.raises(SystemExit) as exit_info:
         parse_args(["--gama", "3"])
     assert exit_info.value.code == 2 and capsys.readouterr().err == ""
+
+
+# ------------------------------------------------------------------ vaegan-sample, -eval and -report inputs
+
+@pytest.mark.parametrize(("main_module", "flags", "message"), [
+    ("sample", ["--device", "foo"], "unknown device 'foo'"),
+    ("sample", ["--seed", str(2**70)], "seed 1180591620717411303424 is not in [0, 4294967295]"),
+    ("sample", ["--seed", "-1"], "seed -1 is not in [0, 4294967295]"),
+    ("evaluation", ["--device", "cuda:99"], "device 'cuda:99'"),
+    ("evaluation", ["--seed", "x"], "invalid seed 'x'"),
+    ("evaluation", ["--samples", "60001"], "--samples must be at most 60000"),
+])
+def test_devices_seeds_and_sample_counts_are_checked_first(exported, tmp_path, capsys, main_module, flags, message):
+    import importlib
+
+    main = importlib.import_module(f"vaegan_dist.{main_module}").main
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(exported), "--out", str(tmp_path / "out.png" if main_module == "sample" else "out.json"), *flags])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    assert message in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_eval_samples_beyond_the_training_set_are_an_error():
+    with pytest.raises(ConfigError, match=r"setting 'eval_samples' must be 0 .* from 4 to 60000"):
+        tiny_config(eval_samples=60001)
+
+
+@pytest.mark.parametrize(("write", "message"), [
+    (lambda d: (d / "metrics.jsonl").write_text('{"step": 1, "enc_loss": 1}\n[1]\n{"step": 3}\n'),
+     "line 2 is not a record with a step"),
+    (lambda d: (d / "metrics.jsonl").write_text('{"step": 1}\n{"loss": 1}\n{"step": 3}\n'),
+     "line 2 is not a record with a step"),
+    (lambda d: (d / "metrics.jsonl").write_bytes(b"\xff\xfe\x00\x01"), "is not text"),
+    (lambda d: ((d / "samples").mkdir(), (d / "samples" / "epoch_001.png").write_bytes(b"junk")),
+     "epoch_001.png is not a readable picture (UnidentifiedImageError): delete or restore it"),
+])
+def test_report_inputs_that_are_not_a_run_s_are_one_line_errors(tmp_path, capsys, write, message):
+    from vaegan_dist.report import main
+
+    write(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    assert message in err
+
+
+def test_report_draws_records_that_lack_a_series_with_a_gap(tmp_path):
+    pytest.importorskip("matplotlib")
+    from vaegan_dist.report import write_report
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "enc_loss": 1.0}\n{"step": 2, "dec_loss": 2.0}\n')
+    assert {p.name for p in write_report(tmp_path)} == {"loss_curves.png", "discriminator_outputs.png"}

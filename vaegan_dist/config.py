@@ -29,6 +29,7 @@ WandbMode = Literal["auto", "online", "offline", "disabled"]
 
 EXIT_BAD_INPUT = 2  # the exit status of every command given bad input (settings, data, files)
 MIN_EVAL_SAMPLES = 4  # precision and recall need k + 1 = 4 samples
+MAX_EVAL_SAMPLES = 60_000  # the floor uses as many training images, and MNIST has 60000
 MAX_SEED = 2**32 - 1  # numpy's seeds (accelerate's set_seed seeds numpy too) are 32-bit
 MAX_CPU_THREADS = 1024  # far beyond any useful count; 100000 threads make the process fail to load libraries
 MAX_WANDB_TIMEOUT = 86400.0  # a day; waits longer than the platform's time_t overflow
@@ -136,8 +137,9 @@ class TrainConfig:
         for key in ("dropout", "encoder_dropout", "decoder_dropout", "discriminator_dropout"):
             value = getattr(self, key)
             _require(key, value is None or 0 <= value < 1, "must be in [0, 1)")
-        _require("eval_samples", self.eval_samples == 0 or self.eval_samples >= MIN_EVAL_SAMPLES,
-                 f"must be 0 (no evaluation) or at least {MIN_EVAL_SAMPLES}")
+        _require("eval_samples", self.eval_samples == 0 or MIN_EVAL_SAMPLES <= self.eval_samples <= MAX_EVAL_SAMPLES,
+                 f"must be 0 (no evaluation) or from {MIN_EVAL_SAMPLES} to {MAX_EVAL_SAMPLES} (the floor uses as "
+                 "many training images)")
         _require("hidden_dim", self.hidden_dim >> (self.depth - 1) >= 1,
                  f"is too small for depth {self.depth}: the discriminator halves it per layer")
 
@@ -277,6 +279,32 @@ class ArgumentParser(argparse.ArgumentParser):
             line = " ".join(f"{message}{hint}".split())
             print(f"error: {self.prog}: {line} ({self.prog} --help lists the flags)", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
+
+
+def seed_flag(text: str) -> int:
+    """argparse type of a --seed: an int in [0, MAX_SEED]."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid seed {text!r}: give an integer") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"seed {value} is not in [0, {MAX_SEED}]")
+    return value
+
+
+def device_flag(text: str) -> str:
+    """argparse type of a --device: one torch knows, and that this machine has."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}: use cpu or cuda (cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"device {text!r}: no CUDA GPU is available here; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"device {text!r}: this machine has {torch.cuda.device_count()} GPUs")
+    return text
 
 
 def _flag_type(hint: Any) -> dict[str, Any]:

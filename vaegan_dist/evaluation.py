@@ -31,7 +31,15 @@ from rich.table import Table
 from torch import Tensor, nn
 
 from vaegan_dist.classifier import NUM_CLASSES, Classifier, accuracy, embed, load_classifier
-from vaegan_dist.config import EXIT_BAD_INPUT, MIN_EVAL_SAMPLES, ArgumentParser, TrainConfig
+from vaegan_dist.config import (
+    EXIT_BAD_INPUT,
+    MAX_EVAL_SAMPLES,
+    MIN_EVAL_SAMPLES,
+    ArgumentParser,
+    TrainConfig,
+    device_flag,
+    seed_flag,
+)
 from vaegan_dist.data import DataError, load_mnist
 from vaegan_dist.export import ExportError, add_weights_flag, load_networks
 from vaegan_dist.guard import OutputError, refuse_output
@@ -225,13 +233,15 @@ def main(argv: list[str] | None = None) -> None:
                         "encoder.safetensors, decoder.safetensors)")
     parser.add_argument("--samples", type=int, default=DEFAULT_SAMPLES, help="samples to generate (and test "
                         "images to reconstruct, at most 10k); the floor uses as many training images")
-    parser.add_argument("--seed", type=int, default=None, help="seed of the samples' z (default: the run's seed)")
+    parser.add_argument("--seed", type=seed_flag, default=None, help="seed of the samples' z (default: the run's seed)")
     parser.add_argument("--out", type=Path, default=Path("evaluation.json"), help="where to write the JSON")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=device_flag, default="cuda" if torch.cuda.is_available() else "cpu")
     add_weights_flag(parser)
     args = parser.parse_args(argv)
     if args.samples < MIN_EVAL_SAMPLES:
         fail(f"--samples must be at least {MIN_EVAL_SAMPLES} (precision and recall use 3 nearest neighbours)")
+    if args.samples > MAX_EVAL_SAMPLES:
+        fail(f"--samples must be at most {MAX_EVAL_SAMPLES}: the floor uses as many training images")
     try:
         refuse_output(args.out, "--out")
         args.out.parent.mkdir(parents=True, exist_ok=True)  # before the evaluation's minute, not after it

@@ -23,7 +23,7 @@ from PIL import Image
 from torch import Tensor, nn
 from torchvision.utils import make_grid
 
-from vaegan_dist.config import ArgumentParser
+from vaegan_dist.config import ArgumentParser, device_flag, seed_flag
 from vaegan_dist.data import DataError, load_mnist
 from vaegan_dist.evaluation import fail, prior_samples
 from vaegan_dist.export import ExportError, add_weights_flag, load_networks
@@ -101,9 +101,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="FILE.png, FILE.npy or FILE.gif")
     parser.add_argument("--count", type=int, default=None, help="how many (default: " +
                         ", ".join(f"{n} for {mode}" for mode, n in MODES.items()) + ")")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_flag, default=0)
     parser.add_argument("--steps", type=int, default=10, help="points per latent walk (interpolate)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=device_flag, default="cuda" if torch.cuda.is_available() else "cpu")
     add_weights_flag(parser)
     args = parser.parse_args(argv)
     count = MODES[args.mode] if args.count is None else args.count
