@@ -265,3 +265,19 @@ def test_report_draws_records_that_lack_a_series_with_a_gap(tmp_path):
 
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "enc_loss": 1.0}\n{"step": 2, "dec_loss": 2.0}\n')
     assert {p.name for p in write_report(tmp_path)} == {"loss_curves.png", "discriminator_outputs.png"}
+
+
+def test_a_gz_data_file_damaged_inside_its_compressed_stream_is_a_one_line_error(tmp_path):
+    import shutil
+
+    from vaegan_dist.data import BUNDLED_DIR, DataError, load_mnist
+
+    for file in BUNDLED_DIR.glob("t10k-*.gz"):
+        shutil.copy(file, tmp_path)
+    damaged = tmp_path / "t10k-labels-idx1-ubyte.gz"
+    data = bytearray(damaged.read_bytes())
+    for i in range(100, 400):
+        data[i] ^= 0x5A
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(DataError, match="it is truncated or damaged; replace it with a fresh copy"):
+        load_mnist(tmp_path, "test")
