@@ -281,3 +281,24 @@ def test_a_gz_data_file_damaged_inside_its_compressed_stream_is_a_one_line_error
     damaged.write_bytes(bytes(data))
     with pytest.raises(DataError, match="it is truncated or damaged; replace it with a fresh copy"):
         load_mnist(tmp_path, "test")
+
+
+def test_an_export_with_non_finite_weights_or_a_config_that_is_not_text_is_refused(exported, tmp_path):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from vaegan_dist.export import ExportError, load_networks
+
+    nan = shutil.copytree(exported, tmp_path / "nan")
+    weights = load_file(nan / "decoder.safetensors")
+    key = sorted(weights)[0]
+    weights[key] = torch.full_like(weights[key], float("nan"))
+    save_file(weights, nan / "decoder.safetensors")
+    with pytest.raises(ExportError, match=f"the decoder in .* has non-finite weights \\({key}\\)"):
+        load_networks(nan)
+    binary = shutil.copytree(exported, tmp_path / "binary")
+    (binary / "config.json").write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(ExportError, match=r"config\.json is not a usable config"):
+        load_networks(binary)

@@ -75,7 +75,7 @@ def load_networks(directory: str | Path, device: torch.device | str = "cpu",
                           "(one with config.json, encoder.safetensors and decoder.safetensors)")
     try:
         config = TrainConfig.from_dict(json.loads(config_path.read_text()), source=str(config_path))
-    except (json.JSONDecodeError, ConfigError) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError, ConfigError) as err:
         raise ExportError(f"{config_path} is not a usable config ({err}): restore it from the run's "
                           "output directory") from None
     with torch.device("meta"):  # no random initialisation: loading draws nothing from the global RNG
@@ -89,6 +89,9 @@ def load_networks(directory: str | Path, device: torch.device | str = "cpu",
             reason = " ".join(" ".join(str(err).strip().splitlines()[:2]).split())  # torch's first mismatch
             raise ExportError(f"cannot load the {name} from {path} ({reason}): it is missing, damaged, or "
                               f"does not match {CONFIG_FILE}") from None
+        if bad := [key for key, t in state.items() if not torch.isfinite(t).all()]:
+            raise ExportError(f"the {name} in {path} has non-finite weights ({bad[0]}): its digits would be "
+                              "blank; use another checkpoint or export")
     return config, encoder.eval(), decoder.eval()
 
 
