@@ -24,6 +24,7 @@ from vaegan_dist.checkpoint import (
     save_checkpoint,
     verify,
 )
+from vaegan_dist.losses import LossTerms
 from vaegan_dist.models import build_models
 from vaegan_dist.step import NETWORKS, routed_gradients
 
@@ -45,6 +46,9 @@ def trained(config, seed=0):
 
 
 RNG_STATE = torch.Generator().manual_seed(123).get_state()
+# A process's open metrics window, as train.MetricWindow.to_tensors() writes it (a resumed run reads it back).
+WINDOW = {"window.terms": torch.zeros(len(LossTerms.names())), "window.norms": torch.zeros(len(NETWORKS)),
+          "window.steps": torch.tensor([0])}
 
 
 def save(accelerator, tmp_path, step, config=None, networks=None, optimizers=None):
@@ -52,7 +56,7 @@ def save(accelerator, tmp_path, step, config=None, networks=None, optimizers=Non
     if networks is None:
         networks, optimizers = trained(config)
     return save_checkpoint(accelerator, tmp_path, config, Position(step, 1, 2048), networks, optimizers,
-                           {"seed": 0, "skipped_steps": 0}, {"rng.torch": RNG_STATE})
+                           {"seed": 0, "skipped_steps": 0}, {"rng.torch": RNG_STATE, **WINDOW})
 
 
 def test_round_trip_restores_weights_and_optimizer_state_exactly(accelerator, tmp_path):

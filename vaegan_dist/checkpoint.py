@@ -50,7 +50,8 @@ MARKER = "COMPLETE"
 LATEST = "latest"
 NAME_PATTERN = re.compile(r"^step_(\d+)$")
 # Settings that shape the networks' parameters or the data order: a resume that changes them is an error.
-ARCHITECTURE_KEYS = ("latent_dim", "hidden_dim", "depth", "seed")
+# (spectral_norm: the discriminator's weights become parametrizations, with power-iteration vectors.)
+ARCHITECTURE_KEYS = ("latent_dim", "hidden_dim", "depth", "seed", "spectral_norm")
 # Settings that say how to run, not what to train: they change on resume without comment.
 RUN_KEYS = ("resume", "output_dir", "data_dir", "max_steps", "save_every", "keep_last", "keep_every",
             "log_every", "requeue", "cpu_threads", "mixed_precision", "on_save_error", "max_consecutive_skips",
@@ -260,7 +261,7 @@ def verify(path: Path) -> str | None:
             return f"{name} is missing"
         if _sha256(file) != expected:
             return f"{name} does not match its SHA-256 (truncated or damaged)"
-    return None
+    return check_contents(path)
 
 
 def newest_complete(root: Path, report: Callable[[str], None]) -> Path | None:
@@ -336,9 +337,133 @@ def config_changes(saved: Mapping[str, Any], config: TrainConfig) -> Iterator[tu
     new = config.to_dict()
     for key in ARCHITECTURE_KEYS:
         if key in saved and saved[key] != new[key]:
+            flag = f"--{key.replace('_', '-')}"
+            if isinstance(saved[key], bool):
+                flag = flag if saved[key] else f"--no-{flag[2:]}"
+            else:
+                flag = f"{flag} {saved[key]}"
             raise CheckpointError(f"setting {key!r} is {new[key]!r} but the checkpoint was trained with "
-                                  f"{saved[key]!r}: resume with --{key.replace('_', '-')} {saved[key]}, or "
+                                  f"{saved[key]!r}: resume with {flag}, or "
                                   "start a new run in another --output-dir (or with --resume none)")
     for key, value in new.items():
         if key not in ARCHITECTURE_KEYS and key not in RUN_KEYS and key in saved and saved[key] != value:
             yield key, saved[key], value
+
+
+# ------------------------------------------------------------------------------------ contents, on load
+
+NUM_TRAINING_IMAGES = 60_000  # MNIST's training set: an epoch's position never passes it
+OPTIMIZER_MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def check_contents(path: Path) -> str | None:
+    """None if what a resumed run relies on makes sense; otherwise what does not, in a few words.
+
+    The SHA-256 marker proves the files were written whole, not that they are right. This checks state.json's keys
+    and their types, the position (not negative, its step the directory's, within an epoch), the networks' and the
+    moving average's tensors (the keys, shapes and dtypes that config.json's networks have; finite), the Adam states
+    (one pair of moments of each parameter's shape and a step count per parameter; finite), each process's rank file,
+    and that the weights hash to the replicas' digests recorded at the save.
+    """
+    try:
+        return _contents_problem(path)
+    except Exception as err:  # a file that reads but does not parse as what it should be
+        return f"its contents cannot be read ({type(err).__name__}: {' '.join(str(err).split())[:200]})"
+
+
+def _contents_problem(path: Path) -> str | None:
+    from vaegan_dist.config import ConfigError
+    from vaegan_dist.losses import LossTerms
+    from vaegan_dist.models import build_models
+
+    state = json.loads((path / "state.json").read_text())
+    if not isinstance(state, dict):
+        return "state.json is not a JSON object"
+    expected_types = {"position": dict, "seed": int, "skipped_steps": int, "world_size": int, "replica_digests": list}
+    for key, kind in expected_types.items():
+        if key not in state:
+            return f"state.json has no {key!r}"
+        if not isinstance(state[key], kind) or isinstance(state[key], bool):
+            return f"state.json's {key!r} is {state[key]!r}, not {kind.__name__}"
+    for key, kinds in (("wandb_run_id", (str, type(None))), ("scaler", (dict, type(None)))):
+        if not isinstance(state.get(key), kinds):
+            return f"state.json's {key!r} is {state[key]!r}"
+    position = state["position"]
+    if set(position) != {"step", "epoch", "images_seen"}:
+        return f"state.json's position {position!r} is not step, epoch and images_seen"
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in position.values()):
+        return f"state.json's position {position!r} is not three counts >= 0"
+    match = NAME_PATTERN.match(path.name)
+    if match and int(match.group(1)) != position["step"]:
+        return f"state.json's step {position['step']} is not the directory's ({path.name})"
+    if position["images_seen"] > NUM_TRAINING_IMAGES or position["epoch"] > position["step"]:
+        return f"state.json's position {position!r} is inconsistent (more images than an epoch, or epochs than steps)"
+    if not 0 <= state["skipped_steps"] <= position["step"] or state["world_size"] < 1:
+        return f"state.json's skipped_steps {state['skipped_steps']} or world_size {state['world_size']} is impossible"
+    digests = state["replica_digests"]
+    if len(digests) != state["world_size"] or len(set(digests)) != 1:
+        return f"state.json's replica_digests do not agree ({len(set(digests))} distinct for {state['world_size']})"
+
+    try:
+        config = TrainConfig.from_dict(json.loads((path / "config.json").read_text()), source="config.json")
+    except ConfigError as err:
+        return f"its config.json is not usable ({err})"
+    if state["seed"] != config.seed:
+        return f"state.json's seed {state['seed']} is not config.json's {config.seed}"
+    with torch.device("meta"):  # shapes only: nothing is initialised, nothing drawn from the global RNG
+        modules = dict(zip(NETWORK_FILES, build_models(config), strict=True))
+    names = [*NETWORK_FILES, *([EMA_FILE] if (path / f"{EMA_FILE}.safetensors").is_file() else [])]
+    networks = {}
+    for name in names:
+        module = modules["decoder" if name == EMA_FILE else name]
+        expected = module.state_dict()
+        tensors = load_file(path / f"{name}.safetensors")
+        if problem := _tensors_problem(f"{name}.safetensors", tensors, expected):
+            return problem
+        with torch.device("meta"):
+            copy = build_models(config)[NETWORK_FILES.index("decoder" if name == EMA_FILE else name)]
+        copy.load_state_dict(tensors, assign=True)
+        networks[name] = copy
+    if weights_digest(networks) != digests[0]:
+        return "its weights do not hash to the replicas' digests recorded at the save"
+
+    flat = load_file(path / "optimizers.safetensors")
+    expected = {}
+    for network, module in modules.items():
+        for index, parameter in enumerate(module.parameters()):
+            for moment in OPTIMIZER_MOMENTS:
+                expected[f"{network}.{index}.{moment}"] = parameter
+            expected[f"{network}.{index}.step"] = torch.empty((), device="meta")
+    if flat and (problem := _tensors_problem("optimizers.safetensors", flat, expected)):
+        return problem
+    if any((t < 0).any() for k, t in flat.items() if not k.endswith(".exp_avg")):
+        return "optimizers.safetensors holds a negative step count or second moment"
+
+    window = {"window.terms": (len(LossTerms.names()),), "window.norms": (len(NETWORK_FILES),), "window.steps": (1,)}
+    for rank in range(state["world_size"]):
+        file = path / f"rank_{rank}.safetensors"
+        if not file.is_file():
+            return f"rank_{rank}.safetensors is missing (written by {state['world_size']} processes)"
+        tensors = load(file.read_bytes())
+        if "rng.torch" not in tensors or tensors["rng.torch"].dtype != torch.uint8:
+            return f"rank_{rank}.safetensors has no torch RNG state"
+        for key, shape in window.items():
+            if key not in tensors or tuple(tensors[key].shape) != shape:
+                return f"rank_{rank}.safetensors's {key} is missing or of the wrong shape"
+    return None
+
+
+def _tensors_problem(file: str, tensors: Mapping[str, Tensor], expected: Mapping[str, Tensor]) -> str | None:
+    """What is wrong with tensors against expected's keys, shapes and dtypes; non-finite values too."""
+    if missing := sorted(set(expected) - set(tensors)):
+        return f"{file} lacks {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+    if extra := sorted(set(tensors) - set(expected)):
+        return f"{file} has {extra[0]}, which the networks of config.json do not"
+    for key, want in expected.items():
+        got = tensors[key]
+        if got.shape != want.shape or got.dtype != want.dtype:
+            return (f"{file}'s {key} is {got.dtype} {tuple(got.shape)}, the networks need {want.dtype} "
+                    f"{tuple(want.shape)}")
+        if got.is_floating_point() and not torch.isfinite(got).all():
+            return f"{file}'s {key} is not finite"
+    return None
