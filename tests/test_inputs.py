@@ -302,3 +302,14 @@ def test_an_export_with_non_finite_weights_or_a_config_that_is_not_text_is_refus
     (binary / "config.json").write_bytes(b"\xff\xfe\x00")
     with pytest.raises(ExportError, match=r"config\.json is not a usable config"):
         load_networks(binary)
+
+
+def test_a_copied_checkpoint_is_still_guarded_and_a_stray_complete_file_is_not_one(checkpoint, tmp_path):
+    import shutil
+
+    copy = shutil.copytree(checkpoint, tmp_path / "saved")
+    with pytest.raises(guard.OutputError, match="is inside the checkpoint directory"):
+        guard.refuse_output(copy / "x.png", "--out")
+    (tmp_path / "project").mkdir()
+    (tmp_path / "project" / "COMPLETE").write_text("done\n")
+    guard.refuse_output(tmp_path / "project" / "x.png", "--out")

@@ -26,11 +26,12 @@ class OutputError(ConfigError):
 def checkpoint_holding(path: str | Path) -> Path | None:
     """The checkpoint directory (or a run's checkpoints/ folder) that path is or lies in, else None.
 
-    A checkpoint directory is one with a COMPLETE marker, or a step_N (or .tmp-step_N) directory in a folder named
-    checkpoints; the checkpoints/ folder of a run is reserved for checkpoints too."""
+    A checkpoint directory is one with a COMPLETE marker and a state.json (wherever it was copied to), or a step_N
+    (or .tmp-step_N) directory in a folder named checkpoints; the checkpoints/ folder of a run is reserved for
+    checkpoints too."""
     path = Path(path).absolute().resolve()
     for folder in (path, *path.parents):
-        if (folder / MARKER).is_file():
+        if (folder / MARKER).is_file() and (folder / "state.json").is_file():  # not just any file named COMPLETE
             return folder
         if STEP_DIR.match(folder.name) and folder.parent.name == CHECKPOINTS:
             return folder
