@@ -15,6 +15,7 @@ from accelerate import Accelerator
 
 import vaegan_dist.checkpoint as checkpoint_module
 from tests.conftest import tiny_config
+from tests.test_checkpoint import WINDOW
 from tests.test_step import adam_for
 from vaegan_dist.checkpoint import CheckpointError, Position, save_checkpoint
 from vaegan_dist.models import build_models
@@ -30,8 +31,10 @@ def main(out_dir: str) -> None:
     optimizers = dict(zip(NETWORKS, adam_for(networks, config), strict=True))
 
     def save(step: int) -> Path:
-        return save_checkpoint(accelerator, out_dir, config, Position(step), named, optimizers, {},
-                               {"rng.torch": torch.get_rng_state()})
+        # the state and rank tensors that train.py writes, which the load-time contents check expects
+        return save_checkpoint(accelerator, out_dir, config, Position(step), named, optimizers,
+                               {"seed": config.seed, "skipped_steps": 0},
+                               {"rng.torch": torch.get_rng_state(), **WINDOW})
 
     save(1)
     if accelerator.process_index == 1:
