@@ -90,7 +90,10 @@ def test_minimax_decoder_keeps_its_adversarial_term():
     x, eps, z_p = make_inputs(config)
     routed = routed_gradients(encoder, decoder, discriminator, x, eps, z_p, config)
     terms = routed.terms
-    assert terms.dec_loss == pytest.approx(config.gamma * terms.rec - terms.dis_loss, rel=1e-12)
+    # 0-d float64 tensors: compare them as tensors (pytest.approx of a tensor is an error since pytest 9.2),
+    # with approx's former tolerances (rel 1e-12, abs 1e-12), same dtype and shape.
+    torch.testing.assert_close(terms.dec_loss, config.gamma * terms.rec - terms.dis_loss, rtol=1e-12, atol=1e-12)
+    assert terms.dec_loss.dtype == torch.float64 and terms.dis_loss.abs() > 1e-3  # a term that does not vanish
 
     mu, logvar = encoder(x)
     x_tilde = decoder(mu + eps * torch.exp(0.5 * logvar))

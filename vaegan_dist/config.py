@@ -8,13 +8,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
+import math
+import re
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import yaml
+
+from vaegan_dist.exits import fail
 
 Similarity = Literal["logit", "hidden"]
 GeneratorLoss = Literal["minimax", "non_saturating"]
@@ -23,6 +28,10 @@ WandbMode = Literal["auto", "online", "offline", "disabled"]
 
 
 MIN_EVAL_SAMPLES = 4  # precision and recall need k + 1 = 4 samples
+MAX_EVAL_SAMPLES = 60_000  # the floor uses as many training images, and MNIST has 60000
+MAX_SEED = 2**32 - 1  # numpy's seeds (accelerate's set_seed seeds numpy too) are 32-bit
+MAX_CPU_THREADS = 1024  # far beyond any useful count; 100000 threads make the process fail to load libraries
+MAX_WANDB_TIMEOUT = 86400.0  # a day; waits longer than the platform's time_t overflow
 
 
 class ConfigError(ValueError):
@@ -116,13 +125,20 @@ class TrainConfig:
             _require(key, value is None or value > 0, "must be positive (or none)")
         for key in ("gamma", "beta", "lr", "discriminator_lr_scale", "wandb_timeout"):
             _require(key, getattr(self, key) > 0, "must be positive")
+        for key in ("output_dir", "resume", "data_dir"):
+            _require(key, getattr(self, key) != "", "cannot be empty (none: leave it out)")
+        _require("seed", 0 <= self.seed <= MAX_SEED, f"must be in [0, {MAX_SEED}]")
+        _require("cpu_threads", self.cpu_threads is None or self.cpu_threads <= MAX_CPU_THREADS,
+                 f"must be at most {MAX_CPU_THREADS}")
+        _require("wandb_timeout", self.wandb_timeout <= MAX_WANDB_TIMEOUT, f"must be at most {MAX_WANDB_TIMEOUT:g} s")
         for key in ("adam_beta1", "adam_beta2", "ema_decay", "lr_decay_start"):
             _require(key, 0 <= getattr(self, key) < 1, "must be in [0, 1)")
         for key in ("dropout", "encoder_dropout", "decoder_dropout", "discriminator_dropout"):
             value = getattr(self, key)
             _require(key, value is None or 0 <= value < 1, "must be in [0, 1)")
-        _require("eval_samples", self.eval_samples == 0 or self.eval_samples >= MIN_EVAL_SAMPLES,
-                 f"must be 0 (no evaluation) or at least {MIN_EVAL_SAMPLES}")
+        _require("eval_samples", self.eval_samples == 0 or MIN_EVAL_SAMPLES <= self.eval_samples <= MAX_EVAL_SAMPLES,
+                 f"must be 0 (no evaluation) or from {MIN_EVAL_SAMPLES} to {MAX_EVAL_SAMPLES} (the floor uses as "
+                 "many training images)")
         _require("hidden_dim", self.hidden_dim >> (self.depth - 1) >= 1,
                  f"is too small for depth {self.depth}: the discriminator halves it per layer")
 
@@ -135,7 +151,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
-        unknown = sorted(set(values) - FIELD_NAMES)
+        unknown = sorted(set(values) - FIELD_NAMES, key=str)
         if unknown:
             raise ConfigError(f"unknown setting {unknown[0]!r} in {source}: known settings are "
                               f"{', '.join(sorted(FIELD_NAMES))}")
@@ -202,15 +218,22 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             raise ConfigError(f"setting {key!r} is {value!r}: choose one of {', '.join(map(str, args))}")
         return value
     if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
+        return _finite(key, float(value))
     if hint is float and isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
         try:
-            return float(value)
+            return _finite(key, float(value))
         except ValueError:
             pass
     if isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
         return value
     raise ConfigError(f"setting {key!r} must be {hint.__name__}, not {value!r}")
+
+
+def _finite(key: str, value: float) -> float:
+    """value, unless it is inf or nan: such a setting would reach the weights (--lr inf fills them with NaN)."""
+    if not math.isfinite(value):
+        raise ConfigError(f"setting {key!r} is {value}: it must be a finite number")
+    return value
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
@@ -220,6 +243,8 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         text = path.read_text()
     except OSError as err:
         raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not text: give a YAML or JSON file") from None
     try:
         values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as err:
@@ -229,6 +254,53 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise ConfigError(f"config file {path} must hold a mapping of setting names to values")
     return values
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a command-line mistake is one line like every other error, `error: ...`, with the close matches
+    of a mistyped flag or choice and a pointer to --help, and exit status EXIT_BAD_INPUT; not the whole usage."""
+
+    def error(self, message: str) -> NoReturn:
+        hint = ""
+        if unknown := re.match(r"unrecognized arguments: (.*)", message):
+            flags = [word for word in unknown.group(1).split() if word.startswith("-")]
+            options = [o for o in self._option_string_actions if o.startswith("--")]
+            matches = {flag: difflib.get_close_matches(flag.split("=")[0], options, n=2) for flag in flags}
+            hint = "".join(f"; {flag}: did you mean {' or '.join(close)}?" for flag, close in matches.items() if close)
+            if len(flags) == 1 and hint:
+                hint = hint.replace(f"; {flags[0]}:", ";")
+        elif choice := re.match(r"argument (\S+): invalid choice: '?([^' ]*)'? \(choose from (.*)\)", message):
+            choices = [c.strip(" '\"") for c in choice.group(3).split(",")]
+            if close := difflib.get_close_matches(choice.group(2), choices, n=2):
+                hint = f"; did you mean {' or '.join(close)}?"
+        line = " ".join(f"{message}{hint}".split())
+        fail(f"{self.prog}: {line} ({self.prog} --help lists the flags)")
+
+
+def seed_flag(text: str) -> int:
+    """argparse type of a --seed: an int in [0, MAX_SEED]."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid seed {text!r}: give an integer") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"seed {value} is not in [0, {MAX_SEED}]")
+    return value
+
+
+def device_flag(text: str) -> str:
+    """argparse type of a --device: one torch knows, and that this machine has."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}: use cpu or cuda (cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"device {text!r}: no CUDA GPU is available here; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"device {text!r}: this machine has {torch.cuda.device_count()} GPUs")
+    return text
 
 
 def _flag_type(hint: Any) -> dict[str, Any]:
@@ -253,7 +325,7 @@ def _flag_type(hint: Any) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="train.py",
         description="Train the VAE/GAN of Larsen et al. (2016) on MNIST with Accelerate.",
         epilog="Defaults shown are the default preset's; --preset changes some of them.",
@@ -279,5 +351,10 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     preset = flags.pop("preset", file_values.pop("preset", DEFAULT_PRESET))
     if not isinstance(preset, str) or preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
-    return TrainConfig.from_dict({**PRESETS[preset], **file_values, **flags},
-                                 source=f"config file {config_file}")
+    config = TrainConfig.from_dict({**PRESETS[preset], **file_values, **flags}, source=f"config file {config_file}")
+    from vaegan_dist.guard import refuse_output  # it imports this module
+
+    refuse_output(config.output_dir, "--output-dir")
+    if config.data_dir is not None:  # MNIST may be downloaded into it
+        refuse_output(config.data_dir, "--data-dir")
+    return config

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -79,7 +80,7 @@ def read_idx(path: Path, name: str) -> Tensor:
     """The uint8 array in an IDX file (gzipped or not), after checking its header and MD5."""
     try:
         raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    except (OSError, EOFError, gzip.BadGzipFile) as err:
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as err:  # zlib: damage inside the compressed data
         raise DataError(f"cannot read MNIST file {path} ({err}): it is truncated or damaged; "
                         "replace it with a fresh copy") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != IDX_UBYTE:

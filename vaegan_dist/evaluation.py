@@ -17,7 +17,6 @@ evaluation draws nothing from the global RNG: training continues exactly as with
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from functools import cached_property
@@ -30,10 +29,18 @@ from rich.table import Table
 from torch import Tensor, nn
 
 from vaegan_dist.classifier import NUM_CLASSES, Classifier, accuracy, embed, load_classifier
-from vaegan_dist.config import MIN_EVAL_SAMPLES, TrainConfig
+from vaegan_dist.config import (
+    MAX_EVAL_SAMPLES,
+    MIN_EVAL_SAMPLES,
+    ArgumentParser,
+    TrainConfig,
+    device_flag,
+    seed_flag,
+)
 from vaegan_dist.data import DataError, load_mnist
 from vaegan_dist.exits import fail
 from vaegan_dist.export import ExportError, add_weights_flag, load_networks
+from vaegan_dist.guard import OutputError, refuse_output
 from vaegan_dist.metrics import (
     class_histogram,
     frechet_distance,
@@ -211,20 +218,29 @@ def evaluation_line(step: int, scores: dict[str, float]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="vaegan-eval", description="Evaluate the networks in a checkpoint or export directory against the "
         "MNIST test set with the shipped classifier; prints a table and writes JSON.")
     parser.add_argument("directory", type=Path, help="a checkpoint or export directory (config.json, "
                         "encoder.safetensors, decoder.safetensors)")
     parser.add_argument("--samples", type=int, default=DEFAULT_SAMPLES, help="samples to generate (and test "
                         "images to reconstruct, at most 10k); the floor uses as many training images")
-    parser.add_argument("--seed", type=int, default=None, help="seed of the samples' z (default: the run's seed)")
+    parser.add_argument("--seed", type=seed_flag, default=None, help="seed of the samples' z (default: the run's seed)")
     parser.add_argument("--out", type=Path, default=Path("evaluation.json"), help="where to write the JSON")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=device_flag, default="cuda" if torch.cuda.is_available() else "cpu")
     add_weights_flag(parser)
     args = parser.parse_args(argv)
     if args.samples < MIN_EVAL_SAMPLES:
         fail(f"--samples must be at least {MIN_EVAL_SAMPLES} (precision and recall use 3 nearest neighbours)")
+    if args.samples > MAX_EVAL_SAMPLES:
+        fail(f"--samples must be at most {MAX_EVAL_SAMPLES}: the floor uses as many training images")
+    try:
+        refuse_output(args.out, "--out")
+        args.out.parent.mkdir(parents=True, exist_ok=True)  # before the evaluation's minute, not after it
+    except OutputError as err:
+        fail(str(err))
+    except OSError as err:
+        fail(f"cannot write --out {args.out} ({err.strerror or err}): choose a writable path")
     try:
         config, encoder, decoder = load_networks(args.directory, args.device, args.weights)
         scores = evaluate(encoder, decoder, config, args.samples, Reference(args.device), args.seed)
@@ -236,8 +252,11 @@ def main(argv: list[str] | None = None) -> None:
     floor = {k.removeprefix("floor_"): v for k, v in scores.items() if k.startswith("floor_")}
     report = {"directory": str(args.directory), "num_samples": args.samples, "seed": seed,
               "model": model, "floor": floor}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    try:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    except OSError as err:
+        fail(f"cannot write --out {args.out} ({err.strerror or err}): choose a writable path")
     print(f"wrote {args.out}")
 
 

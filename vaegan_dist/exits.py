@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from enum import IntEnum
 from typing import NoReturn
@@ -20,6 +21,8 @@ class Ending(IntEnum):
 
 
 def fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
-    """The command's end on an error: one line on stderr, then exit with `code`."""
-    print(f"error: {message}", file=sys.stderr)
+    """The command's end on an error: one line on stderr (from the first process only, under a multi-process
+    launcher, where every process meets the same error), then exit with `code`."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"error: {message}", file=sys.stderr)
     sys.exit(code)

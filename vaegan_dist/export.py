@@ -20,8 +20,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vaegan_dist.checkpoint import EMA_FILE, checkpoints_dir, newest_complete
-from vaegan_dist.config import ConfigError, TrainConfig
+from vaegan_dist.config import ArgumentParser, ConfigError, TrainConfig
 from vaegan_dist.exits import fail
+from vaegan_dist.guard import OutputError, refuse_output
 from vaegan_dist.models import Decoder, Encoder, build_models
 
 CONFIG_FILE = "config.json"
@@ -74,7 +75,7 @@ def load_networks(directory: str | Path, device: torch.device | str = "cpu",
                           "(one with config.json, encoder.safetensors and decoder.safetensors)")
     try:
         config = TrainConfig.from_dict(json.loads(config_path.read_text()), source=str(config_path))
-    except (json.JSONDecodeError, ConfigError) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError, ConfigError) as err:
         raise ExportError(f"{config_path} is not a usable config ({err}): restore it from the run's "
                           "output directory") from None
     with torch.device("meta"):  # no random initialisation: loading draws nothing from the global RNG
@@ -88,6 +89,9 @@ def load_networks(directory: str | Path, device: torch.device | str = "cpu",
             reason = " ".join(" ".join(str(err).strip().splitlines()[:2]).split())  # torch's first mismatch
             raise ExportError(f"cannot load the {name} from {path} ({reason}): it is missing, damaged, or "
                               f"does not match {CONFIG_FILE}") from None
+        if bad := [key for key, t in state.items() if not torch.isfinite(t).all()]:
+            raise ExportError(f"the {name} in {path} has non-finite weights ({bad[0]}): its digits would be "
+                              "blank; use another checkpoint or export")
     return config, encoder.eval(), decoder.eval()
 
 
@@ -98,17 +102,20 @@ def add_weights_flag(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """vaegan-export SOURCE OUT: the encoder and decoder of a checkpoint (or a run's newest) as an export."""
-    parser = argparse.ArgumentParser(prog="vaegan-export", description=main.__doc__)
+    parser = ArgumentParser(prog="vaegan-export", description=main.__doc__)
     parser.add_argument("source", help="a checkpoint directory, or a run's output directory (its newest checkpoint)")
     parser.add_argument("out", help="the export directory to write")
     parser.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="the weights' type")
     add_weights_flag(parser)
     args = parser.parse_args(argv)
     try:
+        refuse_output(args.out, "the export directory", (args.source, network_directory(args.source)), directory=True)
         config, encoder, decoder = load_networks(args.source, weights=args.weights)
         export_networks(encoder, decoder, config, args.out, getattr(torch, args.dtype))
-    except (ExportError, OSError) as err:
+    except (ExportError, OutputError) as err:
         fail(str(err))
+    except OSError as err:
+        fail(f"cannot write the export to {args.out} ({err.strerror or err}): choose a writable directory")
     source = network_directory(args.source)
     averaged = args.weights == "ema" and (source / f"{EMA_FILE}.safetensors").is_file()
     print(f"exported the encoder and decoder of {source} to {args.out}"

@@ -12,12 +12,13 @@ The curves need matplotlib, an optional extra: pip install 'vaegan-dist[report]'
 
 from __future__ import annotations
 
-import argparse
 import json
+import math
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from vaegan_dist.config import ArgumentParser
 from vaegan_dist.exits import fail
 
 CURVES = {  # file: (title, y label, {metrics key: legend label})
@@ -41,6 +42,8 @@ def read_metrics(path: Path) -> list[dict[str, float]]:
         lines = path.read_text().splitlines()
     except OSError as err:
         raise ReportError(f"cannot read {path} ({err.strerror}): give the output directory of a run") from None
+    except UnicodeDecodeError:
+        raise ReportError(f"{path} is not text: it is not a run's metrics.jsonl") from None
     by_step = {}
     for number, line in enumerate(lines, 1):
         if not line.strip():
@@ -51,6 +54,8 @@ def read_metrics(path: Path) -> list[dict[str, float]]:
             if number == len(lines):  # the line a running or killed job was writing
                 continue
             raise ReportError(f"{path} line {number} is not JSON: fix or delete that line") from None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            raise ReportError(f"{path} line {number} is not a record with a step: fix or delete that line")
         if not any(key.startswith("eval/") for key in record):
             by_step[record["step"]] = record
     return [by_step[step] for step in sorted(by_step)]
@@ -69,7 +74,7 @@ def write_loss_curves(records: list[dict[str, float]], output_dir: Path) -> list
     for name, (title, ylabel, series) in CURVES.items():
         fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
         for key, label in series.items():
-            ax.plot(steps, [r[key] for r in records], label=label, linewidth=1.2)
+            ax.plot(steps, [r.get(key, math.nan) for r in records], label=label, linewidth=1.2)  # a gap if missing
         ax.set(title=title, xlabel="step", ylabel=ylabel)
         ax.grid(alpha=0.3)
         ax.legend()
@@ -87,7 +92,10 @@ def write_samples_gif(output_dir: Path) -> Path | None:
         return None
     frames = []
     for png in pngs:
-        grid = Image.open(png).convert("L")
+        try:
+            grid = Image.open(png).convert("L")
+        except (OSError, ValueError) as err:
+            raise ReportError(f"{png} is not a readable picture ({type(err).__name__}): delete or restore it") from None
         frame = Image.new("L", (grid.width, grid.height + CAPTION_HEIGHT))
         frame.paste(grid, (0, CAPTION_HEIGHT))
         ImageDraw.Draw(frame).text((2, 1), f"epoch {int(png.stem.removeprefix('epoch_'))}", fill=255)
@@ -107,15 +115,20 @@ def write_report(output_dir: Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="vaegan-report", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="vaegan-report", description=__doc__.splitlines()[0])
     parser.add_argument("output_dir", type=Path, help="a run's --output-dir")
     output_dir = parser.parse_args(argv).output_dir
     if not output_dir.is_dir():
         fail(f"{output_dir} is not a directory: give the output directory of a run")
+    from vaegan_dist.guard import OutputError, refuse_output
+
     try:
+        refuse_output(output_dir, "the output directory")
         paths = write_report(output_dir)
-    except ReportError as err:
+    except (ReportError, OutputError) as err:
         fail(str(err))
+    except OSError as err:
+        fail(f"cannot write the pictures into {output_dir} ({err.strerror or err}): make it writable")
     for path in paths:
         print(path)
 

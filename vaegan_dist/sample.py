@@ -21,10 +21,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from vaegan_dist.config import ArgumentParser, device_flag, seed_flag
 from vaegan_dist.data import DataError, load_mnist
 from vaegan_dist.evaluation import prior_samples
 from vaegan_dist.exits import fail
 from vaegan_dist.export import ExportError, add_weights_flag, load_networks
+from vaegan_dist.guard import OutputError, refuse_output
 from vaegan_dist.models import IMAGE_PIXELS, eval_mode, images_to_pixels
 from vaegan_dist.pictures import grid_image, reconstruction_pairs, save_grid, to_uint8
 
@@ -83,16 +85,16 @@ def write(pixels: Tensor, path: Path, grid_row: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="vaegan-sample", description=__doc__,
+    parser = ArgumentParser(prog="vaegan-sample", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("directory", type=Path, help="a checkpoint or export directory")
     parser.add_argument("--mode", choices=list(MODES), default="samples")
     parser.add_argument("--out", type=Path, required=True, help="FILE.png, FILE.npy or FILE.gif")
     parser.add_argument("--count", type=int, default=None, help="how many (default: " +
                         ", ".join(f"{n} for {mode}" for mode, n in MODES.items()) + ")")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_flag, default=0)
     parser.add_argument("--steps", type=int, default=10, help="points per latent walk (interpolate)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=device_flag, default="cuda" if torch.cuda.is_available() else "cpu")
     add_weights_flag(parser)
     args = parser.parse_args(argv)
     count = MODES[args.mode] if args.count is None else args.count
@@ -107,11 +109,15 @@ def main(argv: list[str] | None = None) -> None:
         fail(f"--mode {args.mode} --count {count} needs {test_digits_needed} distinct test digits, more than "
              f"the {NUM_TEST_IMAGES} there are: lower --count")
     try:
+        refuse_output(args.out, "--out")
         config, encoder, decoder = load_networks(args.directory, args.device, args.weights)
         pixels = make(args.mode, encoder, decoder, config.latent_dim, count, args.steps, args.seed, args.device)
-    except (ExportError, DataError) as err:
+    except (ExportError, DataError, OutputError) as err:
         fail(str(err))
-    write(pixels, args.out, args.steps if args.mode == "interpolate" else GRID_ROW)
+    try:
+        write(pixels, args.out, args.steps if args.mode == "interpolate" else GRID_ROW)
+    except OSError as err:
+        fail(f"cannot write --out {args.out} ({err.strerror or err}): choose a writable path")
     print(f"wrote {args.out}")
 
 
