@@ -129,3 +129,12 @@ def test_bad_flag_value_exits_with_a_one_line_error(tmp_path):
                              str(tmp_path)], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 2
     assert result.stderr.strip() == "error: setting 'epochs' must be positive"
+
+
+def test_help_says_what_every_setting_means(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "1000")  # one line per flag: no wrapping inside the texts
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    shown = capsys.readouterr().out
+    for f in dataclasses.fields(TrainConfig):
+        assert f.metadata["help"] and f"{f.metadata['help']} (default: " in shown, f.name

@@ -38,80 +38,76 @@ class ConfigError(ValueError):
     """A setting that cannot be used. The message names the key and what to do."""
 
 
+def setting(default: Any, help: str) -> Any:
+    """A TrainConfig field: its default, and its meaning, which `--help` shows."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """All settings of a training run. The defaults are the ``default`` preset."""
 
-    # Losses (Larsen et al. 2016). gamma weighs the learned similarity in the decoder's loss,
-    # beta in the encoder's; similarity picks Dis_l; generator_loss picks the decoder's GAN term.
-    gamma: float = 1.0
-    beta: float = 5.0
-    similarity: Similarity = "hidden"
-    generator_loss: GeneratorLoss = "non_saturating"
-    # Networks: hidden_dim is the encoder's and decoder's width and the discriminator's first width
-    # (it halves per layer); depth is the number of hidden layers in each network.
-    latent_dim: int = 20
-    hidden_dim: int = 1024
-    depth: int = 3
-    # Dropout before every linear layer; a per-network value, when set, replaces `dropout` there.
-    dropout: float = 0.1
-    encoder_dropout: float | None = 0.0
-    decoder_dropout: float | None = 0.0
-    discriminator_dropout: float | None = None
-    # Spectral normalisation of every discriminator layer (Miyato et al. 2018).
-    spectral_norm: bool = False
-    # Adam, one optimizer per network, all with the same settings but the discriminator's learning rate, which is
-    # lr × discriminator_lr_scale (a two time-scale update rule, Heusel et al. 2017, when above 1).
-    lr: float = 3e-4
-    discriminator_lr_scale: float = 1.0
-    adam_beta1: float = 0.5
-    adam_beta2: float = 0.999
-    # lr_schedule "linear": lr until lr_decay_start (a fraction of the run's steps), then linearly down to 0 at
-    # the run's last step; "constant": lr throughout.
-    lr_schedule: Literal["constant", "linear"] = "constant"
-    lr_decay_start: float = 0.5
-    # A moving average of the decoder's weights, decay ema_decay per step (0: none). Samples, evaluations and
-    # exports use it; training never reads it, so the trained weights are those of the same run without it.
-    ema_decay: float = 0.999
-    # batch_size is per process; global_batch_size, when set, replaces it with global / processes.
-    batch_size: int = 64
-    global_batch_size: int | None = None
-    epochs: int = 50
-    max_steps: int | None = None
-    seed: int = 0
-    # None: whatever `accelerate launch` was told (--mixed_precision or its config file), else "no".
-    mixed_precision: MixedPrecision | None = None
-    # data_dir None means the MNIST bundled with the package.
-    data_dir: str | None = None
-    output_dir: str = "outputs"
-    log_every: int = 50
-    # Checkpoints in <output_dir>/checkpoints: every save_every steps and at the end; the newest keep_last
-    # are kept, and those at multiples of keep_every steps for good. resume: auto (the newest intact one, or
-    # a fresh start), latest (the newest, which must exist), none, or a checkpoint's path.
-    save_every: int = 2000
-    keep_last: int = 3
-    keep_every: int | None = None
-    resume: str = "auto"
-    # A periodic save that fails (disk full, permissions): stop the run (exit 3), or warn and continue.
-    on_save_error: Literal["stop", "continue"] = "stop"
-    # After a preemption save (SIGTERM/SIGUSR1), run `scontrol requeue $SLURM_JOB_ID` from the main process.
-    requeue: bool = False
-    # This many non-finite steps in a row (each skipped on every process) end the run with a checkpoint.
-    max_consecutive_skips: int = 100
-    # Threads per process on the CPU; None: the cores divided among this machine's processes. (Launchers
-    # set OMP_NUM_THREADS=1, which would leave a single process on one core.)
-    cpu_threads: int | None = None
-    # torch.compile the three networks (slow to start; see the README's Performance section).
-    compile: bool = False
-    # The classifier-based evaluation (vaegan_dist.evaluation) every eval_every steps and always at the end,
-    # on eval_samples samples; eval_every none: only at the end; eval_samples 0: never.
-    eval_every: int | None = None
-    eval_samples: int = 10_000
-    # W&B: auto is online when an API key is configured, else offline. wandb_timeout bounds its start and
-    # finish; image_every is the steps between sample and reconstruction grids sent to it.
-    wandb: WandbMode = "auto"
-    wandb_timeout: float = 30.0
-    image_every: int = 500
+    # Losses (Larsen et al. 2016)
+    gamma: float = setting(1.0, "weight of rec, the learned similarity, in the decoder's loss")
+    beta: float = setting(5.0, "weight of rec in the encoder's loss")
+    similarity: Similarity = setting("hidden", "Dis_l: the discriminator's logit (the design) or its last hidden "
+                                     "layer (the paper)")
+    generator_loss: GeneratorLoss = setting("non_saturating", "the decoder's GAN term: minimax (−dis_loss, the "
+                                            "design) or non_saturating")
+    # Networks
+    latent_dim: int = setting(20, "size of z")
+    hidden_dim: int = setting(1024, "width of the encoder's and decoder's hidden layers, and the discriminator's "
+                              "first (it halves per layer)")
+    depth: int = setting(3, "hidden layers in each network")
+    dropout: float = setting(0.1, "dropout before every linear layer, where no per-network value replaces it")
+    encoder_dropout: float | None = setting(0.0, "the encoder's dropout (none: --dropout)")
+    decoder_dropout: float | None = setting(0.0, "the decoder's dropout (none: --dropout)")
+    discriminator_dropout: float | None = setting(None, "the discriminator's dropout (none: --dropout)")
+    spectral_norm: bool = setting(False, "spectral normalisation of every discriminator layer (Miyato et al. "
+                                  "2018)")
+    # Optimisation: one Adam per network
+    lr: float = setting(3e-4, "Adam's learning rate")
+    discriminator_lr_scale: float = setting(1.0, "the discriminator's learning rate is lr times this (two "
+                                            "time-scale updates when above 1)")
+    adam_beta1: float = setting(0.5, "Adam's β1")
+    adam_beta2: float = setting(0.999, "Adam's β2")
+    lr_schedule: Literal["constant", "linear"] = setting("constant", "constant: lr throughout; linear: lr until "
+                                                         "lr_decay_start, then down to 0 at the last step")
+    lr_decay_start: float = setting(0.5, "where the linear schedule starts to decay, as a fraction of the run")
+    ema_decay: float = setting(0.999, "decay per step of a moving average of the decoder's weights, which "
+                               "samples, evaluations and exports use; training never reads it (0: none)")
+    # Data and run length
+    batch_size: int = setting(64, "images per step per process")
+    global_batch_size: int | None = setting(None, "images per step over all processes, instead of batch_size")
+    epochs: int = setting(50, "passes over the training set")
+    max_steps: int | None = setting(None, "stop after this many global steps, mid-epoch if need be")
+    seed: int = setting(0, "seeds the initial weights, the data order and the noise")
+    mixed_precision: MixedPrecision | None = setting(None, "no, bf16 or fp16 (none: what accelerate launch was "
+                                                     "told, else no)")
+    data_dir: str | None = setting(None, "a directory with the four MNIST IDX files (none: the bundled copy)")
+    # Outputs, checkpoints and resuming
+    output_dir: str = setting("outputs", "where everything goes")
+    log_every: int = setting(50, "steps between records in metrics.jsonl, W&B and the console")
+    save_every: int = setting(2000, "steps between checkpoints (one is always written at the end)")
+    keep_last: int = setting(3, "checkpoints kept, newest first")
+    keep_every: int | None = setting(None, "also keep for good the checkpoints at multiples of this many steps")
+    resume: str = setting("auto", "auto (the newest intact checkpoint, or a fresh start), latest (which must "
+                          "exist), none, or a checkpoint's path")
+    on_save_error: Literal["stop", "continue"] = setting("stop", "a periodic save that fails: stop the run (exit "
+                                                         "3), or warn and try again at the next")
+    requeue: bool = setting(False, "after a preemption save, run `scontrol requeue $SLURM_JOB_ID`")
+    max_consecutive_skips: int = setting(100, "non-finite steps in a row that end the run, with a checkpoint "
+                                         "(exit 4)")
+    # Speed
+    cpu_threads: int | None = setting(None, "threads per process on the CPU (none: the cores divided among this "
+                                      "machine's processes)")
+    compile: bool = setting(False, "torch.compile the three networks (slow to start)")
+    # Evaluation and W&B
+    eval_every: int | None = setting(None, "steps between evaluations (none: only at the end)")
+    eval_samples: int = setting(10_000, "samples per evaluation (0: no evaluation)")
+    wandb: WandbMode = setting("auto", "W&B mode; auto: online when an API key is configured, else offline")
+    wandb_timeout: float = setting(30.0, "seconds W&B may take to start and to finish a run")
+    image_every: int = setting(500, "steps between the sample and reconstruction grids sent to W&B")
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
@@ -339,7 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
         parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=argparse.SUPPRESS,
-                            help=f"(default: {getattr(defaults, f.name)})", **_flag_type(hints[f.name]))
+                            help=f"{f.metadata['help']} (default: {getattr(defaults, f.name)})",
+                            **_flag_type(hints[f.name]))
     return parser
 
 
