@@ -22,6 +22,8 @@ def test_seed_preset_is_the_design():
     assert all(config.network_dropout(n) == 0.1 for n in ("encoder", "decoder", "discriminator"))
     assert (config.lr, config.adam_beta1, config.adam_beta2) == (1e-4, 0.9, 0.999)
     assert (config.batch_size, config.epochs) == (128, 50)
+    # The design's encoder loss: kld (divided by B·784) + β·rec; no pixel term; rec not normalised.
+    assert (config.kl_weight, config.pixel_weight, config.normalise_similarity) == (1.0, 0.0, False)
 
 
 def test_paper_preset_differs_from_the_design_only_in_similarity():
@@ -84,6 +86,7 @@ def test_json_config_and_none_for_optional_settings(tmp_path):
     ("similarity: cosine\n", "setting 'similarity' is 'cosine': choose one of logit, hidden"),
     ("epochs: 0\n", "setting 'epochs' must be positive"),
     ("lr: -1e-4\n", "setting 'lr' must be positive"),
+    ("kl_weight: -1\n", "setting 'kl_weight' must be 0 or more"),
     ("lr: 1e-4x\n", "setting 'lr' must be float"),
     ("dropout: 1.5\n", r"setting 'dropout' must be in \[0, 1\)"),
     ("preset: fancy\n", "unknown preset 'fancy'"),

@@ -40,6 +40,13 @@ class TrainConfig:
     beta: float = 5.0
     similarity: Similarity = "hidden"
     generator_loss: GeneratorLoss = "non_saturating"
+    # The autoencoder's terms (issue #20; the design: 1, 0, off). kl_weight multiplies the KL divergence, which
+    # the design divides by B·784 (784 weighs each image's KL in full); pixel_weight weighs mean((x̃ − x)²) on
+    # [-1, 1] pixels in both the encoder's and the decoder's loss (never the discriminator's);
+    # normalise_similarity divides rec by mean(Dis_l(x)²), detached, so rec does not grow as D's features sharpen.
+    kl_weight: float = 1.0
+    pixel_weight: float = 0.0
+    normalise_similarity: bool = False
     # Networks: hidden_dim is the encoder's and decoder's width and the discriminator's first width
     # (it halves per layer); depth is the number of hidden layers in each network.
     latent_dim: int = 20
@@ -117,6 +124,8 @@ class TrainConfig:
             _require(key, value is None or value > 0, "must be positive (or none)")
         for key in ("gamma", "beta", "lr", "discriminator_lr_scale", "wandb_timeout"):
             _require(key, getattr(self, key) > 0, "must be positive")
+        for key in ("kl_weight", "pixel_weight"):
+            _require(key, getattr(self, key) >= 0, "must be 0 or more")
         for key in ("adam_beta1", "adam_beta2", "ema_decay", "lr_decay_start"):
             _require(key, 0 <= getattr(self, key) < 1, "must be in [0, 1)")
         for key in ("dropout", "encoder_dropout", "decoder_dropout", "discriminator_dropout"):
