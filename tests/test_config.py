@@ -43,6 +43,15 @@ def test_default_is_the_starting_point_with_lr_3e_4_batch_64_sampled_from_the_de
     assert TrainConfig.preset("seed").ema_decay == TrainConfig.preset("paper").ema_decay == 0.0
 
 
+def test_autoencoder_preset_is_the_default_with_the_autoencoder_terms():
+    default, autoencoder = TrainConfig().to_dict(), TrainConfig.preset("autoencoder").to_dict()
+    assert {k: autoencoder[k] for k in default if default[k] != autoencoder[k]} == {
+        "kl_weight": 10.0, "pixel_weight": 10.0, "normalise_similarity": True}
+    for name in ("seed", "paper", "starting_point", "default"):
+        config = TrainConfig.preset(name)
+        assert (config.kl_weight, config.pixel_weight, config.normalise_similarity) == (1.0, 0.0, False)
+
+
 def test_seed_networks_have_the_design_layer_shapes():
     encoder, decoder, discriminator = build_models(TrainConfig.preset("seed"))
     linear_shapes = lambda net: [tuple(m.weight.shape) for m in net.modules()  # noqa: E731

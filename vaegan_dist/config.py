@@ -187,6 +187,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The starting point with lr 3e-4 and batch 64 (twice the steps in the same epochs), sampled from the
     # decoder's moving average: under half its classifier-FID after 50 epochs (README, Results).
     "default": {},
+    # The default with an encoder that autoencodes (issue #20): the KL weighed 10× the design's, a pixel term
+    # 10·mean((x̃ − x)²) beside the learned similarity, and rec normalised by mean(Dis_l(x)²) (README, Results).
+    "autoencoder": dict(kl_weight=10.0, pixel_weight=10.0, normalise_similarity=True),
 }
 DEFAULT_PRESET = "default"
 FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(TrainConfig))
