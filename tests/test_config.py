@@ -22,6 +22,8 @@ def test_seed_preset_is_the_design():
     assert all(config.network_dropout(n) == 0.1 for n in ("encoder", "decoder", "discriminator"))
     assert (config.lr, config.adam_beta1, config.adam_beta2) == (1e-4, 0.9, 0.999)
     assert (config.batch_size, config.epochs) == (128, 50)
+    # The design's encoder loss: kld (divided by B·784) + β·rec; no pixel term; rec not normalised.
+    assert (config.kl_weight, config.pixel_weight, config.normalise_similarity) == (1.0, 0.0, False)
 
 
 def test_paper_preset_differs_from_the_design_only_in_similarity():
@@ -39,6 +41,15 @@ def test_default_is_the_starting_point_with_lr_3e_4_batch_64_sampled_from_the_de
     assert (config.ema_decay, config.batch_size) == (0.999, 64)
     assert dataclasses.replace(config, lr=2e-4, ema_decay=0.0, batch_size=128) == TrainConfig.preset("starting_point")
     assert TrainConfig.preset("seed").ema_decay == TrainConfig.preset("paper").ema_decay == 0.0
+
+
+def test_autoencoder_preset_is_the_default_with_the_autoencoder_terms():
+    default, autoencoder = TrainConfig().to_dict(), TrainConfig.preset("autoencoder").to_dict()
+    assert {k: autoencoder[k] for k in default if default[k] != autoencoder[k]} == {
+        "kl_weight": 10.0, "pixel_weight": 10.0, "normalise_similarity": True}
+    for name in ("seed", "paper", "starting_point", "default"):
+        config = TrainConfig.preset(name)
+        assert (config.kl_weight, config.pixel_weight, config.normalise_similarity) == (1.0, 0.0, False)
 
 
 def test_seed_networks_have_the_design_layer_shapes():
@@ -84,6 +95,7 @@ def test_json_config_and_none_for_optional_settings(tmp_path):
     ("similarity: cosine\n", "setting 'similarity' is 'cosine': choose one of logit, hidden"),
     ("epochs: 0\n", "setting 'epochs' must be positive"),
     ("lr: -1e-4\n", "setting 'lr' must be positive"),
+    ("kl_weight: -1\n", "setting 'kl_weight' must be 0 or more"),
     ("lr: 1e-4x\n", "setting 'lr' must be float"),
     ("dropout: 1.5\n", r"setting 'dropout' must be in \[0, 1\)"),
     ("preset: fancy\n", "unknown preset 'fancy'"),

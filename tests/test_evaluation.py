@@ -25,6 +25,9 @@ from vaegan_dist.models import images_to_pixels
 
 NUM_SAMPLES = 300
 SAMPLE_KEYS = {"fid", "kid", "precision", "recall", "inception_score", *(f"class_{c}" for c in range(NUM_CLASSES))}
+LATENT_KEYS = {"latent_mean_abs", "latent_std_mean", "latent_std_min", "latent_std_max", "latent_std_worst",
+               "latent_sigma"}
+MODEL_KEYS = {*SAMPLE_KEYS, "recon_mse", "recon_accuracy", "recon_fid", *LATENT_KEYS}
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +70,7 @@ def test_evaluate_scores_perfect_and_blurring_reconstructions(reference):
     config = tiny_config(latent_dim=784, seed=5)
     perfect = evaluate(PixelsAsLatent(), nn.Identity(), config, NUM_SAMPLES, reference)
     blurring = evaluate(PixelsAsLatent(), Blur(), config, NUM_SAMPLES, reference)
-    assert set(perfect) == {*SAMPLE_KEYS, "recon_mse", "recon_accuracy",
-                            *(f"floor_{key}" for key in {*SAMPLE_KEYS, "recon_accuracy"})}
+    assert set(perfect) == {*MODEL_KEYS, *(f"floor_{key}" for key in {*SAMPLE_KEYS, "recon_accuracy", "recon_fid"})}
     assert all(math.isfinite(value) for value in perfect.values())
     # Reconstructing with the identity: no error, and the classifier's accuracy on the real test digits.
     assert perfect["recon_mse"] == 0.0
@@ -82,6 +84,54 @@ def test_evaluate_scores_perfect_and_blurring_reconstructions(reference):
     assert evaluate(PixelsAsLatent(), nn.Identity(), config, NUM_SAMPLES, reference) == perfect
     reseeded = evaluate(PixelsAsLatent(), nn.Identity(), config, NUM_SAMPLES, reference, seed=6)
     assert reseeded["fid"] != perfect["fid"]
+
+
+class Standardise(nn.Module):
+    """An identity-like encoder with a 784-d code: μ = (x − m) / s per pixel over the test set, σ = 0.1."""
+
+    def __init__(self, pixels: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mean", pixels.mean(dim=0))
+        self.register_buffer("std", pixels.std(dim=0).clamp(min=1e-3))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return (x - self.mean) / self.std, torch.full_like(x, 2 * math.log(0.1))
+
+
+class Unstandardise(nn.Module):
+    """Its decoder, applied to a code that is `scale`·z, or z with its dimensions shuffled, first."""
+
+    def __init__(self, encoder: Standardise, scale: float = 1.0, shuffle: bool = False) -> None:
+        super().__init__()
+        self.encoder, self.scale = encoder, scale
+        order = torch.randperm(784, generator=torch.Generator().manual_seed(0)) if shuffle else torch.arange(784)
+        self.register_buffer("order", order)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return (self.scale * z[:, self.order] * self.encoder.std + self.encoder.mean).clamp(-1, 1)
+
+
+def test_reconstruction_and_posterior_metrics_separate_a_working_autoencoder_from_broken_ones(reference):
+    config = tiny_config(latent_dim=784)
+    encoder = Standardise(reference.test_pixels[:NUM_SAMPLES])
+    scores = {name: evaluate(encoder, decoder, config, NUM_SAMPLES, reference) for name, decoder in (
+        ("working", Unstandardise(encoder)), ("shuffled", Unstandardise(encoder, shuffle=True)),
+        ("scaled", Unstandardise(encoder, scale=0.2)))}
+    working, shuffled, scaled = scores["working"], scores["shuffled"], scores["scaled"]
+    # The test images themselves (FID 17 at 300 images, against 10 for 300 training images: sampling noise).
+    assert working["recon_accuracy"] > 0.97 and working["recon_mse"] < 1e-6
+    assert working["recon_fid"] < 2 * working["floor_recon_fid"]
+    for broken in (shuffled, scaled):
+        assert broken["recon_accuracy"] < 0.6 and broken["recon_mse"] > 0.01
+        assert broken["recon_fid"] > 20 * working["recon_fid"]
+    # The code is standardised over these very images: |mean of μ| 0, std of z √(1 + 0.1²) wherever a pixel
+    # varies (constant pixels give μ = 0 and std 0.1, give or take the noise of 300 draws: the worst dimension).
+    assert working["latent_mean_abs"] < 1e-4 and working["latent_sigma"] == pytest.approx(0.1)
+    assert working["latent_std_max"] == pytest.approx(math.sqrt(1.01), rel=0.05)
+    assert working["latent_std_worst"] == working["latent_std_min"] == pytest.approx(0.1, rel=0.15)
+    # The pixels as the code (the encoder above without standardising): far from the prior.
+    raw = evaluate(PixelsAsLatent(), nn.Identity(), config, NUM_SAMPLES, reference)
+    assert raw["latent_mean_abs"] > 0.5 and raw["latent_sigma"] == 1.0
 
 
 def test_shares_cover_the_rows_in_order_then_padding():
@@ -132,13 +182,15 @@ def test_evaluation_during_training_is_logged_and_changes_nothing_else(tmp_path)
 def test_vaegan_eval_prints_the_table_beside_the_floor_and_writes_json(exported, reference, tmp_path, capsys,
                                                                       monkeypatch):
     monkeypatch.setattr(evaluation, "Reference", lambda device: reference)  # reuse the test features
+    monkeypatch.setenv("COLUMNS", "200")  # rich wraps long labels in a narrow terminal
     out = tmp_path / "eval.json"
     evaluation.main([str(exported), "--samples", "200", "--out", str(out), "--device", "cpu"])
     printed = capsys.readouterr().out
     assert "real data (floor)" in printed and "classifier-FID" in printed and "class histogram" in printed
     report = json.loads(out.read_text())
     assert (report["num_samples"], report["seed"]) == (200, tiny_config().seed)
-    assert set(report["model"]) == {*SAMPLE_KEYS, "recon_mse", "recon_accuracy"}
+    assert set(report["model"]) == MODEL_KEYS
+    assert "reconstruction classifier-FID" in printed and "std of z, the dim farthest from 1" in printed
     assert report["floor"] == {key.removeprefix("floor_"): value for key, value in reference.floor(200).items()}
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from vaegan_dist.metrics import (
+    aggregate_posterior,
     class_histogram,
     frechet_distance,
     inception_score,
@@ -114,3 +115,23 @@ def test_class_histogram_counts_the_most_probable_class():
     histogram = class_histogram(probs)
     assert histogram.shape == (10,) and histogram.sum().item() == pytest.approx(1.0)
     assert histogram[2].item() == 0.75 and histogram[7].item() == 0.25
+
+
+def test_aggregate_posterior_of_the_prior_and_of_shifted_scaled_and_collapsed_codes():
+    g = torch.Generator().manual_seed(0)
+    n, d = 20_000, 4
+    mu, eps = torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)
+    # μ ~ N(0, 0.6²) with σ = 0.8: z = μ + σ·ε has variance 0.36 + 0.64 = 1, as a posterior matching the prior.
+    matched = aggregate_posterior(0.6 * mu, torch.full((n, d), 2 * torch.tensor(0.8).log().item()), eps)
+    assert matched["latent_mean_abs"] < 0.02 and matched["latent_sigma"] == pytest.approx(0.8)
+    assert all(abs(matched[f"latent_std_{k}"] - 1) < 0.02 for k in ("mean", "min", "max", "worst"))
+    # A shifted code in one dimension, a doubled one in another, σ → 0 (deterministic encoder).
+    logvar = torch.full((n, d), -20.0)
+    broken = aggregate_posterior(mu * torch.tensor([1.0, 2.0, 1.0, 0.25]) + torch.tensor([0.0, 0.0, 2.0, 0.0]),
+                                 logvar, eps)
+    assert broken["latent_mean_abs"] == pytest.approx(0.5, abs=0.02)
+    assert broken["latent_std_max"] == pytest.approx(2.0, rel=0.02)
+    assert broken["latent_std_min"] == pytest.approx(0.25, rel=0.02)
+    assert broken["latent_std_worst"] == broken["latent_std_max"]  # |2 − 1| > |0.25 − 1|
+    assert broken["latent_std_mean"] == pytest.approx((1 + 2 + 1 + 0.25) / 4, rel=0.02)
+    assert broken["latent_sigma"] < 1e-4

@@ -42,12 +42,15 @@ def reference_gradients(encoder, decoder, discriminator, x, eps, z_p, config):
     def losses(x_tilde, x_p, mu, logvar):
         dis = bce(D(x_tilde), zeros) + bce(D(x_p), zeros) + bce(D(x), ones)
         rec = ((dis_l(x_tilde) - dis_l(x)) ** 2).mean()
+        if config.normalise_similarity:
+            rec = rec / (dis_l(x) ** 2).mean().detach()
+        pixel = config.pixel_weight * ((x_tilde - x) ** 2).mean()
         kld = -0.5 * (1 + logvar - mu**2 - logvar.exp()).sum() / (BATCH * 784)
         if config.generator_loss == "minimax":
             dec = config.gamma * rec - dis
         else:
             dec = config.gamma * rec + bce(D(x_tilde), ones) + bce(D(x_p), ones)
-        return dis, dec, kld + config.beta * rec
+        return dis, dec + pixel, config.kl_weight * kld + config.beta * rec + pixel
 
     mu, logvar = encoder(x)
     z = mu + eps * torch.exp(0.5 * logvar)
@@ -63,10 +66,14 @@ def reference_gradients(encoder, decoder, discriminator, x, eps, z_p, config):
     return {"encoder": g_enc, "decoder": g_dec, "discriminator": g_dis}
 
 
+AUTOENCODER_TERMS = {"kl_weight": 30.0, "pixel_weight": 7.0, "normalise_similarity": True}
+
+
 @pytest.mark.parametrize("similarity", ["logit", "hidden"])
 @pytest.mark.parametrize("generator_loss", ["minimax", "non_saturating"])
-def test_routed_gradients_match_independent_formulation(similarity, generator_loss):
-    config = tiny_config(similarity=similarity, generator_loss=generator_loss, dropout=0.0)
+@pytest.mark.parametrize("terms", [{}, AUTOENCODER_TERMS], ids=["design", "autoencoder_terms"])
+def test_routed_gradients_match_independent_formulation(similarity, generator_loss, terms):
+    config = tiny_config(similarity=similarity, generator_loss=generator_loss, dropout=0.0, **terms)
     torch.manual_seed(1)
     networks = [net.double() for net in build_models(config)]
     x, eps, z_p = make_inputs(config)
@@ -101,6 +108,21 @@ def test_minimax_decoder_keeps_its_adversarial_term():
     gamma_rec_grads = torch.autograd.grad(config.gamma * rec, list(decoder.parameters()))
     difference = max((a - b).abs().max() for a, b in zip(routed["decoder"], gamma_rec_grads, strict=True))
     assert difference > 1e-6
+
+
+def test_autoencoder_terms_are_logged_and_weighted_as_documented():
+    x, eps, z_p = make_inputs(tiny_config())
+    torch.manual_seed(4)
+    networks = [net.double() for net in build_models(tiny_config(dropout=0.0))]
+    design = routed_gradients(*networks, x, eps, z_p, tiny_config(dropout=0.0)).terms
+    terms = routed_gradients(*networks, x, eps, z_p, tiny_config(dropout=0.0, **AUTOENCODER_TERMS)).terms
+    # The same pass: kld and the pixel error do not depend on the settings; rec is divided by mean(Dis_l(x)²).
+    assert terms.kld == design.kld and terms.pixel == design.pixel > 0 and terms.dis_l_power == design.dis_l_power
+    assert terms.rec == pytest.approx(design.rec / design.dis_l_power, rel=1e-12)
+    assert terms.enc_loss == pytest.approx(30 * terms.kld + 5 * terms.rec + 7 * terms.pixel, rel=1e-12)
+    assert terms.dec_loss == pytest.approx(25 * terms.rec + terms.gen_loss + 7 * terms.pixel, rel=1e-12)
+    assert design.enc_loss == design.kld + 5 * design.rec  # the design, bit for bit
+    assert design.dec_loss == 25 * design.rec + design.gen_loss
 
 
 def test_routed_gradients_are_left_in_grad_and_replace_old_ones():

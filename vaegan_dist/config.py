@@ -54,6 +54,13 @@ class TrainConfig:
                                      "layer (the paper)")
     generator_loss: GeneratorLoss = setting("non_saturating", "the decoder's GAN term: minimax (−dis_loss, the "
                                             "design) or non_saturating")
+    # The autoencoder's terms (the design: 1, 0, off); see README, "What one step computes"
+    kl_weight: float = setting(1.0, "multiplies the KL divergence, which the design divides by B·784 (784 weighs "
+                               "each image's KL in full)")
+    pixel_weight: float = setting(0.0, "weight of mean((x̃ − x)²) on [-1, 1] pixels in the encoder's and the "
+                                  "decoder's loss (never the discriminator's)")
+    normalise_similarity: bool = setting(False, "divide rec by mean(Dis_l(x)²), detached, so that it does not "
+                                         "grow as the discriminator's features sharpen")
     # Networks
     latent_dim: int = setting(20, "size of z")
     hidden_dim: int = setting(1024, "width of the encoder's and decoder's hidden layers, and the discriminator's "
@@ -127,6 +134,8 @@ class TrainConfig:
         _require("cpu_threads", self.cpu_threads is None or self.cpu_threads <= MAX_CPU_THREADS,
                  f"must be at most {MAX_CPU_THREADS}")
         _require("wandb_timeout", self.wandb_timeout <= MAX_WANDB_TIMEOUT, f"must be at most {MAX_WANDB_TIMEOUT:g} s")
+        for key in ("kl_weight", "pixel_weight"):
+            _require(key, getattr(self, key) >= 0, "must be 0 or more")
         for key in ("adam_beta1", "adam_beta2", "ema_decay", "lr_decay_start"):
             _require(key, 0 <= getattr(self, key) < 1, "must be in [0, 1)")
         for key in ("dropout", "encoder_dropout", "decoder_dropout", "discriminator_dropout"):
@@ -189,6 +198,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The starting point with lr 3e-4 and batch 64 (twice the steps in the same epochs), sampled from the
     # decoder's moving average: under half its classifier-FID after 50 epochs (README, Results).
     "default": {},
+    # The default with an encoder that autoencodes (issue #20): the KL weighed 10× the design's, a pixel term
+    # 10·mean((x̃ − x)²) beside the learned similarity, and rec normalised by mean(Dis_l(x)²) (README, Results).
+    "autoencoder": dict(kl_weight=10.0, pixel_weight=10.0, normalise_similarity=True),
 }
 DEFAULT_PRESET = "default"
 FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(TrainConfig))

@@ -3,9 +3,12 @@
 From the classifier's penultimate features of N samples x_p = Dec(z_p), z_p ~ N(0, I), against those of the
 10k test images: classifier-FID, KID, precision and recall (k = 3), the inception score and the class
 histogram. From the first min(N, 10k) test images and their reconstructions Dec(μ(x)): the pixel MSE (on
-[0, 1] pixels) and the classifier's accuracy on the reconstructions. Every result carries the real-data floor
-under `floor_<metric>`: the same metrics for N training images in place of the samples (and the classifier's
-accuracy on the real test images), because classifier-FID means nothing across classifiers or sample sizes.
+[0, 1] pixels), the classifier's accuracy on the reconstructions, and their classifier-FID against the test
+images (recon_fid, the same features as the samples' FID); and the aggregate posterior of the encoder over
+those images (metrics.aggregate_posterior: |mean of μ|, the standard deviation of z = μ + σ·ε per dimension,
+the mean σ). Every result carries the real-data floor under `floor_<metric>`: the same metrics for N training
+images in place of the samples (and the classifier's accuracy on the real test images; for recon_fid, the
+training images' FID), because classifier-FID means nothing across classifiers or sample sizes.
 
 `Reference` holds the classifier and the test set's features, computed once per process (a few seconds on a
 CPU) and reused by every evaluation of a run; the floor is computed once per sample count. Nothing is
@@ -42,6 +45,7 @@ from vaegan_dist.exits import fail
 from vaegan_dist.export import ExportError, add_weights_flag, load_networks
 from vaegan_dist.guard import OutputError, refuse_output
 from vaegan_dist.metrics import (
+    aggregate_posterior,
     class_histogram,
     frechet_distance,
     inception_score,
@@ -97,10 +101,12 @@ class Reference:
             images, _ = load_mnist(None, "train")
             chosen = torch.randperm(len(images), generator=torch.Generator().manual_seed(FLOOR_SEED))
             pixels = images_to_pixels(images[chosen[:num_samples]]).to(self.device)
+            metrics = self.sample_metrics(*embed(self.classifier, pixels))
             self._floors[num_samples] = {
-                **self.sample_metrics(*embed(self.classifier, pixels)),
+                **metrics,
                 "recon_accuracy": accuracy(self.classifier, self.test_pixels[:num_samples],
                                            self.test_labels[:num_samples]),
+                "recon_fid": metrics["fid"],
             }
         return self._floors[num_samples]
 
@@ -108,6 +114,12 @@ class Reference:
 def prior_samples(num_samples: int, latent_dim: int, seed: int) -> Tensor:
     """z_p ~ N(0, I) of shape (num_samples, latent_dim) on the CPU, from a generator of its own."""
     return torch.randn(num_samples, latent_dim, generator=torch.Generator().manual_seed(seed))
+
+
+def posterior_noise(num_test: int, latent_dim: int, seed: int) -> Tensor:
+    """ε ~ N(0, I) for z = μ + σ·ε of the first num_test test images: a generator of its own, seeded seed + 1
+    (not the samples' stream)."""
+    return prior_samples(num_test, latent_dim, seed + 1)
 
 
 def embed_samples(decoder: nn.Module, reference: Reference, z: Tensor) -> tuple[Tensor, Tensor]:
@@ -118,23 +130,29 @@ def embed_samples(decoder: nn.Module, reference: Reference, z: Tensor) -> tuple[
 
 
 def reconstruct_test(encoder: nn.Module, decoder: nn.Module, reference: Reference,
-                     test_index: Tensor) -> tuple[Tensor, Tensor]:
-    """(squared error on [0, 1] pixels, correct as 1.0 or 0.0) of the reconstructions Dec(μ(x)) of the test
-    images test_index, one per image."""
+                     test_index: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Of the reconstructions Dec(μ(x)) of the test images test_index, one row per image: the squared error
+    on [0, 1] pixels, correct (1.0 or 0.0), the classifier's features; and the encoder's μ and log σ²."""
     index = test_index.to(reference.device)
     x = reference.test_pixels[index]
     with eval_mode(encoder, decoder):
-        x_tilde = torch.cat([decoder(encoder(part)[0]).float() for part in x.split(BATCH)])
-    _, probs = embed(reference.classifier, x_tilde)
-    return ((x_tilde - x) / 2).square().mean(dim=1), (probs.argmax(dim=1) == reference.test_labels[index]).float()
+        posterior = [encoder(part) for part in x.split(BATCH)]
+        mu = torch.cat([m.float() for m, _ in posterior])
+        logvar = torch.cat([v.float() for _, v in posterior])
+        x_tilde = torch.cat([decoder(part).float() for part in mu.split(BATCH)])
+    features, probs = embed(reference.classifier, x_tilde)
+    correct = (probs.argmax(dim=1) == reference.test_labels[index]).float()
+    return ((x_tilde - x) / 2).square().mean(dim=1), correct, features, mu, logvar
 
 
-def score(features: Tensor, probs: Tensor, squared_error: Tensor, correct: Tensor,
-          reference: Reference) -> dict[str, float]:
+def score(features: Tensor, probs: Tensor, squared_error: Tensor, correct: Tensor, recon_features: Tensor,
+          mu: Tensor, logvar: Tensor, eps: Tensor, reference: Reference) -> dict[str, float]:
     """The metrics, and the floor for as many samples under floor_<metric>."""
     return {**reference.sample_metrics(features, probs),
             "recon_mse": squared_error.mean().item(),
             "recon_accuracy": correct.mean().item(),
+            "recon_fid": frechet_distance(reference.test_features, recon_features),
+            **aggregate_posterior(mu, logvar, eps.to(mu.device)),
             **{f"floor_{name}": value for name, value in reference.floor(len(features)).items()}}
 
 
@@ -150,10 +168,13 @@ def evaluate(encoder: nn.Module, decoder: nn.Module, config: TrainConfig, num_sa
     test images, on the device of the networks. The samples' z is seeded with `seed`, else config.seed."""
     check_num_samples(num_samples)
     reference = reference or Reference(next(decoder.parameters()).device)
-    z = prior_samples(num_samples, config.latent_dim, config.seed if seed is None else seed)
-    test_index = torch.arange(min(num_samples, len(reference.test_pixels)))
-    return score(*embed_samples(decoder, reference, z), *reconstruct_test(encoder, decoder, reference, test_index),
-                 reference)
+    seed = config.seed if seed is None else seed
+    z = prior_samples(num_samples, config.latent_dim, seed)
+    num_test = min(num_samples, len(reference.test_pixels))
+    squared_error, correct, recon_features, mu, logvar = reconstruct_test(encoder, decoder, reference,
+                                                                          torch.arange(num_test))
+    return score(*embed_samples(decoder, reference, z), squared_error, correct, recon_features, mu, logvar,
+                 posterior_noise(num_test, config.latent_dim, seed), reference)
 
 
 def share(rows: Tensor, accelerator: Accelerator) -> Tensor:
@@ -178,11 +199,12 @@ def evaluate_distributed(accelerator: Accelerator, encoder: nn.Module, decoder: 
     z = prior_samples(num_samples, config.latent_dim, config.seed)
     num_test = min(num_samples, len(reference.test_pixels))
     features, probs = embed_samples(decoder, reference, share(z, accelerator))
-    squared_error, correct = reconstruct_test(encoder, decoder, reference, share(torch.arange(num_test), accelerator))
-    features, probs, squared_error, correct = accelerator.gather((features, probs, squared_error, correct))
+    recon = reconstruct_test(encoder, decoder, reference, share(torch.arange(num_test), accelerator))
+    features, probs, *recon = accelerator.gather((features, probs, *recon))
     if not accelerator.is_main_process:
         return {}
-    return score(features[:num_samples], probs[:num_samples], squared_error[:num_test], correct[:num_test], reference)
+    return score(features[:num_samples], probs[:num_samples], *(rows[:num_test] for rows in recon),
+                 posterior_noise(num_test, config.latent_dim, config.seed), reference)
 
 
 # (key, label, format) of the table's rows: the sample metrics, then the reconstruction metrics.
@@ -190,7 +212,15 @@ SAMPLE_ROWS = [("fid", "classifier-FID ↓", "{:.3f}"), ("kid", "KID ↓", "{:.5
                ("precision", "precision ↑", "{:.3f}"), ("recall", "recall ↑", "{:.3f}"),
                ("inception_score", "inception score ↑", "{:.3f}")]
 RECON_ROWS = [("recon_mse", "reconstruction MSE ↓", "{:.5f}"),
-              ("recon_accuracy", "reconstruction accuracy ↑", "{:.2%}")]
+              ("recon_accuracy", "reconstruction accuracy ↑", "{:.2%}"),
+              ("recon_fid", "reconstruction classifier-FID ↓", "{:.3f}")]
+# The aggregate posterior over the reconstructed test images, beside the prior's value.
+LATENT_ROWS = [("latent_mean_abs", "|mean of μ|, mean over dims", "{:.3f}", 0.0),
+               ("latent_std_mean", "std of z, mean over dims", "{:.3f}", 1.0),
+               ("latent_std_worst", "std of z, the dim farthest from 1", "{:.3f}", 1.0),
+               ("latent_std_min", "std of z, smallest", "{:.3f}", 1.0),
+               ("latent_std_max", "std of z, largest", "{:.3f}", 1.0),
+               ("latent_sigma", "mean σ", "{:.3f}", None)]
 
 
 def histogram_text(scores: dict[str, float], prefix: str = "") -> str:
@@ -206,6 +236,8 @@ def results_table(scores: dict[str, float], title: str) -> Table:
         floor = scores.get(f"floor_{key}")
         table.add_row(label, form.format(scores[key]), "—" if floor is None else form.format(floor))
     table.add_row("class histogram (%)", histogram_text(scores), histogram_text(scores, "floor_"))
+    for key, label, form, prior in LATENT_ROWS:
+        table.add_row(label, form.format(scores[key]), "—" if prior is None else f"{prior:g} (the prior)")
     return table
 
 
@@ -214,7 +246,9 @@ def evaluation_line(step: int, scores: dict[str, float]) -> str:
     figures = " | ".join(f"{key} {form.format(scores[key])} ({form.format(scores[f'floor_{key}'])})"
                          for key, _, form in SAMPLE_ROWS)
     return (f"eval step {step:>7} | {figures} | recon mse {scores['recon_mse']:.5f} "
-            f"acc {scores['recon_accuracy']:.2%} | (real-data floor in brackets)")
+            f"acc {scores['recon_accuracy']:.2%} fid {scores['recon_fid']:.3f} | z |mean| "
+            f"{scores['latent_mean_abs']:.3f} std {scores['latent_std_mean']:.3f} (worst "
+            f"{scores['latent_std_worst']:.3f}) σ {scores['latent_sigma']:.3f} | (real-data floor in brackets)")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,6 +7,7 @@
   precision_recall           k-NN manifold precision and recall (Kynkäänniemi et al. 2019)
   inception_score            exp E_x KL(p(y|x) ‖ p(y)) (Salimans et al. 2016): 1 to the number of classes
   class_histogram            the fraction of samples assigned to each class
+  aggregate_posterior        how far an encoder's posterior over a data set is from the prior N(0, I)
 """
 
 from __future__ import annotations
@@ -117,3 +118,24 @@ def class_histogram(probs: Tensor) -> Tensor:
     """The fraction of rows whose most probable class is each class, shape (C,), summing to 1."""
     counts = torch.bincount(probs.argmax(dim=1), minlength=probs.shape[1])
     return counts.double() / probs.shape[0]
+
+
+def aggregate_posterior(mu: Tensor, logvar: Tensor, eps: Tensor) -> dict[str, float]:
+    """The aggregate posterior of an encoder over N images, from μ, log σ² and noise ε (each (N, latent_dim)).
+
+    With z = μ + σ·ε: latent_mean_abs, the mean over dimensions of |mean over images of μ| (0 for the prior);
+    latent_std_mean, _min, _max, the mean, smallest and largest over dimensions of the standard deviation of z
+    over the images (1 for the prior), and latent_std_worst, that of the dimension farthest from 1;
+    latent_sigma, the mean σ.
+    """
+    mu, logvar, eps = mu.double(), logvar.double(), eps.double()
+    sigma = torch.exp(0.5 * logvar)
+    z_std = (mu + sigma * eps).std(dim=0)
+    return {
+        "latent_mean_abs": mu.mean(dim=0).abs().mean().item(),
+        "latent_std_mean": z_std.mean().item(),
+        "latent_std_min": z_std.min().item(),
+        "latent_std_max": z_std.max().item(),
+        "latent_std_worst": z_std[(z_std - 1).abs().argmax()].item(),
+        "latent_sigma": sigma.mean().item(),
+    }

@@ -40,7 +40,9 @@ def forward_losses(networks: Networks, x: Tensor, eps: Tensor, z_p: Tensor, conf
     logit_x, logit_x_tilde, logit_x_p = logits.split(batch)
     dis_l_x, dis_l_x_tilde, _ = dis_l.split(batch)
     return vaegan_losses(mu, logvar, (logit_x, logit_x_tilde, logit_x_p), (dis_l_x, dis_l_x_tilde),
-                         config.gamma, config.beta, config.generator_loss)
+                         config.gamma, config.beta, config.generator_loss, pixels=(x, x_tilde),
+                         kl_weight=config.kl_weight, pixel_weight=config.pixel_weight,
+                         normalise_similarity=config.normalise_similarity)
 
 
 def routed_gradients(
