@@ -16,7 +16,7 @@ from torchvision.transforms.functional import gaussian_blur
 
 from tests.conftest import REPO, launch, tiny_config, tiny_flags
 from tests.test_distributed import read_metrics
-from vaegan_dist import evaluation
+from vaegan_dist import eval_command
 from vaegan_dist.classifier import NUM_CLASSES, embed
 from vaegan_dist.data import load_mnist
 from vaegan_dist.evaluation import Reference, evaluate, share
@@ -181,10 +181,10 @@ def test_evaluation_during_training_is_logged_and_changes_nothing_else(tmp_path)
 
 def test_vaegan_eval_prints_the_table_beside_the_floor_and_writes_json(exported, reference, tmp_path, capsys,
                                                                       monkeypatch):
-    monkeypatch.setattr(evaluation, "Reference", lambda device: reference)  # reuse the test features
+    monkeypatch.setattr(eval_command, "Reference", lambda device: reference)  # reuse the test features
     monkeypatch.setenv("COLUMNS", "200")  # rich wraps long labels in a narrow terminal
     out = tmp_path / "eval.json"
-    evaluation.main([str(exported), "--samples", "200", "--out", str(out), "--device", "cpu"])
+    eval_command.main([str(exported), "--samples", "200", "--out", str(out), "--device", "cpu"])
     printed = capsys.readouterr().out
     assert "real data (floor)" in printed and "classifier-FID" in printed and "class histogram" in printed
     report = json.loads(out.read_text())
@@ -196,7 +196,7 @@ def test_vaegan_eval_prints_the_table_beside_the_floor_and_writes_json(exported,
 
 def test_vaegan_eval_rejects_too_few_samples(exported, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        evaluation.main([str(exported), "--samples", "3"])
+        eval_command.main([str(exported), "--samples", "3"])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == "error: --samples must be at least 4 (precision and recall use 3 nearest " \
                                       "neighbours)\n"

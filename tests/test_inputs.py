@@ -106,7 +106,7 @@ def test_sample_eval_and_report_never_write_into_a_checkpoint(checkpoint, run_di
     before = snapshot(run_dir)
     assert_one_line_error(command("vaegan_dist.sample", exported, "--out", checkpoint / "grid.png"), 2,
                           "--out", "is inside the checkpoint directory")
-    assert_one_line_error(command("vaegan_dist.evaluation", exported, "--out", checkpoint / "eval.json",
+    assert_one_line_error(command("vaegan_dist.eval_command", exported, "--out", checkpoint / "eval.json",
                                   "--samples", 4), 2, "--out", "is inside the checkpoint directory")
     assert_one_line_error(command("vaegan_dist.report", checkpoint), 2, "is inside the checkpoint directory")
     assert snapshot(run_dir) == before
@@ -125,7 +125,7 @@ def test_outputs_that_cannot_be_written_are_one_line_errors(exported, tmp_path):
     blocked = tmp_path / "a_file" / "sub"
     assert_one_line_error(command("vaegan_dist.sample", exported, "--out", blocked / "grid.png"), 2,
                           "cannot write --out")
-    assert_one_line_error(command("vaegan_dist.evaluation", exported, "--out", blocked / "eval.json"), 2,
+    assert_one_line_error(command("vaegan_dist.eval_command", exported, "--out", blocked / "eval.json"), 2,
                           "cannot write --out")
     assert_one_line_error(command("vaegan_dist.export", exported, blocked), 2, "cannot write the export to")
     assert json.loads((exported / "config.json").read_text())  # untouched
@@ -196,7 +196,7 @@ def test_config_files_that_are_not_settings(tmp_path, contents, message):
     ("vaegan_dist.train", ["--lr", "fast"], ["argument --lr: invalid float value: 'fast'"]),
     ("vaegan_dist.export", ["a", "b", "--dtype", "float8"], ["did you mean float32 or float16?"]),
     ("vaegan_dist.sample", ["a", "--out", "x.png", "--mode", "sample"], ["did you mean samples?"]),
-    ("vaegan_dist.evaluation", ["a", "--seeed", "3"], ["did you mean --seed?"]),
+    ("vaegan_dist.eval_command", ["a", "--seeed", "3"], ["did you mean --seed?"]),
     ("vaegan_dist.report", [], ["the following arguments are required: output_dir"]),
 ])
 def test_a_command_line_mistake_is_one_line_with_the_close_matches_and_help(module, args, fragments):

@@ -10,9 +10,9 @@ from tests.conftest import REPO
 from vaegan_dist.classifier import embed, load_classifier
 from vaegan_dist.evaluation import prior_samples
 from vaegan_dist.export import NETWORK_FILES, load_networks
-from vaegan_dist.metrics import class_histogram
 from vaegan_dist.models import eval_mode
 from vaegan_dist.sample import main as sample_main
+from vaegan_dist.sample_statistics import class_histogram
 
 PRETRAINED = REPO / "pretrained"
 

@@ -5,7 +5,7 @@ From the classifier's penultimate features of N samples x_p = Dec(z_p), z_p ~ N(
 histogram. From the first min(N, 10k) test images and their reconstructions Dec(μ(x)): the pixel MSE (on
 [0, 1] pixels), the classifier's accuracy on the reconstructions, and their classifier-FID against the test
 images (recon_fid, the same features as the samples' FID); and the aggregate posterior of the encoder over
-those images (metrics.aggregate_posterior: |mean of μ|, the standard deviation of z = μ + σ·ε per dimension,
+those images (sample_statistics.aggregate_posterior: |mean of μ|, the standard deviation of z = μ + σ·ε per dimension,
 the mean σ). Every result carries the real-data floor under `floor_<metric>`: the same metrics for N training
 images in place of the samples (and the classifier's accuracy on the real test images; for recon_fid, the
 training images' FID), because classifier-FID means nothing across classifiers or sample sizes.
@@ -15,36 +15,26 @@ CPU) and reused by every evaluation of a run; the floor is computed once per sam
 cached on disk. Samples come from a torch.Generator seeded with the given seed, and dropout is off, so an
 evaluation draws nothing from the global RNG: training continues exactly as without it.
 
-`vaegan-eval DIRECTORY` evaluates a checkpoint or export directory, prints a table and writes JSON.
+The command `vaegan-eval` is vaegan_dist.eval_command.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from functools import cached_property
-from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from rich.console import Console
-from rich.table import Table
 from torch import Tensor, nn
 
-from vaegan_dist.classifier import NUM_CLASSES, Classifier, accuracy, embed, load_classifier
+from vaegan_dist.classifier import Classifier, accuracy, embed, load_classifier
 from vaegan_dist.config import (
-    MAX_EVAL_SAMPLES,
     MIN_EVAL_SAMPLES,
-    ArgumentParser,
     TrainConfig,
-    device_flag,
-    seed_flag,
 )
-from vaegan_dist.data import DataError, load_mnist
-from vaegan_dist.exits import fail
-from vaegan_dist.export import ExportError, add_weights_flag, load_networks
-from vaegan_dist.guard import OutputError, refuse_output
-from vaegan_dist.metrics import (
+from vaegan_dist.data import load_mnist
+from vaegan_dist.models import eval_mode, images_to_pixels
+from vaegan_dist.sample_statistics import (
     aggregate_posterior,
     class_histogram,
     frechet_distance,
@@ -53,7 +43,6 @@ from vaegan_dist.metrics import (
     knn_radii,
     precision_recall,
 )
-from vaegan_dist.models import eval_mode, images_to_pixels
 
 DEFAULT_SAMPLES = 10_000
 BATCH = 1000
@@ -223,24 +212,6 @@ LATENT_ROWS = [("latent_mean_abs", "|mean of μ|, mean over dims", "{:.3f}", 0.0
                ("latent_sigma", "mean σ", "{:.3f}", None)]
 
 
-def histogram_text(scores: dict[str, float], prefix: str = "") -> str:
-    return " ".join(f"{100 * scores[f'{prefix}class_{c}']:.1f}" for c in range(NUM_CLASSES))
-
-
-def results_table(scores: dict[str, float], title: str) -> Table:
-    """The metrics beside their real-data floor."""
-    table = Table(title=title)
-    for column in ("metric", "model", "real data (floor)"):
-        table.add_column(column)
-    for key, label, form in SAMPLE_ROWS + RECON_ROWS:
-        floor = scores.get(f"floor_{key}")
-        table.add_row(label, form.format(scores[key]), "—" if floor is None else form.format(floor))
-    table.add_row("class histogram (%)", histogram_text(scores), histogram_text(scores, "floor_"))
-    for key, label, form, prior in LATENT_ROWS:
-        table.add_row(label, form.format(scores[key]), "—" if prior is None else f"{prior:g} (the prior)")
-    return table
-
-
 def evaluation_line(step: int, scores: dict[str, float]) -> str:
     """One console line for an evaluation during training, each figure beside its floor."""
     figures = " | ".join(f"{key} {form.format(scores[key])} ({form.format(scores[f'floor_{key}'])})"
@@ -249,50 +220,3 @@ def evaluation_line(step: int, scores: dict[str, float]) -> str:
             f"acc {scores['recon_accuracy']:.2%} fid {scores['recon_fid']:.3f} | z |mean| "
             f"{scores['latent_mean_abs']:.3f} std {scores['latent_std_mean']:.3f} (worst "
             f"{scores['latent_std_worst']:.3f}) σ {scores['latent_sigma']:.3f} | (real-data floor in brackets)")
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = ArgumentParser(
-        prog="vaegan-eval", description="Evaluate the networks in a checkpoint or export directory against the "
-        "MNIST test set with the shipped classifier; prints a table and writes JSON.")
-    parser.add_argument("directory", type=Path, help="a checkpoint or export directory (config.json, "
-                        "encoder.safetensors, decoder.safetensors)")
-    parser.add_argument("--samples", type=int, default=DEFAULT_SAMPLES, help="samples to generate (and test "
-                        "images to reconstruct, at most 10k); the floor uses as many training images")
-    parser.add_argument("--seed", type=seed_flag, default=None, help="seed of the samples' z (default: the run's seed)")
-    parser.add_argument("--out", type=Path, default=Path("evaluation.json"), help="where to write the JSON")
-    parser.add_argument("--device", type=device_flag, default="cuda" if torch.cuda.is_available() else "cpu")
-    add_weights_flag(parser)
-    args = parser.parse_args(argv)
-    if args.samples < MIN_EVAL_SAMPLES:
-        fail(f"--samples must be at least {MIN_EVAL_SAMPLES} (precision and recall use 3 nearest neighbours)")
-    if args.samples > MAX_EVAL_SAMPLES:
-        fail(f"--samples must be at most {MAX_EVAL_SAMPLES}: the floor uses as many training images")
-    try:
-        refuse_output(args.out, "--out")
-        args.out.parent.mkdir(parents=True, exist_ok=True)  # before the evaluation's minute, not after it
-    except OutputError as err:
-        fail(str(err))
-    except OSError as err:
-        fail(f"cannot write --out {args.out} ({err.strerror or err}): choose a writable path")
-    try:
-        config, encoder, decoder = load_networks(args.directory, args.device, args.weights)
-        scores = evaluate(encoder, decoder, config, args.samples, Reference(args.device), args.seed)
-    except (ExportError, DataError) as err:
-        fail(str(err))
-    seed = config.seed if args.seed is None else args.seed
-    Console().print(results_table(scores, f"{args.directory}: {args.samples} samples, seed {seed}"))
-    model = {k: v for k, v in scores.items() if not k.startswith("floor_")}
-    floor = {k.removeprefix("floor_"): v for k, v in scores.items() if k.startswith("floor_")}
-    report = {"directory": str(args.directory), "num_samples": args.samples, "seed": seed,
-              "model": model, "floor": floor}
-    try:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
-    except OSError as err:
-        fail(f"cannot write --out {args.out} ({err.strerror or err}): choose a writable path")
-    print(f"wrote {args.out}")
-
-
-if __name__ == "__main__":
-    main()
