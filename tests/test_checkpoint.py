@@ -209,3 +209,15 @@ def test_export_from_a_run_directory_takes_its_newest_checkpoint(accelerator, tm
     with pytest.raises(SystemExit) as exit_info:
         main([str(tmp_path / "nowhere"), str(tmp_path / "export2")])
     assert exit_info.value.code == 2 and "holds no config.json" in capsys.readouterr().err
+
+
+def test_a_metrics_window_saved_with_other_loss_terms_starts_empty():
+    """A checkpoint of an older version, whose LossTerms had fewer fields, still resumes: only its open window of
+    averages is dropped."""
+    window = MetricWindow(torch.device("cpu"))
+    old = {"window.terms": torch.ones(3), "window.norms": torch.ones(3), "window.steps": torch.tensor([5])}
+    window.load_tensors(old)
+    assert window.steps == 0 and not window.terms.any() and not window.norms.any()
+    window.load_tensors({"window.terms": torch.ones_like(window.terms), "window.norms": torch.ones(3),
+                         "window.steps": torch.tensor([5])})
+    assert window.steps == 5 and window.terms.all()

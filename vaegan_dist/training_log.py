@@ -99,6 +99,10 @@ class MetricWindow:
                 "window.steps": torch.tensor([self.steps])}
 
     def load_tensors(self, tensors: dict[str, Tensor]) -> None:
+        """Restores to_tensors' output; a window saved with other loss terms (an older version) is left empty:
+        it only delays the first record's averages, never the training."""
+        if tensors["window.terms"].shape != self.terms.shape or tensors["window.norms"].shape != self.norms.shape:
+            return
         self.terms.copy_(tensors["window.terms"])
         self.norms.copy_(tensors["window.norms"])
         self.steps = int(tensors["window.steps"].item())
