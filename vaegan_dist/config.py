@@ -94,6 +94,10 @@ class TrainConfig:
     cpu_threads: int | None = None
     # torch.compile the three networks (slow to start; see the README's Performance section).
     compile: bool = False
+    # Capture the whole step (noise, forward, the three backward passes, the three Adam updates) in one CUDA
+    # graph and replay it: one launch a step instead of some 200 (vaegan_dist/cuda_graphs.py). One CUDA
+    # process only, not with fp16 or compile.
+    cuda_graphs: bool = False
     # The classifier-based evaluation (vaegan_dist.evaluation) every eval_every steps and always at the end,
     # on eval_samples samples; eval_every none: only at the end; eval_samples 0: never.
     eval_every: int | None = None
@@ -123,6 +127,10 @@ class TrainConfig:
             _require(key, value is None or 0 <= value < 1, "must be in [0, 1)")
         _require("eval_samples", self.eval_samples == 0 or self.eval_samples >= MIN_EVAL_SAMPLES,
                  f"must be 0 (no evaluation) or at least {MIN_EVAL_SAMPLES}")
+        _require("cuda_graphs", not (self.cuda_graphs and self.compile),
+                 "cannot be combined with 'compile': choose one of --cuda-graphs and --compile")
+        _require("cuda_graphs", not (self.cuda_graphs and self.mixed_precision == "fp16"),
+                 "does not support fp16's loss scaling: use --mixed-precision bf16 or no")
         _require("hidden_dim", self.hidden_dim >> (self.depth - 1) >= 1,
                  f"is too small for depth {self.depth}: the discriminator halves it per layer")
 
