@@ -119,6 +119,7 @@ class GraphedStep:
         for optimizer, lr in zip(optimizers, self.lrs, strict=True):
             optimizer.param_groups[0]["lr"] = lr
             optimizer.found_inf = self.found_inf  # read by Adam.step, handed to the fused kernel
+            optimizer._warned_capturable_if_run_uncaptured = True  # the warm-up runs uncaptured on purpose
         try:
             side = torch.cuda.Stream(device)
             side.wait_stream(torch.cuda.current_stream(device))
