@@ -109,6 +109,8 @@ class TrainConfig:
     cpu_threads: int | None = setting(None, "threads per process on the CPU (none: the cores divided among this "
                                       "machine's processes)")
     compile: bool = setting(False, "torch.compile the three networks (slow to start)")
+    cuda_graphs: bool = setting(False, "capture the whole step in one CUDA graph and replay it: one launch a step "
+                                "instead of some 200 (one CUDA process; not with fp16 or --compile)")
     # Evaluation and W&B
     eval_every: int | None = setting(None, "steps between evaluations (none: only at the end)")
     eval_samples: int = setting(10_000, "samples per evaluation (0: no evaluation)")
@@ -144,6 +146,10 @@ class TrainConfig:
         _require("eval_samples", self.eval_samples == 0 or MIN_EVAL_SAMPLES <= self.eval_samples <= MAX_EVAL_SAMPLES,
                  f"must be 0 (no evaluation) or from {MIN_EVAL_SAMPLES} to {MAX_EVAL_SAMPLES} (the floor uses as "
                  "many training images)")
+        _require("cuda_graphs", not (self.cuda_graphs and self.compile),
+                 "cannot be combined with 'compile': choose one of --cuda-graphs and --compile")
+        _require("cuda_graphs", not (self.cuda_graphs and self.mixed_precision == "fp16"),
+                 "does not support fp16's loss scaling: use --mixed-precision bf16 or no")
         _require("hidden_dim", self.hidden_dim >> (self.depth - 1) >= 1,
                  f"is too small for depth {self.depth}: the discriminator halves it per layer")
 

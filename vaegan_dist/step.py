@@ -86,9 +86,10 @@ def learning_rate(config: TrainConfig, step: int, last_step: int) -> float:
 
 def adam_optimizers(networks: Networks, config: TrainConfig) -> Networks:
     """One Adam per network, fused: one pass over the weights, gradients and moments per step, on the CPU
-    as on the GPU (the default, one pass per operation and parameter, costs several times as much)."""
+    as on the GPU (the default, one pass per operation and parameter, costs several times as much); capturable
+    in a CUDA graph with --cuda-graphs."""
     return Networks(*(torch.optim.Adam(net.parameters(), lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
-                                       fused=True) for net in networks))
+                                       fused=True, capturable=config.cuda_graphs) for net in networks))
 
 
 @dataclass(frozen=True)

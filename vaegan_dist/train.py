@@ -40,6 +40,7 @@ from vaegan_dist.checkpoint import (
 from vaegan_dist.config import ConfigError, TrainConfig, parse_args
 from vaegan_dist.console import Console, describe_processes
 from vaegan_dist.cpu import configure_cpu
+from vaegan_dist.cuda_graphs import GraphedStep, check_launch_free
 from vaegan_dist.data import DataError, ShardedBatches, derived_seed, load_mnist
 from vaegan_dist.evaluation import Reference, evaluate_distributed, evaluation_line
 from vaegan_dist.exits import EXIT_BAD_INPUT, EXIT_CHECKPOINT_FAILED, Ending, fail
@@ -83,6 +84,7 @@ class Run:
     tracker: Tracker
     metrics: MetricsLog
     last_step: int
+    graphed_step: GraphedStep | None = None  # --cuda-graphs: the step captured in a CUDA graph
 
     @property
     def sampler(self) -> nn.Module:
@@ -219,6 +221,7 @@ def start(config: TrainConfig, accelerator: Accelerator, console: Console) -> tu
     state = restore(run)
     run.metrics.resume_at(state.position.step)  # what a crashed run logged past its checkpoint goes
     run.last_step = state.position.step + steps_to_run(config, shards, state.position)
+    run.graphed_step = GraphedStep() if config.cuda_graphs else None
     return run, state
 
 
@@ -267,7 +270,8 @@ def step_networks(run: Run, batch: Tensor, step: int) -> StepResult:
     lr = learning_rate(run.config, step, run.last_step)
     for name, optimizer in run.optimizers._asdict().items():
         optimizer.param_groups[0]["lr"] = lr * run.config.network_lr_scale(name)
-    result = train_step(run.networks, run.optimizers, images_to_pixels(batch), run.config, run.accelerator.scaler)
+    step_fn = run.graphed_step or train_step
+    result = step_fn(run.networks, run.optimizers, images_to_pixels(batch), run.config, run.accelerator.scaler)
     if run.decoder_ema is not None and result.stepped:
         update_average(run.decoder_ema, run.modules.decoder, run.config.ema_decay, step + 1)
     return result
@@ -403,6 +407,7 @@ def finish(run: Run, state: TrainState, ending: Ending, ran: bool) -> Ending:
 def train(config: TrainConfig, accelerator: Accelerator, console: Console | None = None) -> Ending:
     """Trains to the run's end, a stop signal (saves first) or divergence (saves the last good weights).
     `console` shows the run (by default, a new one for this process)."""
+    check_launch_free(config, accelerator)
     if accelerator.device.type == "cpu":
         configure_cpu(config.cpu_threads)
     console = console or Console(accelerator.is_main_process, accelerator.process_index)
