@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from vaegan_dist.exits import Ending
+
 DEFAULT_PROJECT = "vaegan-dist"
 MAX_PENDING = 100  # logs waiting for a slow W&B service before new ones are dropped
 WANDB_ENV_MODES = {"online": "online", "run": "online", "offline": "offline", "dryrun": "offline",
@@ -173,6 +175,10 @@ class Tracker:
             except Exception as err:
                 self._fail(err)
         try:
+            if self._exit_code == Ending.PREEMPTED:
+                # saved and stopped to be run again: a W&B sweep hands a run marked so out again (same id, same
+                # settings), and sweep_trial.sh's --output-dir, keyed by that id, finds its checkpoint
+                self._run.mark_preempting()
             self._run.finish(exit_code=self._exit_code)
         except Exception as err:
             self._warn(f"W&B could not finish the run ({_first_line(err)})")
