@@ -104,6 +104,9 @@ class TrainConfig:
     wandb: WandbMode = "auto"
     wandb_timeout: float = 30.0
     image_every: int = 500
+    # Where the records and grids go: wandb, tensorboard (event files in <output_dir>/tensorboard), both as
+    # "wandb,tensorboard", or none. metrics.jsonl and the PNGs are written either way.
+    tracker: str = "wandb"
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
@@ -124,6 +127,10 @@ class TrainConfig:
             _require(key, value is None or 0 <= value < 1, "must be in [0, 1)")
         _require("eval_samples", self.eval_samples == 0 or self.eval_samples >= MIN_EVAL_SAMPLES,
                  f"must be 0 (no evaluation) or at least {MIN_EVAL_SAMPLES}")
+        parts = self.tracker.split(",")
+        _require("tracker", self.tracker == "none" or (set(parts) <= {"wandb", "tensorboard"}
+                                                     and len(set(parts)) == len(parts)),
+                 f"is {self.tracker!r}: choose wandb, tensorboard, both as wandb,tensorboard, or none")
         _require("hidden_dim", self.hidden_dim >> (self.depth - 1) >= 1,
                  f"is too small for depth {self.depth}: the discriminator halves it per layer")
 

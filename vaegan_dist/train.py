@@ -53,7 +53,7 @@ from vaegan_dist.pictures import grid_image, grid_pixels, save_epoch_grids
 from vaegan_dist.preemption import PreemptionWatch, requeue_slurm_job
 from vaegan_dist.report import ReportError, write_report
 from vaegan_dist.step import StepResult, adam_optimizers, learning_rate, train_step
-from vaegan_dist.tracking import Tracker
+from vaegan_dist.tracking import Trackers
 from vaegan_dist.training_log import CollapseWatch, MetricsLog, MetricWindow, peak_memory_mb
 
 NUM_FIXED_SAMPLES = 64
@@ -77,7 +77,7 @@ class Run:
     fixed_z: Tensor  # the latent codes of every sample grid
     test_x: Tensor  # the test digits of every reconstruction grid
     reference: Reference | None  # the evaluation's classifier and test features (None: evaluation off)
-    tracker: Tracker
+    tracker: Trackers  # --tracker: W&B, TensorBoard, both or none
     metrics: MetricsLog
     last_step: int
 
@@ -190,7 +190,7 @@ def start(config: TrainConfig, accelerator: Accelerator, console: Console) -> tu
     shards, fixed_z, test_x = load_data(config, accelerator)
     run = Run(config, accelerator, console, output_dir, checkpoint, networks, modules, optimizers,
               averaged_decoder(config, modules.decoder) if config.ema_decay else None, shards, fixed_z, test_x,
-              evaluation_reference(config, accelerator.device, console), Tracker(console.warn),
+              evaluation_reference(config, accelerator.device, console), Trackers(config.tracker, console.warn),
               MetricsLog(output_dir / "metrics.jsonl", accelerator.is_main_process), last_step=0)
     state = restore(run)
     run.last_step = state.position.step + steps_to_run(config, shards, state.position)
