@@ -41,6 +41,7 @@ from vaegan_dist.cpu import configure_cpu
 from vaegan_dist.data import DataError, ShardedBatches, derived_seed, load_mnist
 from vaegan_dist.evaluation import Reference, evaluate_distributed, evaluation_line
 from vaegan_dist.exits import EXIT_BAD_INPUT, EXIT_CHECKPOINT_FAILED, Ending, fail
+from vaegan_dist.launch_settings import is_main_launch_process, unsupported_launch_setting
 from vaegan_dist.models import (
     Networks,
     averaged_decoder,
@@ -388,6 +389,10 @@ def train(config: TrainConfig, accelerator: Accelerator, console: Console | None
 
 
 def main(argv: list[str] | None = None) -> None:
+    if problem := unsupported_launch_setting():  # before Accelerator() acts on it; said once, by the first process
+        if is_main_launch_process():
+            fail(problem, EXIT_BAD_INPUT)
+        sys.exit(EXIT_BAD_INPUT)
     try:
         config = parse_args(argv)
         accelerator = Accelerator(mixed_precision=config.mixed_precision)
