@@ -38,7 +38,7 @@ def test_default_export_is_float16_on_disk_and_float32_when_loaded(tmp_path):
     config = tiny_config()
     encoder, decoder = fresh_networks(config)
     export_networks(encoder, decoder, config, tmp_path)
-    assert {t.dtype for t in load_file(tmp_path / "decoder.safetensors").values()} == {torch.float16}
+    assert {t.dtype for t in load_file(tmp_path / "model.safetensors").values()} == {torch.float16}
     _, _, loaded = load_networks(tmp_path)
     for key, value in decoder.state_dict().items():
         assert loaded.state_dict()[key].dtype == torch.float32
@@ -50,8 +50,8 @@ def test_unloadable_directories_get_one_line_errors(exported, tmp_path):
     with pytest.raises(ExportError, match=r"holds no config\.json: pass a checkpoint or export directory"):
         load_networks(tmp_path / "missing")
     broken = shutil.copytree(exported, tmp_path / "broken")
-    (broken / "decoder.safetensors").write_bytes(b"not safetensors")
-    with pytest.raises(ExportError, match=r"cannot load the decoder from .*decoder.safetensors"):
+    (broken / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ExportError, match=r"cannot load the encoder from .*model.safetensors"):
         load_networks(broken)
     mismatched = shutil.copytree(exported, tmp_path / "mismatched")
     config = json.loads((mismatched / "config.json").read_text())
@@ -61,9 +61,9 @@ def test_unloadable_directories_get_one_line_errors(exported, tmp_path):
 
 
 def readme_script() -> str:
-    """The README's Python block that reads pretrained/decoder.safetensors."""
+    """The README's Python block that reads pretrained/model.safetensors."""
     blocks = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), flags=re.DOTALL)
-    (script,) = [block for block in blocks if "pretrained/decoder.safetensors" in block]
+    (script,) = [block for block in blocks if "pretrained/model.safetensors" in block]
     return script
 
 

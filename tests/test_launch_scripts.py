@@ -34,7 +34,7 @@ USR1_LEAD_TIME = re.compile(r"--signal=USR1@(\d+)")
 def test_launch_folder_holds_the_scripts():
     names = {str(p.relative_to(REPO)) for p in SCRIPTS}
     assert names == {"launch/local.sh", "launch/slurm/job.sh", "launch/slurm/single_node.sbatch",
-                     "launch/slurm/multi_node.sbatch"}
+                     "launch/slurm/multi_node.sbatch", "launch/sweep_trial.sh", "launch/slurm/sweep_agents.sbatch"}
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)

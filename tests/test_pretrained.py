@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from tests.conftest import REPO
 from vaegan_dist.classifier import embed, load_classifier
 from vaegan_dist.evaluation import prior_samples
-from vaegan_dist.export import NETWORK_FILES, load_networks
+from vaegan_dist.export import MODEL_FILE, load_networks
 from vaegan_dist.models import eval_mode
 from vaegan_dist.sample import main as sample_main
 from vaegan_dist.sample_statistics import class_histogram
@@ -17,10 +18,15 @@ from vaegan_dist.sample_statistics import class_histogram
 PRETRAINED = REPO / "pretrained"
 
 
-def test_the_weights_are_float16_safetensors_with_their_config():
+def test_the_weights_are_float16_safetensors_in_the_hub_format_with_config_and_model_card():
     assert (PRETRAINED / "config.json").is_file()
-    for file in NETWORK_FILES.values():
-        assert {t.dtype for t in load_file(PRETRAINED / file).values()} == {torch.float16}
+    weights = load_file(PRETRAINED / MODEL_FILE)
+    assert {t.dtype for t in weights.values()} == {torch.float16}
+    assert {key.split(".")[0] for key in weights} == {"encoder", "decoder"}
+    card = (PRETRAINED / "README.md").read_text()
+    meta = yaml.safe_load(card.split("---\n")[1])
+    assert meta["datasets"] == ["mnist"] and meta["license"] and "vae-gan" in meta["tags"]
+    assert {m["type"] for m in meta["model-index"][0]["results"][0]["metrics"]} >= {"fid", "precision", "recall"}
 
 
 def test_the_decoder_makes_confident_digits_of_every_class_in_the_issue_bounds():

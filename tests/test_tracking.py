@@ -20,6 +20,7 @@ from tests.conftest import REPO, launch, tiny_flags
 from tests.wandb_files import history, run_info
 from vaegan_dist.config import ConfigError, TrainConfig
 from vaegan_dist.console import plain_line
+from vaegan_dist.exits import Ending
 from vaegan_dist.tracking import MAX_PENDING, Tracker, resolve_mode
 
 FAKE_KEY = "x" * 40  # a well-formed API key that no server knows
@@ -118,6 +119,10 @@ class FakeRun:
 
     def finish(self, exit_code: int = 0) -> None:
         self.finished = True
+        self.exit_code = exit_code
+
+    def mark_preempting(self) -> None:
+        self.preempting = not self.finished
 
 
 def start_tracker(monkeypatch, tmp_path, init, timeout=5.0) -> tuple[Tracker, list[str]]:
@@ -168,6 +173,16 @@ def test_a_failing_log_call_is_one_warning_and_the_run_still_finishes(monkeypatc
     tracker.finish()
     assert warnings == ["W&B logging failed (service went away); training goes on with local logs only"]
     assert run.finished
+
+
+@pytest.mark.parametrize("ending", list(Ending), ids=lambda e: e.name)
+def test_only_a_preempted_run_is_marked_preempting_so_a_sweep_hands_it_out_again(monkeypatch, tmp_path, ending):
+    run = FakeRun(tmp_path)
+    run.release.set()
+    tracker, _ = start_tracker(monkeypatch, tmp_path, lambda **kwargs: run)
+    tracker.finish(ending)
+    assert run.finished and run.exit_code == ending
+    assert getattr(run, "preempting", False) == (ending == Ending.PREEMPTED)
 
 
 def test_a_resumed_job_continues_its_run(monkeypatch, tmp_path):

@@ -12,6 +12,7 @@ import difflib
 import json
 import math
 import re
+import sys
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,6 +118,8 @@ class TrainConfig:
     wandb: WandbMode = setting("auto", "W&B mode; auto: online when an API key is configured, else offline")
     wandb_timeout: float = setting(30.0, "seconds W&B may take to start and to finish a run")
     image_every: int = setting(500, "steps between the sample and reconstruction grids sent to W&B")
+    tracker: str = setting("wandb", "where records and grids go: wandb, tensorboard (event files in "
+                           "<output_dir>/tensorboard), both as wandb,tensorboard, or none")
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
@@ -150,6 +153,10 @@ class TrainConfig:
                  "cannot be combined with 'compile': choose one of --cuda-graphs and --compile")
         _require("cuda_graphs", not (self.cuda_graphs and self.mixed_precision == "fp16"),
                  "does not support fp16's loss scaling: use --mixed-precision bf16 or no")
+        parts = self.tracker.split(",")
+        _require("tracker", self.tracker == "none" or (set(parts) <= {"wandb", "tensorboard"}
+                                                     and len(set(parts)) == len(parts)),
+                 f"is {self.tracker!r}: choose wandb, tensorboard, both as wandb,tensorboard, or none")
         _require("hidden_dim", self.hidden_dim >> (self.depth - 1) >= 1,
                  f"is too small for depth {self.depth}: the discriminator halves it per layer")
 
@@ -358,9 +365,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def agent_flag_forms(argv: list[str]) -> list[str]:
+    """The flags as the parser knows them, from the forms a W&B sweep agent writes: the field's name, underscores
+    and all, as `--key=value` (`${args}`) or `--key value` (`${args_no_equals}`); booleans with a value (True,
+    False) or alone when true (`${args_no_boolean_flags}`). So `--ema_decay=0.9` becomes `--ema-decay=0.9`,
+    `--spectral_norm=True` `--spectral-norm` and `--spectral_norm False` `--no-spectral-norm`. Values and
+    everything else pass unchanged."""
+    booleans = {f.name.replace("_", "-") for f in dataclasses.fields(TrainConfig) if f.type in ("bool", bool)}
+    words = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+    normalised, rest = [], list(argv)
+    while rest:
+        arg = rest.pop(0)
+        name, eq, value = arg.partition("=")
+        if not name.startswith("--") or arg == "--":
+            normalised.append(arg)
+            continue
+        name = name[2:].replace("_", "-")
+        if name in booleans and not eq and rest and rest[0].lower() in words:
+            eq, value = "=", rest.pop(0)
+        if name in booleans and eq and value.lower() in words:
+            normalised.append(f"--{name}" if words[value.lower()] else f"--no-{name}")
+        else:
+            normalised.append(f"--{name}{eq}{value}")
+    return normalised
+
+
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     """The config the command line asks for: preset, then config file, then flags."""
-    flags = vars(build_parser().parse_args(argv))
+    flags = vars(build_parser().parse_args(agent_flag_forms(sys.argv[1:] if argv is None else argv)))
     config_file = flags.pop("config", None)
     file_values = load_config_file(config_file) if config_file else {}
     preset = flags.pop("preset", file_values.pop("preset", DEFAULT_PRESET))

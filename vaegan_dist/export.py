@@ -1,6 +1,8 @@
-"""The encoder and decoder as plain files: `config.json` (TrainConfig.to_dict()), `encoder.safetensors` and
-`decoder.safetensors` (the state_dict keys of the unwrapped modules). Checkpoint directories hold the same
-three files, so everything that reads networks reads either. A checkpoint of a run with --ema-decay also holds
+"""The encoder and decoder as plain files. An export is what `vaegan_dist.VAEGAN.save_pretrained` writes (the
+Hugging Face format): `config.json` (TrainConfig.to_dict()), `model.safetensors` (the keys `encoder.*` and
+`decoder.*`) and a model card, README.md. Checkpoint directories, and exports made before that format, hold
+`encoder.safetensors` and `decoder.safetensors` (the state_dict keys of the unwrapped modules) next to
+`config.json`; everything that reads networks reads all of them. A checkpoint of a run with --ema-decay also holds
 `decoder_ema.safetensors`, the decoder's moving average: readers take it by default (weights "ema") and the
 trained decoder with weights "raw"; an export holds the one decoder it was made with.
 
@@ -11,12 +13,14 @@ this package; the README's script does that with torch and safetensors alone.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from vaegan_dist.checkpoint import EMA_FILE, checkpoints_dir, newest_complete
@@ -26,7 +30,9 @@ from vaegan_dist.guard import OutputError, refuse_output
 from vaegan_dist.models import Decoder, Encoder, build_models
 
 CONFIG_FILE = "config.json"
-NETWORK_FILES = {"encoder": "encoder.safetensors", "decoder": "decoder.safetensors"}
+NETWORK_FILES = {"encoder": "encoder.safetensors", "decoder": "decoder.safetensors"}  # checkpoints, old exports
+MODEL_FILE = "model.safetensors"  # exports: both networks, keys prefixed with "encoder." and "decoder."
+CARD_FILE = "README.md"
 WEIGHTS = ("ema", "raw")  # which decoder to read: its moving average where the directory has one, or the trained
 
 
@@ -35,21 +41,26 @@ class ExportError(RuntimeError):
 
 
 def export_networks(encoder: nn.Module, decoder: nn.Module, config: TrainConfig, directory: str | Path,
-                    dtype: torch.dtype = torch.float16) -> Path:
-    """Writes config.json, encoder.safetensors and decoder.safetensors (weights cast to dtype) into directory."""
+                    dtype: torch.dtype = torch.float16, card: dict[str, Any] | None = None) -> Path:
+    """Writes what VAEGAN.save_pretrained writes, weights cast to dtype, into directory: config.json,
+    model.safetensors and the model card README.md (card: its license, metrics, source and command)."""
+    from vaegan_dist.hub import VAEGAN  # hub builds on this module
+
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-    for name, network in (("encoder", encoder), ("decoder", decoder)):
-        state = {key: t.detach().to("cpu", dtype).contiguous() for key, t in network.state_dict().items()}
-        save_file(state, directory / NETWORK_FILES[name], metadata={"format": "pt"})
+    (directory / CARD_FILE).unlink(missing_ok=True)  # save_pretrained keeps an existing card
+    copies = [copy.deepcopy(network).to("cpu", dtype) for network in (encoder, decoder)]
+    model = VAEGAN.from_networks(config, *copies)
+    model.card_extras = dict(card or {})
+    model.save_pretrained(directory)
     return directory
 
 
 def network_directory(directory: str | Path) -> Path:
     """The directory itself, or for a run's output directory, its newest intact checkpoint."""
     directory = Path(directory)
-    if (directory / NETWORK_FILES["decoder"]).exists() or not checkpoints_dir(directory).is_dir():
+    if ((directory / NETWORK_FILES["decoder"]).exists() or (directory / MODEL_FILE).exists()
+            or not checkpoints_dir(directory).is_dir()):
         return directory
     newest = newest_complete(checkpoints_dir(directory), report=lambda line: None)
     if newest is None:
@@ -72,7 +83,8 @@ def load_networks(directory: str | Path, device: torch.device | str = "cpu",
     config_path = directory / CONFIG_FILE
     if not config_path.is_file():
         raise ExportError(f"{directory} holds no {CONFIG_FILE}: pass a checkpoint or export directory "
-                          "(one with config.json, encoder.safetensors and decoder.safetensors)")
+                          "(one with config.json and model.safetensors, or encoder.safetensors and "
+                          "decoder.safetensors)")
     try:
         config = TrainConfig.from_dict(json.loads(config_path.read_text()), source=str(config_path))
     except (json.JSONDecodeError, UnicodeDecodeError, ConfigError) as err:
@@ -80,10 +92,13 @@ def load_networks(directory: str | Path, device: torch.device | str = "cpu",
                           "output directory") from None
     with torch.device("meta"):  # no random initialisation: loading draws nothing from the global RNG
         encoder, decoder, _ = build_models(config)
+    combined = (directory / MODEL_FILE).is_file()
     for name, network in (("encoder", encoder), ("decoder", decoder)):
-        path = directory / files[name]
+        path = directory / (MODEL_FILE if combined else files[name])
         try:
             state = {key: t.to(device, torch.float32) for key, t in load_file(path).items()}
+            if combined:
+                state = {key.removeprefix(f"{name}."): t for key, t in state.items() if key.startswith(f"{name}.")}
             network.load_state_dict(state, assign=True)
         except (OSError, SafetensorError, RuntimeError) as err:
             reason = " ".join(" ".join(str(err).strip().splitlines()[:2]).split())  # torch's first mismatch
@@ -101,23 +116,31 @@ def add_weights_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """vaegan-export SOURCE OUT: the encoder and decoder of a checkpoint (or a run's newest) as an export."""
+    """vaegan-export SOURCE OUT: the encoder and decoder of a checkpoint (or a run's newest) as an export in the
+    Hugging Face format (VAEGAN.from_pretrained reads it; vaegan-sample and vaegan-eval too), with a model card."""
     parser = ArgumentParser(prog="vaegan-export", description=main.__doc__)
     parser.add_argument("source", help="a checkpoint directory, or a run's output directory (its newest checkpoint)")
     parser.add_argument("out", help="the export directory to write")
     parser.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="the weights' type")
+    parser.add_argument("--license", default="other", help="the model card's license (a Hub license id, e.g. "
+                        "mit or apache-2.0; default other: see the repository)")
     add_weights_flag(parser)
     args = parser.parse_args(argv)
+    from vaegan_dist.hub import run_metrics
+
     try:
         refuse_output(args.out, "the export directory", (args.source, network_directory(args.source)), directory=True)
         config, encoder, decoder = load_networks(args.source, weights=args.weights)
-        export_networks(encoder, decoder, config, args.out, getattr(torch, args.dtype))
+        source = network_directory(args.source)
+        averaged = args.weights == "ema" and (source / f"{EMA_FILE}.safetensors").is_file()
+        card = {"license": args.license, "metrics": run_metrics(source),
+                "source": f"Exported by `vaegan-export` from `{source.name}`"
+                          + (" (the decoder's moving average)" if averaged else "")}
+        export_networks(encoder, decoder, config, args.out, getattr(torch, args.dtype), card)
     except (ExportError, OutputError) as err:
         fail(str(err))
     except OSError as err:
         fail(f"cannot write the export to {args.out} ({err.strerror or err}): choose a writable directory")
-    source = network_directory(args.source)
-    averaged = args.weights == "ema" and (source / f"{EMA_FILE}.safetensors").is_file()
     print(f"exported the encoder and decoder of {source} to {args.out}"
           + (" (the decoder's moving average)" if averaged else ""))
 

@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from vaegan_dist.exits import Ending
+
 DEFAULT_PROJECT = "vaegan-dist"
 MAX_PENDING = 100  # logs waiting for a slow W&B service before new ones are dropped
 WANDB_ENV_MODES = {"online": "online", "run": "online", "offline": "offline", "dryrun": "offline",
@@ -173,6 +175,10 @@ class Tracker:
             except Exception as err:
                 self._fail(err)
         try:
+            if self._exit_code == Ending.PREEMPTED:
+                # saved and stopped to be run again: a W&B sweep hands a run marked so out again (same id, same
+                # settings), and sweep_trial.sh's --output-dir, keyed by that id, finds its checkpoint
+                self._run.mark_preempting()
             self._run.finish(exit_code=self._exit_code)
         except Exception as err:
             self._warn(f"W&B could not finish the run ({_first_line(err)})")
@@ -180,3 +186,145 @@ class Tracker:
     def _fail(self, err: BaseException) -> None:
         self._failed = True
         self._warn(f"W&B logging failed ({_first_line(err)}); training goes on with local logs only")
+
+
+TRACKERS = ("wandb", "tensorboard")
+TENSORBOARD_DIR = "tensorboard"
+
+
+class TensorBoardTracker:
+    """TensorBoard event files in <output_dir>/tensorboard: the records W&B gets (scalars against the trainer's
+    "step", the sample and reconstruction grids as images). Made on the main process only; never raises.
+
+    SummaryWriter writes its event file on a thread of its own, but it encodes each image (PNG) in the caller's
+    thread and blocks the caller when its small queue is full, so here, as in Tracker, the training step only
+    puts the values on a queue (dropping them when MAX_PENDING are waiting) and a worker thread calls the writer.
+    A write that fails (a full disk, a lost mount) is one warning; TensorBoard logging stops, training goes on.
+    """
+
+    def __init__(self, warn: Callable[[str], None]) -> None:
+        self.location = "off"
+        self._warn = warn
+        self._writer: Any = None
+        self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self._worker = threading.Thread(target=self._work, name="tensorboard-log", daemon=True)
+        self._failed = False
+        self._warned_full = False
+
+    @property
+    def active(self) -> bool:
+        return self._writer is not None and not self._failed
+
+    def start(self, output_dir: Path) -> None:
+        directory = Path(output_dir) / TENSORBOARD_DIR
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=str(directory), flush_secs=30)
+        except (ImportError, ModuleNotFoundError):
+            self._warn("--tracker tensorboard needs the tensorboard package (pip install tensorboard); "
+                       "training goes on without it")
+            return
+        except Exception as err:
+            self._warn(f"TensorBoard did not start ({_first_line(err)}); training goes on without it")
+            return
+        self.location = str(directory)
+        self._worker.start()
+
+    def log(self, values: dict[str, Any]) -> None:
+        """Queues `values` (with "step"); numbers become scalars, uint8 arrays (H, W[, 3]) images. Never blocks."""
+        if not self.active:
+            return
+        if self._queue.qsize() >= MAX_PENDING:
+            if not self._warned_full:
+                self._warned_full = True
+                self._warn(f"TensorBoard is not keeping up: {MAX_PENDING} logs are waiting, newer ones are "
+                           "dropped until it catches up (metrics.jsonl has them all)")
+            return
+        self._queue.put(values)
+
+    def finish(self, exit_code: int = 0, timeout: float = 30.0) -> None:
+        """Writes what is queued and closes the event file, waiting at most `timeout` seconds."""
+        if self._writer is None:
+            return
+        self._queue.put(None)
+        self._worker.join(timeout)
+        if self._worker.is_alive():
+            self._warn(f"TensorBoard did not finish writing within {timeout:g} s")
+        self._writer = None
+
+    def _work(self) -> None:
+        writer = self._writer
+        while (values := self._queue.get()) is not None:
+            if self._failed:
+                continue
+            try:
+                step = int(values["step"])
+                for key, value in values.items():
+                    if key == "step":
+                        continue
+                    if isinstance(value, np.ndarray):
+                        writer.add_image(key, value, step, dataformats="HWC" if value.ndim == 3 else "HW")
+                    elif isinstance(value, int | float | np.number) and not isinstance(value, bool):
+                        writer.add_scalar(key, value, step)
+                writer.flush()  # a write error (disk full) shows here, on this thread
+            except Exception as err:
+                self._fail(err)
+        try:
+            writer.close()
+        except Exception as err:
+            if not self._failed:
+                self._fail(err)
+
+    def _fail(self, err: BaseException) -> None:
+        self._failed = True
+        self._warn(f"TensorBoard logging failed ({_first_line(err)}); training goes on without it")
+
+
+class Trackers:
+    """The trackers --tracker asks for, behind Tracker's interface: what train.py calls goes to each of them.
+    mode, run_id are W&B's (disabled and None without it); location names where each one writes."""
+
+    def __init__(self, names: str, warn: Callable[[str], None]) -> None:
+        chosen = [] if names == "none" else names.split(",")
+        self.wandb = Tracker(warn) if "wandb" in chosen else None
+        self.tensorboard = TensorBoardTracker(warn) if "tensorboard" in chosen else None
+        self._timeout = 30.0
+
+    @property
+    def mode(self) -> str:
+        return self.wandb.mode if self.wandb else "disabled"
+
+    @property
+    def location(self) -> str:
+        wandb_location = self.wandb.location if self.wandb else "not used (--tracker)"
+        if self.tensorboard is None:
+            return wandb_location
+        return f"{wandb_location}; TensorBoard: {self.tensorboard.location}"
+
+    @property
+    def active(self) -> bool:
+        return any(t is not None and t.active for t in (self.wandb, self.tensorboard))
+
+    @property
+    def run_id(self) -> str | None:
+        return self.wandb.run_id if self.wandb else None
+
+    def start(self, mode: str, config: dict[str, Any], output_dir: Path, run_id: str | None,
+              timeout: float) -> None:
+        self._timeout = timeout
+        if self.wandb:
+            self.wandb.start(mode, config, output_dir, run_id, timeout)
+        if self.tensorboard:
+            self.tensorboard.start(output_dir)
+
+    def log(self, values: dict[str, Any]) -> None:
+        for tracker in (self.wandb, self.tensorboard):
+            if tracker is not None:
+                tracker.log(values)
+
+    def finish(self, exit_code: int = 0) -> None:
+        if self.wandb:
+            self.wandb.finish(exit_code)
+        if self.tensorboard:
+            self.tensorboard.finish(exit_code, self._timeout)

@@ -44,6 +44,7 @@ from vaegan_dist.cuda_graphs import GraphedStep, check_launch_free
 from vaegan_dist.data import DataError, ShardedBatches, derived_seed, load_mnist
 from vaegan_dist.evaluation import Reference, evaluate_distributed, evaluation_line
 from vaegan_dist.exits import EXIT_BAD_INPUT, EXIT_CHECKPOINT_FAILED, Ending, fail
+from vaegan_dist.launch_settings import is_main_launch_process, unsupported_launch_setting
 from vaegan_dist.models import (
     Networks,
     averaged_decoder,
@@ -57,7 +58,7 @@ from vaegan_dist.preemption import PreemptionWatch, requeue_slurm_job
 from vaegan_dist.report import ReportError, write_report
 from vaegan_dist.run_lock import LockHeld, OutputLock
 from vaegan_dist.step import StepResult, adam_optimizers, learning_rate, train_step
-from vaegan_dist.tracking import Tracker
+from vaegan_dist.tracking import Trackers
 from vaegan_dist.training_log import CollapseWatch, MetricsLog, MetricWindow, peak_memory_mb
 
 NUM_FIXED_SAMPLES = 64
@@ -81,7 +82,7 @@ class Run:
     fixed_z: Tensor  # the latent codes of every sample grid
     test_x: Tensor  # the test digits of every reconstruction grid
     reference: Reference | None  # the evaluation's classifier and test features (None: evaluation off)
-    tracker: Tracker
+    tracker: Trackers  # --tracker: W&B, TensorBoard, both or none
     metrics: MetricsLog
     last_step: int
     graphed_step: GraphedStep | None = None  # --cuda-graphs: the step captured in a CUDA graph
@@ -216,7 +217,7 @@ def start(config: TrainConfig, accelerator: Accelerator, console: Console) -> tu
     shards, fixed_z, test_x = load_data(config, accelerator)
     run = Run(config, accelerator, console, output_dir, checkpoint, networks, modules, optimizers,
               averaged_decoder(config, modules.decoder) if config.ema_decay else None, shards, fixed_z, test_x,
-              evaluation_reference(config, accelerator.device, console), Tracker(console.warn),
+              evaluation_reference(config, accelerator.device, console), Trackers(config.tracker, console.warn),
               MetricsLog(output_dir / "metrics.jsonl", accelerator.is_main_process, console.warn), last_step=0)
     state = restore(run)
     run.metrics.resume_at(state.position.step)  # what a crashed run logged past its checkpoint goes
@@ -421,6 +422,10 @@ def train(config: TrainConfig, accelerator: Accelerator, console: Console | None
 
 
 def main(argv: list[str] | None = None) -> None:
+    if problem := unsupported_launch_setting():  # before Accelerator() acts on it; said once, by the first process
+        if is_main_launch_process():
+            fail(problem, EXIT_BAD_INPUT)
+        sys.exit(EXIT_BAD_INPUT)
     try:
         config = parse_args(argv)
         accelerator = Accelerator(mixed_precision=config.mixed_precision)

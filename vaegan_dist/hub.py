@@ -1,0 +1,221 @@
+"""`VAEGAN`: the trained encoder and decoder as one model the Hugging Face way.
+
+    model = VAEGAN.from_pretrained("pretrained")      # or an export, a checkpoint, a run directory, a Hub repo id
+    digits = model.sample(16)                         # (16, 1, 28, 28) in [0, 1]
+    mu, logvar = model.encode(digits)                 # images as torchvision's ToTensor gives them
+    model.save_pretrained("my-model")                 # config.json + model.safetensors + README.md (model card)
+    model.push_to_hub("user/vaegan-mnist")            # the same files, one commit on the Hub
+
+The format is huggingface_hub's PyTorchModelHubMixin's: `config.json` (the run's TrainConfig, as JSON) and
+`model.safetensors` (the keys `encoder.*` and `decoder.*` of the two networks), with a model card whose YAML
+metadata the Hub reads. Images are float tensors (N, 1, 28, 28) in [0, 1]; the networks themselves work on rows
+of 784 pixels in [-1, 1] (the decoder ends in tanh), and the methods convert at the boundary.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+from typing import Any
+
+import torch
+from huggingface_hub import EvalResult, ModelCard, ModelCardData, PyTorchModelHubMixin, hf_hub_download
+from torch import Tensor, nn
+
+from vaegan_dist.config import ConfigError, TrainConfig
+from vaegan_dist.export import MODEL_FILE, load_networks
+from vaegan_dist.models import IMAGE_PIXELS, Decoder, Encoder
+
+LICENSE = "other"  # the repository names no license; vaegan-export --license sets the card's
+TAGS = ["vae-gan", "vae", "gan", "mnist", "image-generation", "pytorch"]
+# (metric key in metrics.jsonl without "eval/", the card's metric type and name)
+CARD_METRICS = [("fid", "fid", "classifier-FID (lower is better)"), ("kid", "kid", "KID"),
+                ("precision", "precision", "precision"), ("recall", "recall", "recall"),
+                ("inception_score", "inception_score", "inception score"),
+                ("recon_mse", "mse", "reconstruction MSE"), ("recon_accuracy", "accuracy",
+                                                            "reconstruction accuracy")]
+
+MODEL_CARD = """---
+{{ card_data }}
+---
+
+# VAE/GAN on MNIST
+
+The encoder and decoder of a VAE/GAN (Larsen et al., 2016, [arXiv:1512.09300](https://arxiv.org/abs/1512.09300))
+trained on MNIST with vaegan-dist. `config.json` holds every setting of the run,
+`model.safetensors` the weights ({{ dtype }}).
+
+## Use
+
+```python
+from vaegan_dist import VAEGAN
+
+model = VAEGAN.from_pretrained("{{ repo_id | default('path/to/this/directory', true) }}")
+digits = model.sample(16)            # (16, 1, 28, 28) floats in [0, 1]
+mu, logvar = model.encode(digits)    # q(z | x), z of size {{ latent_dim }}
+again = model.reconstruct(digits)
+```
+
+## Training
+
+{{ source }}. The command that trains these settings:
+
+```bash
+{{ command }}
+```
+
+## Evaluation
+
+{{ metrics_text }}
+"""
+
+
+class VAEGAN(nn.Module, PyTorchModelHubMixin, library_name="vaegan-dist", license=LICENSE, tags=TAGS,
+             paper_url="https://arxiv.org/abs/1512.09300", model_card_template=MODEL_CARD):
+    """The encoder and decoder of a trained VAE/GAN. `config` is its TrainConfig (or that as a dict)."""
+
+    def __init__(self, config: dict | None = None) -> None:
+        super().__init__()
+        try:
+            self.config = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config or {})
+        except ConfigError as err:
+            raise ValueError(f"VAEGAN config: {err}") from None
+        self._hub_mixin_config = self.config.to_dict()  # what save_pretrained writes to config.json
+        self.card_extras: dict[str, Any] = {}  # what the model card says of the training (vaegan-export fills it)
+        c = self.config
+        self.encoder = Encoder(c.hidden_dim, c.depth, c.latent_dim, c.network_dropout("encoder"))
+        self.decoder = Decoder(c.hidden_dim, c.depth, c.latent_dim, c.network_dropout("decoder"))
+
+    @classmethod
+    def from_networks(cls, config: TrainConfig, encoder: Encoder, decoder: Decoder) -> VAEGAN:
+        """A model holding these networks (not copies), in their mode and dtype."""
+        with torch.device("meta"):  # nothing random is drawn for weights about to be replaced
+            model = cls(config)
+        model.encoder, model.decoder = encoder, decoder
+        return model
+
+    @property
+    def latent_dim(self) -> int:
+        return self.config.latent_dim
+
+    def _device_dtype(self) -> tuple[torch.device, torch.dtype]:
+        weight = next(self.decoder.parameters())
+        return weight.device, weight.dtype
+
+    def encode(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """(μ, log σ²) of q(z | x), each (N, latent_dim), for images (N, 1, 28, 28) in [0, 1]."""
+        device, dtype = self._device_dtype()
+        rows = images.reshape(images.shape[0], IMAGE_PIXELS).to(device, dtype) * 2 - 1
+        mu, logvar = self.encoder(rows)
+        return mu.float(), logvar.float()
+
+    def decode(self, z: Tensor) -> Tensor:
+        """Images (N, 1, 28, 28) in [0, 1] for codes z (N, latent_dim)."""
+        device, dtype = self._device_dtype()
+        rows = self.decoder(z.to(device, dtype)).float()
+        return ((rows + 1) / 2).clamp_(0, 1).reshape(z.shape[0], 1, 28, 28)
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """n images decoded from z ~ N(0, I), drawn with generator (on its device) when given."""
+        device = generator.device if generator is not None else self._device_dtype()[0]
+        return self.decode(torch.randn(n, self.latent_dim, generator=generator, device=device))
+
+    def reconstruct(self, images: Tensor) -> Tensor:
+        """Dec(μ(x)): the reconstructions, (N, 1, 28, 28) in [0, 1], of images (N, 1, 28, 28) in [0, 1]."""
+        return self.decode(self.encode(images)[0])
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.reconstruct(images)
+
+    # ------------------------------------------------------------------------- huggingface_hub's hooks
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, revision: str | None, cache_dir: str | Path | None,
+                         force_download: bool, local_files_only: bool, token: str | bool | None,
+                         map_location: str = "cpu", strict: bool = False, config: Any = None,
+                         weights: str = "ema", **kwargs: Any) -> VAEGAN:
+        """A local directory of any kind load_networks reads (this format, an old-style export with encoder and
+        decoder files, a checkpoint, a run's output directory: its newest checkpoint), else a Hub repo id.
+        weights "ema" (default) takes a checkpoint's moving average of the decoder, "raw" the trained one."""
+        directory = Path(model_id)
+        if not directory.is_dir():
+            directory = Path(hf_hub_download(repo_id=model_id, filename=MODEL_FILE, revision=revision,
+                                             cache_dir=cache_dir, force_download=force_download, token=token,
+                                             local_files_only=local_files_only)).parent
+        loaded_config, encoder, decoder = load_networks(directory, map_location, weights)
+        return cls.from_networks(loaded_config, encoder, decoder).eval()
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        from safetensors.torch import save_file
+
+        state = {key: t.detach().to("cpu").contiguous() for key, t in self.state_dict().items()}
+        save_file(state, Path(save_directory) / MODEL_FILE, metadata={"format": "pt"})
+
+    def generate_model_card(self, *args: Any, **kwargs: Any) -> ModelCard:
+        info = self._hub_mixin_info
+        extras = {**self.card_extras, **kwargs}
+        data = ModelCardData(**info.model_card_data.to_dict())
+        data.datasets = ["mnist"]
+        data.license = extras.pop("license", data.license)
+        if data.license == "other":
+            data.license_name = "vaegan-dist"  # the project's terms, whatever they are; --license names one
+        metrics = extras.pop("metrics", None) or {}
+        if metrics:
+            data.model_name = "vaegan-mnist"
+            data.eval_results = [EvalResult(task_type="unconditional-image-generation", dataset_type="mnist",
+                                            dataset_name="MNIST", dataset_split="test", metric_type=kind,
+                                            metric_name=name, metric_value=round(float(metrics[key]), 6))
+                                 for key, kind, name in CARD_METRICS if key in metrics]
+        extras.setdefault("command", training_command(self.config))
+        extras.setdefault("source", "Trained by vaegan-dist")
+        extras.setdefault("metrics_text", metrics_text(metrics))
+        dtype = str(self._device_dtype()[1]).removeprefix("torch.")
+        return ModelCard.from_template(card_data=data, template_str=info.model_card_template,
+                                       dtype=dtype, latent_dim=self.latent_dim, **extras)
+
+
+def training_command(config: TrainConfig) -> str:
+    """`python train.py` with the flags that give config's settings over the default preset's (output_dir and
+    data_dir left out: they were the training machine's)."""
+    defaults = TrainConfig().to_dict()
+    words = ["python", "train.py"]
+    for key, value in config.to_dict().items():
+        if value == defaults[key] or key in ("output_dir", "data_dir"):
+            continue
+        flag = f"--{key.replace('_', '-')}"
+        if isinstance(value, bool):
+            words.append(flag if value else f"--no-{key.replace('_', '-')}")
+        else:
+            words += [flag, "none" if value is None else str(value)]
+    return shlex.join(words)
+
+
+def metrics_text(metrics: dict[str, float]) -> str:
+    if not metrics:
+        return "No evaluation was recorded with these weights: run `vaegan-eval DIR` on them."
+    step = f" at step {int(metrics['step'])}" if "step" in metrics else ""
+    rows = [f"| {name} | {float(metrics[key]):.4g} |" for key, _, name in CARD_METRICS if key in metrics]
+    return ("vaegan-dist's classifier-based evaluation on the MNIST test set" + step + " (the run's "
+            "metrics.jsonl):\n\n| metric | value |\n| --- | --- |\n" + "\n".join(rows))
+
+
+def run_metrics(source: Path) -> dict[str, float]:
+    """The last evaluation in the metrics.jsonl of the run that source (a checkpoint or a run's output directory)
+    belongs to, not later than the checkpoint's step; {} when there is none."""
+    run_dir = source if (source / "metrics.jsonl").is_file() else source.parent.parent
+    step = int(source.name.removeprefix("step_")) if source.name.startswith("step_") else None
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    except OSError:
+        return {}
+    found: dict[str, float] = {}
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "eval/fid" in record and (step is None or record.get("step", 0) <= step):
+            found = {"step": record.get("step", 0),
+                     **{k.removeprefix("eval/"): v for k, v in record.items() if k.startswith("eval/")}}
+    return found
