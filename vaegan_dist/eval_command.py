@@ -41,8 +41,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(
         prog="vaegan-eval", description="Evaluate the networks in a checkpoint or export directory against the "
         "MNIST test set with the shipped classifier; prints a table and writes JSON.")
-    parser.add_argument("directory", type=Path, help="a checkpoint or export directory (config.json, "
-                        "encoder.safetensors, decoder.safetensors)")
+    parser.add_argument("directory", type=Path, help="a checkpoint, an export (vaegan-export, pretrained/) or a "
+                        "run's output directory (its newest checkpoint)")
     parser.add_argument("--samples", type=int, default=DEFAULT_SAMPLES, help="samples to generate (and test "
                         "images to reconstruct, at most 10k); the floor uses as many training images")
     parser.add_argument("--seed", type=seed_flag, default=None, help="seed of the samples' z (default: the run's seed)")
