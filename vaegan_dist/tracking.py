@@ -60,6 +60,28 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
+def warn_once(warn: Callable[[str], None]) -> Callable[[str], None]:
+    """`warn`, for the first message only."""
+    said = []
+
+    def say(message: str) -> None:
+        if not said:
+            said.append(message)
+            warn(message)
+
+    return say
+
+
+def queue_without_blocking(pending: queue.Queue, values: dict[str, Any], name: str,
+                           warn_once: Callable[[str], None]) -> None:
+    """Queues values for a tracker's worker thread; past MAX_PENDING waiting, drops them, with one warning."""
+    if pending.qsize() >= MAX_PENDING:
+        warn_once(f"{name} is not keeping up: {MAX_PENDING} logs are waiting, newer ones are dropped until it "
+                  "catches up (metrics.jsonl has them all)")
+        return
+    pending.put(values)
+
+
 class Tracker:
     """The W&B run of a training job. Made on the main process only; its methods never raise.
 
@@ -75,7 +97,7 @@ class Tracker:
         self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self._worker = threading.Thread(target=self._work, name="wandb-log", daemon=True)
         self._failed = False
-        self._warned_full = False
+        self._warn_full = warn_once(warn)
         self._exit_code = 0
 
     @property
@@ -133,15 +155,8 @@ class Tracker:
 
     def log(self, values: dict[str, Any]) -> None:
         """Queues `values` (with "step") for W&B; uint8 arrays (H, W[, 3]) become images. Never blocks."""
-        if not self.active:
-            return
-        if self._queue.qsize() >= MAX_PENDING:
-            if not self._warned_full:
-                self._warned_full = True
-                self._warn(f"W&B is not keeping up: {MAX_PENDING} logs are waiting, newer ones are dropped "
-                           "until it catches up (metrics.jsonl has them all)")
-            return
-        self._queue.put(values)
+        if self.active:
+            queue_without_blocking(self._queue, values, "W&B", self._warn_full)
 
     def finish(self, exit_code: int = 0) -> None:
         """Sends what is queued and closes the run, waiting at most the timeout given to `start`."""
@@ -209,7 +224,7 @@ class TensorBoardTracker:
         self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self._worker = threading.Thread(target=self._work, name="tensorboard-log", daemon=True)
         self._failed = False
-        self._warned_full = False
+        self._warn_full = warn_once(warn)
 
     @property
     def active(self) -> bool:
@@ -233,15 +248,8 @@ class TensorBoardTracker:
 
     def log(self, values: dict[str, Any]) -> None:
         """Queues `values` (with "step"); numbers become scalars, uint8 arrays (H, W[, 3]) images. Never blocks."""
-        if not self.active:
-            return
-        if self._queue.qsize() >= MAX_PENDING:
-            if not self._warned_full:
-                self._warned_full = True
-                self._warn(f"TensorBoard is not keeping up: {MAX_PENDING} logs are waiting, newer ones are "
-                           "dropped until it catches up (metrics.jsonl has them all)")
-            return
-        self._queue.put(values)
+        if self.active:
+            queue_without_blocking(self._queue, values, "TensorBoard", self._warn_full)
 
     def finish(self, exit_code: int = 0, timeout: float = 30.0) -> None:
         """Writes what is queued and closes the event file, waiting at most `timeout` seconds."""
