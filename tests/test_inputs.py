@@ -99,7 +99,7 @@ def test_export_over_its_source_export_or_into_another_run_is_refused(exported, 
         main([str(exported), str(other_run)])
     assert exit_info.value.code == 2 and "is a run's output directory" in capsys.readouterr().err
     main([str(run_dir), str(tmp_path / "fine")])  # elsewhere: fine
-    assert (tmp_path / "fine" / "decoder.safetensors").is_file()
+    assert (tmp_path / "fine" / "model.safetensors").is_file()
 
 
 def test_sample_eval_and_report_never_write_into_a_checkpoint(checkpoint, run_dir, exported):
@@ -133,7 +133,8 @@ def test_outputs_that_cannot_be_written_are_one_line_errors(exported, tmp_path):
 
 # ------------------------------------------------------------------------------------------- settings
 
-FLOAT_SETTINGS = ["gamma", "beta", "dropout", "encoder_dropout", "decoder_dropout", "discriminator_dropout", "lr",
+FLOAT_SETTINGS = ["gamma", "beta", "kl_weight", "pixel_weight", "dropout", "encoder_dropout", "decoder_dropout",
+                  "discriminator_dropout", "lr",
                   "discriminator_lr_scale", "adam_beta1", "adam_beta2", "lr_decay_start", "ema_decay", "wandb_timeout"]
 
 
@@ -218,9 +219,9 @@ def test_a_command_line_mistake_is_printed_by_the_first_process_only(monkeypatch
     ("sample", ["--device", "foo"], "unknown device 'foo'"),
     ("sample", ["--seed", str(2**70)], "seed 1180591620717411303424 is not in [0, 4294967295]"),
     ("sample", ["--seed", "-1"], "seed -1 is not in [0, 4294967295]"),
-    ("evaluation", ["--device", "cuda:99"], "device 'cuda:99'"),
-    ("evaluation", ["--seed", "x"], "invalid seed 'x'"),
-    ("evaluation", ["--samples", "60001"], "--samples must be at most 60000"),
+    ("eval_command", ["--device", "cuda:99"], "device 'cuda:99'"),
+    ("eval_command", ["--seed", "x"], "invalid seed 'x'"),
+    ("eval_command", ["--samples", "60001"], "--samples must be at most 60000"),
 ])
 def test_devices_seeds_and_sample_counts_are_checked_first(exported, tmp_path, capsys, main_module, flags, message):
     import importlib
@@ -292,11 +293,12 @@ def test_an_export_with_non_finite_weights_or_a_config_that_is_not_text_is_refus
     from vaegan_dist.export import ExportError, load_networks
 
     nan = shutil.copytree(exported, tmp_path / "nan")
-    weights = load_file(nan / "decoder.safetensors")
-    key = sorted(weights)[0]
+    weights = load_file(nan / "model.safetensors")  # the Hub format: encoder.* and decoder.* in one file
+    key = sorted(k for k in weights if k.startswith("decoder."))[0]
     weights[key] = torch.full_like(weights[key], float("nan"))
-    save_file(weights, nan / "decoder.safetensors")
-    with pytest.raises(ExportError, match=f"the decoder in .* has non-finite weights \\({key}\\)"):
+    save_file(weights, nan / "model.safetensors")
+    reported = key.removeprefix("decoder.")
+    with pytest.raises(ExportError, match=f"the decoder in .* has non-finite weights \\({reported}\\)"):
         load_networks(nan)
     binary = shutil.copytree(exported, tmp_path / "binary")
     (binary / "config.json").write_bytes(b"\xff\xfe\x00")
