@@ -94,7 +94,7 @@ DAMAGE = {  # name: (file, how, what the one line says)
                                   "is torch.float64"),
     "a NaN weight": ("discriminator.safetensors",
                      lambda t: t[first_weight(t)].view(-1).__setitem__(0, float("nan")), "is not finite"),
-    "an infinite average": ("decoder_ema.safetensors",
+    "an infinite average": ("encoder_ema.safetensors",
                             lambda t: t[first_weight(t)].view(-1).__setitem__(0, float("inf")), "is not finite"),
     "a changed weight": ("decoder.safetensors", lambda t: t[first_weight(t)].view(-1).__setitem__(0, 0.125),
                          "do not hash to the replicas' digests"),

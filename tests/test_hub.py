@@ -18,7 +18,7 @@ from vaegan_dist import VAEGAN
 from vaegan_dist.checkpoint import Position, TrainState, save_checkpoint
 from vaegan_dist.export import export_networks, load_networks
 from vaegan_dist.export import main as export_main
-from vaegan_dist.models import averaged_decoder, build_models
+from vaegan_dist.models import build_models, moving_averages
 from vaegan_dist.step import adam_optimizers
 from vaegan_dist.training_log import MetricWindow
 
@@ -85,33 +85,35 @@ def test_float16_weights_load_as_float32(tmp_path):
 
 
 def checkpointed_run(run_dir: Path, config) -> Path:
-    """A real checkpoint (save_checkpoint) with a decoder moving average, in run_dir/checkpoints."""
+    """A real checkpoint (save_checkpoint) with moving averages, in run_dir/checkpoints."""
     torch.manual_seed(0)
     networks = build_models(config)
-    ema = averaged_decoder(config, networks.decoder)
+    averages = moving_averages(config, networks)
     with torch.no_grad():
-        for p in ema.parameters():
-            p.add_(1.0)  # unlike the trained decoder, so which one loads shows
+        for p in [*averages.encoder.parameters(), *averages.decoder.parameters()]:
+            p.add_(1.0)  # unlike the trained networks, so which ones load shows
     state = TrainState(Position(8, 0, 128), MetricWindow(torch.device("cpu")))
     return save_checkpoint(Accelerator(cpu=True), run_dir, config, networks, adam_optimizers(networks, config),
-                           state, ema)
+                           state, averages)
 
 
 def test_from_pretrained_reads_exports_old_and_new_checkpoints_and_run_directories(tmp_path):
     config = tiny_config(output_dir=str(tmp_path / "run"), ema_decay=0.9)
     checkpoint = checkpointed_run(tmp_path / "run", config)
     _, encoder, ema_decoder = load_networks(checkpoint)
-    _, _, raw_decoder = load_networks(checkpoint, weights="raw")
+    _, raw_encoder, raw_decoder = load_networks(checkpoint, weights="raw")
+    assert not same_weights(encoder, raw_encoder) and not same_weights(ema_decoder, raw_decoder)
     for source in (checkpoint, tmp_path / "run"):
         loaded = VAEGAN.from_pretrained(source)
         assert same_weights(loaded.encoder, encoder) and same_weights(loaded.decoder, ema_decoder)
-    assert same_weights(VAEGAN.from_pretrained(checkpoint, weights="raw").decoder, raw_decoder)
+    raw = VAEGAN.from_pretrained(checkpoint, weights="raw")
+    assert same_weights(raw.encoder, raw_encoder) and same_weights(raw.decoder, raw_decoder)
 
     old_style = tmp_path / "old"  # an export as vaegan-export wrote them before: encoder/decoder.safetensors
     old_style.mkdir()
     for name in ("config.json", "encoder.safetensors", "decoder.safetensors"):
         shutil.copy(checkpoint / name, old_style / name)
-    assert same_weights(VAEGAN.from_pretrained(old_style).encoder, encoder)
+    assert same_weights(VAEGAN.from_pretrained(old_style).encoder, raw_encoder)
 
     export_networks(encoder, ema_decoder, config, tmp_path / "new", dtype=torch.float32)
     new = VAEGAN.from_pretrained(tmp_path / "new")

@@ -27,10 +27,10 @@ from tests.slurm_doubles import (
     start,
     task_exits,
 )
-from vaegan_dist.checkpoint import EMA_FILE, Checkpoint, checkpoints_dir, newest_complete, verify, weights_digest
+from vaegan_dist.checkpoint import AVERAGE_FILES, Checkpoint, checkpoints_dir, newest_complete, verify, weights_digest
 from vaegan_dist.config import TrainConfig
 from vaegan_dist.exits import Ending
-from vaegan_dist.models import Networks, averaged_decoder, build_models
+from vaegan_dist.models import Networks, build_models, moving_averages
 
 TIMEOUT = 240
 
@@ -70,9 +70,11 @@ def final_checkpoint(output_dir) -> Checkpoint:
 def assert_replicas_hold_the_saved_weights(checkpoint: Checkpoint) -> None:
     """Every process's weight digest (recorded at the save) is the digest of the weights in the files."""
     config = TrainConfig.from_dict(checkpoint.config)
-    networks = dict(zip(Networks._fields, build_models(config), strict=True))
-    if checkpoint.has_network(EMA_FILE):  # the decoder's moving average is part of the digest too
-        networks[EMA_FILE] = averaged_decoder(config, networks["decoder"])
+    trained = build_models(config)
+    networks = dict(zip(Networks._fields, trained, strict=True))
+    if checkpoint.has_network(AVERAGE_FILES["decoder"]):  # the moving averages are part of the digest too
+        averages = moving_averages(config, trained)._asdict()
+        networks |= {file: averages[name] for name, file in AVERAGE_FILES.items()}
     for name, module in networks.items():
         module.load_state_dict(checkpoint.network(name))
     assert checkpoint.state["replica_digests"] == [weights_digest(networks)] * 2

@@ -14,7 +14,7 @@ import torch
 from benchmarks.baseline import with_torch_dropout
 from benchmarks.bench import executed_flops, step_products
 from tests.conftest import REPO, tiny_config, tiny_flags
-from vaegan_dist.checkpoint import EMA_FILE, Checkpoint, checkpoints_dir, newest_complete
+from vaegan_dist.checkpoint import AVERAGE_FILES, Checkpoint, checkpoints_dir, newest_complete
 from vaegan_dist.config import TrainConfig
 from vaegan_dist.cpu import keep_freed_memory
 from vaegan_dist.models import Dropout, build_models
@@ -107,4 +107,5 @@ def test_compiled_networks_train_and_checkpoint_under_their_own_names(tmp_path):
     assert checkpoint.config["compile"] is True
     encoder, decoder, _ = build_models(tiny_config())
     assert set(checkpoint.network("encoder")) == set(encoder.state_dict())
-    assert set(checkpoint.network(EMA_FILE)) == set(decoder.state_dict())  # the default preset's moving average
+    assert set(checkpoint.network(AVERAGE_FILES["encoder"])) == set(encoder.state_dict())  # the default's averages
+    assert set(checkpoint.network(AVERAGE_FILES["decoder"])) == set(decoder.state_dict())

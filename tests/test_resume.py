@@ -16,13 +16,13 @@ import pytest
 import torch
 
 from tests.conftest import REPO, launch, launch_command, tiny_flags
-from vaegan_dist.checkpoint import EMA_FILE, Checkpoint, checkpoints_dir, newest_complete, verify
+from vaegan_dist.checkpoint import AVERAGE_FILES, Checkpoint, checkpoints_dir, newest_complete, verify
 from vaegan_dist.exits import Ending
 from vaegan_dist.losses import LossTerms
 from vaegan_dist.models import Networks
 
 # A global batch of 4096 makes an epoch 14 steps: a stop at step 10 falls mid-epoch, and 20 steps cross an epoch.
-# The decoder's moving average and spectral norm's power-iteration vectors are kept, so they resume exactly too.
+# The moving averages and spectral norm's power-iteration vectors are kept, so they resume exactly too.
 FLAGS = dict(global_batch_size=4096, log_every=5, ema_decay=0.9, spectral_norm=True)
 LOSS_KEYS = [*LossTerms.names(), *(f"grad_norm_{n}" for n in Networks._fields), "skipped_steps"]
 
@@ -41,7 +41,7 @@ def final_checkpoint(output_dir):
 
 def weights(output_dir):
     checkpoint = final_checkpoint(output_dir)
-    return {f"{name}.{key}": value for name in (*Networks._fields, EMA_FILE)
+    return {f"{name}.{key}": value for name in (*Networks._fields, *AVERAGE_FILES.values())
             for key, value in checkpoint.network(name).items()}
 
 

@@ -7,7 +7,8 @@ Layout under <output_dir>/checkpoints/:
         encoder.safetensors         the unwrapped networks' state_dicts (identical on every process)
         decoder.safetensors
         discriminator.safetensors
-        decoder_ema.safetensors     the decoder's moving average (runs with --ema-decay only)
+        encoder_ema.safetensors     the encoder's and the decoder's moving averages (runs with --ema-decay
+        decoder_ema.safetensors     only; checkpoints of version 0.2 hold the decoder's alone)
         optimizers.safetensors      the three Adam states, keys "<network>.<param index>.<name>"
         state.json                  position (step, epoch, images seen in the epoch), world size,
                                     loss-scaler state, W&B run id, every process's weight digest
@@ -42,10 +43,11 @@ from safetensors.torch import load, load_file, save
 from torch import Tensor, nn
 
 from vaegan_dist.config import ConfigError, TrainConfig
-from vaegan_dist.models import Networks, build_models
+from vaegan_dist.models import Autoencoder, Networks, build_models
 from vaegan_dist.training_log import MetricWindow
 
-EMA_FILE = "decoder_ema"  # the decoder's moving average, in runs that keep one (--ema-decay)
+# The moving averages' files, in runs that keep them (--ema-decay)
+AVERAGE_FILES = {name: f"{name}_ema" for name in Autoencoder._fields}
 MARKER = "COMPLETE"
 LATEST = "latest"
 NAME_PATTERN = re.compile(r"^step_(\d+)$")
@@ -149,9 +151,10 @@ def _cpu_state(module: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
 
 
-def named_modules(networks: Networks, decoder_ema: nn.Module | None) -> dict[str, nn.Module]:
+def named_modules(networks: Networks, averages: Autoencoder | None) -> dict[str, nn.Module]:
     """The modules a checkpoint holds, by file name."""
-    return {**networks._asdict(), **({EMA_FILE: decoder_ema} if decoder_ema is not None else {})}
+    kept = averages._asdict() if averages is not None else {}
+    return {**networks._asdict(), **{AVERAGE_FILES[name]: module for name, module in kept.items()}}
 
 
 def non_finite_modules(modules: Mapping[str, nn.Module]) -> list[str]:
@@ -214,7 +217,7 @@ def save_checkpoint(
     networks: Networks,
     optimizers: Networks,
     state: TrainState,
-    decoder_ema: nn.Module | None = None,
+    averages: Autoencoder | None = None,
 ) -> Path:
     """Writes checkpoint step_<state.position.step> on every process together; returns its directory.
 
@@ -224,7 +227,7 @@ def save_checkpoint(
     root = checkpoints_dir(output_dir)
     position = state.position
     name = checkpoint_name(position.step)
-    modules = named_modules(networks, decoder_ema)
+    modules = named_modules(networks, averages)
     state_entries, rank_tensors = state.to_checkpoint(accelerator.scaler)
     final, tmp = root / name, root / f".tmp-{name}"
     main, rank = accelerator.is_main_process, accelerator.process_index
@@ -380,13 +383,14 @@ class Checkpoint:
     def has_network(self, name: str) -> bool:
         return (self.path / f"{name}.safetensors").is_file()
 
-    def load_networks(self, networks: Networks, decoder_ema: nn.Module | None) -> None:
-        """Loads the saved weights into the networks, and into decoder_ema when given: the saved average, or
-        the saved decoder where the checkpoint has no average (a run that starts keeping one there)."""
+    def load_networks(self, networks: Networks, averages: Autoencoder | None) -> None:
+        """Loads the saved weights into the networks, and into averages when given: each saved average, or the
+        saved network where the checkpoint has no average of it (a run that starts keeping one there)."""
         for name, module in networks._asdict().items():
             module.load_state_dict(self.network(name))
-        if decoder_ema is not None:
-            decoder_ema.load_state_dict(self.network(EMA_FILE if self.has_network(EMA_FILE) else "decoder"))
+        for name, average in (averages._asdict() if averages is not None else {}).items():
+            file = AVERAGE_FILES[name]
+            average.load_state_dict(self.network(file if self.has_network(file) else name))
 
     def optimizers(self) -> dict[str, Tensor]:
         return load_file(self.path / "optimizers.safetensors")
@@ -483,10 +487,10 @@ def _state_problem(state: Any, directory: str) -> str | None:
 def _weights_problem(path: Path, config: TrainConfig, shapes: Networks, digest: str) -> str | None:
     """What is wrong with the networks' (and the average's) tensors: keys, shapes, dtypes, finiteness, and their
     hash against the replicas' digest."""
-    names = [*Networks._fields, *([EMA_FILE] if (path / f"{EMA_FILE}.safetensors").is_file() else [])]
+    averaged = {file: name for name, file in AVERAGE_FILES.items() if (path / f"{file}.safetensors").is_file()}
     loaded = {}
-    for name in names:
-        network = "decoder" if name == EMA_FILE else name
+    for name in [*Networks._fields, *averaged]:
+        network = averaged.get(name, name)
         tensors = load_file(path / f"{name}.safetensors")
         if problem := _tensors_problem(f"{name}.safetensors", tensors, getattr(shapes, network).state_dict()):
             return problem

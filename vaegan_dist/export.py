@@ -3,8 +3,9 @@ Hugging Face format): `config.json` (TrainConfig.to_dict()), `model.safetensors`
 `decoder.*`) and a model card, README.md. Checkpoint directories, and exports made before that format, hold
 `encoder.safetensors` and `decoder.safetensors` (the state_dict keys of the unwrapped modules) next to
 `config.json`; everything that reads networks reads all of them. A checkpoint of a run with --ema-decay also holds
-`decoder_ema.safetensors`, the decoder's moving average: readers take it by default (weights "ema") and the
-trained decoder with weights "raw"; an export holds the one decoder it was made with.
+`encoder_ema.safetensors` and `decoder_ema.safetensors`, the moving averages (checkpoints of version 0.2: the
+decoder's alone): readers take them by default (weights "ema") and the trained networks with weights "raw"; an
+export holds the one pair it was made with.
 
 Only torch, safetensors and json are involved, never pickle. The decoder is simple enough to run without
 this package; the README's script does that with torch and safetensors alone.
@@ -23,7 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from vaegan_dist.checkpoint import EMA_FILE, checkpoints_dir, newest_complete
+from vaegan_dist.checkpoint import AVERAGE_FILES, checkpoints_dir, newest_complete
 from vaegan_dist.config import ArgumentParser, ConfigError, TrainConfig
 from vaegan_dist.exits import fail
 from vaegan_dist.guard import OutputError, refuse_output
@@ -33,7 +34,7 @@ CONFIG_FILE = "config.json"
 NETWORK_FILES = {"encoder": "encoder.safetensors", "decoder": "decoder.safetensors"}  # checkpoints, old exports
 MODEL_FILE = "model.safetensors"  # exports: both networks, keys prefixed with "encoder." and "decoder."
 CARD_FILE = "README.md"
-WEIGHTS = ("ema", "raw")  # which decoder to read: its moving average where the directory has one, or the trained
+WEIGHTS = ("ema", "raw")  # which networks to read: their moving averages where the directory has them, or the trained
 
 
 class ExportError(RuntimeError):
@@ -72,14 +73,13 @@ def network_directory(directory: str | Path) -> Path:
 def load_networks(directory: str | Path, device: torch.device | str = "cpu",
                   weights: str = "ema") -> tuple[TrainConfig, Encoder, Decoder]:
     """(config, encoder, decoder) from an export or checkpoint directory, or a run's output directory (its newest
-    intact checkpoint), in float32 and eval mode on device. weights "ema" reads the decoder's moving average where
-    the directory has one, "raw" the trained decoder."""
+    intact checkpoint), in float32 and eval mode on device. weights "ema" reads the moving averages where the
+    directory has them, "raw" the trained networks."""
     if weights not in WEIGHTS:
         raise ExportError(f"weights {weights!r}: choose one of {', '.join(WEIGHTS)}")
     directory = network_directory(directory)
-    files = dict(NETWORK_FILES)
-    if weights == "ema" and (directory / f"{EMA_FILE}.safetensors").is_file():
-        files["decoder"] = f"{EMA_FILE}.safetensors"
+    averaged = {name: f"{AVERAGE_FILES[name]}.safetensors" for name in averages_in(directory, weights)}
+    files = {**NETWORK_FILES, **averaged}
     config_path = directory / CONFIG_FILE
     if not config_path.is_file():
         raise ExportError(f"{directory} holds no {CONFIG_FILE}: pass a checkpoint or export directory "
@@ -110,9 +110,20 @@ def load_networks(directory: str | Path, device: torch.device | str = "cpu",
     return config, encoder.eval(), decoder.eval()
 
 
+def averages_in(directory: Path, weights: str) -> list[str]:
+    """The networks whose moving averages a reader with these weights takes from directory."""
+    return [name for name, file in AVERAGE_FILES.items()
+            if weights == "ema" and (directory / f"{file}.safetensors").is_file()]
+
+
+def averages_note(names: list[str]) -> str:
+    """' (the moving averages of the encoder and the decoder)', or of one of them, or nothing."""
+    return f" (the moving average{'s' * (len(names) > 1)} of the {' and the '.join(names)})" if names else ""
+
+
 def add_weights_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--weights", choices=WEIGHTS, default="ema", help="ema (default): the decoder's moving "
-                        "average, where the run kept one (--ema-decay); raw: the trained decoder")
+    parser.add_argument("--weights", choices=WEIGHTS, default="ema", help="ema (default): the encoder's and the "
+                        "decoder's moving averages, where the run kept them (--ema-decay); raw: the trained ones")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -132,17 +143,17 @@ def main(argv: list[str] | None = None) -> None:
         refuse_output(args.out, "the export directory", (args.source, network_directory(args.source)), directory=True)
         config, encoder, decoder = load_networks(args.source, weights=args.weights)
         source = network_directory(args.source)
-        averaged = args.weights == "ema" and (source / f"{EMA_FILE}.safetensors").is_file()
+        averaged = averages_note(averages_in(source, args.weights))
         card = {"license": args.license, "metrics": run_metrics(source),
                 "source": f"Exported by `vaegan-export` from `{source.name}`"
-                          + (" (the decoder's moving average)" if averaged else "")}
+                          + averaged}
         export_networks(encoder, decoder, config, args.out, getattr(torch, args.dtype), card)
     except (ExportError, OutputError) as err:
         fail(str(err))
     except OSError as err:
         fail(f"cannot write the export to {args.out} ({err.strerror or err}): choose a writable directory")
     print(f"exported the encoder and decoder of {source} to {args.out}"
-          + (" (the decoder's moving average)" if averaged else ""))
+          + averaged)
 
 
 if __name__ == "__main__":

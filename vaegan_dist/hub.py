@@ -137,7 +137,7 @@ class VAEGAN(nn.Module, PyTorchModelHubMixin, library_name="vaegan-dist", licens
                          weights: str = "ema", **kwargs: Any) -> VAEGAN:
         """A local directory of any kind load_networks reads (this format, an old-style export with encoder and
         decoder files, a checkpoint, a run's output directory: its newest checkpoint), else a Hub repo id.
-        weights "ema" (default) takes a checkpoint's moving average of the decoder, "raw" the trained one."""
+        weights "ema" (default) takes a checkpoint's moving averages, "raw" the trained networks."""
         directory = Path(model_id)
         if not directory.is_dir():
             directory = Path(hf_hub_download(repo_id=model_id, filename=MODEL_FILE, revision=revision,

@@ -132,21 +132,34 @@ def compile_networks(networks: Networks) -> None:
         net.compile()
 
 
-def averaged_decoder(config: TrainConfig, decoder: nn.Module) -> Decoder:
-    """A frozen copy of decoder, in eval mode, to hold the moving average of its weights. It is built on the meta
-    device, so making it draws nothing from the RNG (and copies none of Accelerate's wrapping of decoder)."""
+class Autoencoder(NamedTuple):
+    """An encoder and its decoder: the trained pair, or the pair of their moving averages (--ema-decay)."""
+
+    encoder: Any
+    decoder: Any
+
+
+def moving_averages(config: TrainConfig, networks: Networks) -> Autoencoder:
+    """Frozen copies of the encoder and the decoder, in eval mode, to hold the moving averages of their weights.
+    They are built on the meta device, so making them draws nothing from the RNG (and copies none of
+    Accelerate's wrapping of the networks)."""
     with torch.device("meta"):
-        average = Decoder(config.hidden_dim, config.depth, config.latent_dim, config.network_dropout("decoder"))
-    average.load_state_dict({key: t.detach().clone() for key, t in decoder.state_dict().items()}, assign=True)
-    return average.requires_grad_(False).eval()
+        copies = build_models(config)
+    for name in Autoencoder._fields:
+        state = getattr(networks, name).state_dict()
+        getattr(copies, name).load_state_dict({key: t.detach().clone() for key, t in state.items()}, assign=True)
+    return Autoencoder(*(getattr(copies, name).requires_grad_(False).eval() for name in Autoencoder._fields))
 
 
 @torch.no_grad()
-def update_average(average: nn.Module, network: nn.Module, decay: float, step: int) -> None:
-    """average ← d·average + (1 − d)·network with d = min(decay, (1 + step) / (10 + step)): the early weights,
-    soon meaningless, leave the average quickly."""
+def update_averages(averages: Autoencoder, networks: Networks, decay: float, step: int) -> None:
+    """average ← d·average + (1 − d)·network for the encoder and the decoder, with d = min(decay, (1 + step) /
+    (10 + step)): the early weights, soon meaningless, leave the averages quickly. Both follow the same
+    schedule, so that the averaged decoder decodes what the averaged encoder encodes."""
     d = min(decay, (1 + step) / (10 + step))
-    torch._foreach_lerp_(list(average.parameters()), list(network.parameters()), 1 - d)
+    averaged = [p for name in Autoencoder._fields for p in getattr(averages, name).parameters()]
+    trained = [p for name in Autoencoder._fields for p in getattr(networks, name).parameters()]
+    torch._foreach_lerp_(averaged, trained, 1 - d)
 
 
 def images_to_pixels(images: Tensor) -> Tensor:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
-from torch import Tensor, nn
+from torch import Tensor
 
 from vaegan_dist.checkpoint import (
     Checkpoint,
@@ -46,12 +46,13 @@ from vaegan_dist.evaluation import Reference, evaluate_distributed, evaluation_l
 from vaegan_dist.exits import EXIT_BAD_INPUT, EXIT_CHECKPOINT_FAILED, Ending, fail
 from vaegan_dist.launch_settings import is_main_launch_process, unsupported_launch_setting
 from vaegan_dist.models import (
+    Autoencoder,
     Networks,
-    averaged_decoder,
     build_models,
     compile_networks,
     images_to_pixels,
-    update_average,
+    moving_averages,
+    update_averages,
 )
 from vaegan_dist.pictures import grid_image, grid_pixels, save_epoch_grids
 from vaegan_dist.preemption import PreemptionWatch, requeue_slurm_job
@@ -77,7 +78,7 @@ class Run:
     networks: Networks  # as accelerator.prepare returned them (DDP-wrapped on several processes): the step's
     modules: Networks  # the same networks unwrapped: checkpoints, pictures, evaluations
     optimizers: Networks  # plain torch optimizers, which the step drives itself (see train_step)
-    decoder_ema: nn.Module | None  # the decoder's moving average (--ema-decay)
+    averages: Autoencoder | None  # the encoder's and the decoder's moving averages (--ema-decay)
     shards: ShardedBatches
     fixed_z: Tensor  # the latent codes of every sample grid
     test_x: Tensor  # the test digits of every reconstruction grid
@@ -88,9 +89,9 @@ class Run:
     graphed_step: GraphedStep | None = None  # --cuda-graphs: the step captured in a CUDA graph
 
     @property
-    def sampler(self) -> nn.Module:
-        """The decoder that pictures and evaluations use: the moving average where the run keeps one."""
-        return self.decoder_ema if self.decoder_ema is not None else self.modules.decoder
+    def autoencoder(self) -> Autoencoder:
+        """The pair that pictures and evaluations use: the moving averages where the run keeps them."""
+        return self.averages if self.averages is not None else Autoencoder(self.modules.encoder, self.modules.decoder)
 
 
 # ---------------------------------------------------------------------------------------------- setting up
@@ -194,7 +195,7 @@ def restore(run: Run) -> TrainState:
     if run.checkpoint is None:
         return TrainState(Position(), window)
     checkpoint, accelerator = run.checkpoint, run.accelerator
-    checkpoint.load_networks(run.modules, run.decoder_ema)
+    checkpoint.load_networks(run.modules, run.averages)
     load_optimizer_tensors(run.optimizers, checkpoint.optimizers())
     same_processes = checkpoint.state["world_size"] == accelerator.num_processes
     state = TrainState.from_checkpoint(checkpoint, accelerator.scaler, window,
@@ -216,7 +217,7 @@ def start(config: TrainConfig, accelerator: Accelerator, console: Console) -> tu
     networks, modules, optimizers = build_networks(config, accelerator)
     shards, fixed_z, test_x = load_data(config, accelerator)
     run = Run(config, accelerator, console, output_dir, checkpoint, networks, modules, optimizers,
-              averaged_decoder(config, modules.decoder) if config.ema_decay else None, shards, fixed_z, test_x,
+              moving_averages(config, modules) if config.ema_decay else None, shards, fixed_z, test_x,
               evaluation_reference(config, accelerator.device, console), Trackers(config.tracker, console.warn),
               MetricsLog(output_dir / "metrics.jsonl", accelerator.is_main_process, console.warn), last_step=0)
     state = restore(run)
@@ -273,8 +274,8 @@ def step_networks(run: Run, batch: Tensor, step: int) -> StepResult:
         optimizer.param_groups[0]["lr"] = lr * run.config.network_lr_scale(name)
     step_fn = run.graphed_step or train_step
     result = step_fn(run.networks, run.optimizers, images_to_pixels(batch), run.config, run.accelerator.scaler)
-    if run.decoder_ema is not None and result.stepped:
-        update_average(run.decoder_ema, run.modules.decoder, run.config.ema_decay, step + 1)
+    if run.averages is not None and result.stepped:
+        update_averages(run.averages, run.modules, run.config.ema_decay, step + 1)
     return result
 
 
@@ -301,7 +302,7 @@ def log_record(run: Run, state: TrainState, epoch: int, collapse: CollapseWatch)
 
 def send_grids(run: Run, step: int) -> None:
     """The sample and reconstruction grids to W&B."""
-    pixels = grid_pixels(run.modules.encoder, run.sampler, run.fixed_z, run.test_x)
+    pixels = grid_pixels(*run.autoencoder, run.fixed_z, run.test_x)
     run.tracker.log({"step": step, **{name: np.asarray(grid_image(p)) for name, p in pixels.items()}})
 
 
@@ -309,7 +310,7 @@ def evaluate(run: Run, state: TrainState, epoch: int) -> None:
     """The sample-quality evaluation, logged like a record; a failure costs a warning, never the run."""
     started, step = time.perf_counter(), state.position.step
     try:
-        scores = evaluate_distributed(run.accelerator, run.modules.encoder, run.sampler, run.config,
+        scores = evaluate_distributed(run.accelerator, *run.autoencoder, run.config,
                                       run.config.eval_samples, run.reference)
     except Exception as err:
         run.console.warn(f"the evaluation at step {step} failed ({type(err).__name__}: {err}); training continues")
@@ -324,12 +325,12 @@ def evaluate(run: Run, state: TrainState, epoch: int) -> None:
 
 def save_pictures(run: Run, tag: str) -> None:
     if run.accelerator.is_main_process:
-        save_epoch_grids(run.modules.encoder, run.sampler, run.fixed_z, run.test_x, run.output_dir, tag)
+        save_epoch_grids(*run.autoencoder, run.fixed_z, run.test_x, run.output_dir, tag)
 
 
 def save(run: Run, state: TrainState) -> Path:
     path = save_checkpoint(run.accelerator, run.output_dir, run.config, run.modules, run.optimizers, state,
-                           run.decoder_ema)
+                           run.averages)
     run.console.info(f"checkpoint: {path}")
     return path
 
