@@ -55,6 +55,12 @@ FORWARD_BATCHES = {"encoder": 1, "decoder": 2, "discriminator": 3}
 # The other networks' losses whose backward passes carry input gradients through a network: the encoder's
 # through the discriminator (to x̃, up to Dis_l) and the decoder (to z); the decoder's through the discriminator.
 PASSING_LOSSES = {"encoder": (), "decoder": ("encoder",), "discriminator": ("encoder", "decoder")}
+# Of those rows, the batches whose input gradients reach the passing loss's network (minimal_products): the
+# encoder's loss needs the decoder's z rows and the discriminator's x̃ rows, the decoder's loss the
+# discriminator's x̃ and x_p rows.
+NEEDED_BATCHES = {"encoder": {}, "decoder": {"encoder": 1}, "discriminator": {"encoder": 1, "decoder": 2}}
+# The width of the products whose best rate is the second ceiling (matmul_1024_rate), and their row counts.
+WIDTH, ROWS = 1024, (128, 256, 384)
 
 
 @dataclass(frozen=True)
@@ -71,23 +77,65 @@ class MatrixProduct:
         return 2 * self.m * self.k * self.n
 
 
-def step_products(config: TrainConfig, batch: int) -> list[MatrixProduct]:
-    """Every matrix product of our step, from the layer shapes."""
+def layer_products(config: TrainConfig, batch: int, passing_batches: dict[str, dict[str, int]]
+                   ) -> list[MatrixProduct]:
+    """Each network's products on its FORWARD_BATCHES rows, forward and weight gradient, and input gradients:
+    its own loss's on all its rows at every layer but the first (whose input is data, or noise, or another
+    network's output, to that loss), and each passing loss's on passing_batches[network][loss] batches of rows
+    at every layer up to what that loss sees."""
+    with torch.device("meta"):  # shapes only
+        networks = build_models(config)
     products = []
-    for name, net in zip(Networks._fields, build_models(config), strict=True):
+    for name, net in zip(Networks._fields, networks, strict=True):
         rows = FORWARD_BATCHES[name] * batch
         linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
         for index, layer in enumerate(linears):
-            # The network's own loss makes the weight gradient, and input gradients at every layer but the first
-            # (whose input is data, or noise, to that loss).
-            passes = [name] * (index > 0) + list(PASSING_LOSSES[name])
+            passes = ({name: FORWARD_BATCHES[name]} if index > 0 else {}) | passing_batches[name]
             if name == "discriminator" and index == len(linears) - 1 and config.similarity == "hidden":
-                passes.remove("encoder")  # the encoder's loss sees Dis_l, the last hidden layer, not the logit
+                del passes["encoder"]  # the encoder's loss sees Dis_l, the last hidden layer, not the logit
             fan_in, fan_out = layer.in_features, layer.out_features
             products += [MatrixProduct("forward", rows, fan_in, fan_out),
                          MatrixProduct("weight_grad", fan_out, rows, fan_in),
-                         *(MatrixProduct("input_grad", rows, fan_out, fan_in) for _ in passes)]
+                         *(MatrixProduct("input_grad", batches * batch, fan_out, fan_in)
+                           for batches in passes.values())]
     return products
+
+
+def step_products(config: TrainConfig, batch: int) -> list[MatrixProduct]:
+    """Every matrix product of our step, from the layer shapes."""
+    return layer_products(config, batch, {name: dict.fromkeys(losses, FORWARD_BATCHES[name])
+                                          for name, losses in PASSING_LOSSES.items()})
+
+
+def minimal_products(config: TrainConfig, batch: int) -> list[MatrixProduct]:
+    """The matrix products that the routed step's math needs, from the layer shapes: each batch through each
+    network only where some loss's gradient needs it.
+
+    A loss needs input gradients through network N on a batch of N's rows when (a) the loss depends on N's
+    output on that batch and (b) that batch's input depends on the parameters the loss trains (losses.py):
+      enc_loss = λ_KL·kld(μ, log σ²) + β·rec(Dis_l(x̃), Dis_l(x)) + λ_pix·pixel(x̃, x), for the encoder:
+        discriminator  x̃ rows only, up to Dis_l (the logit, or the last hidden layer, whose products past it it
+                       does not need): rec reads Dis_l on x̃ and x, but x is data; D(x_p) is not in the loss
+                       (and x_p comes from noise)
+        decoder        z rows only, down to z (its first layer included): x_p = Dec(z_p) is not in the loss,
+                       and z_p is noise
+      dec_loss = γ·rec + λ_pix·pixel + gen_loss, gen_loss = −dis_loss or BCE(D(x̃), 1) + BCE(D(x_p), 1), for
+      the decoder:
+        discriminator  x̃ and x_p rows, every layer (down to its input, the decoder's output); not the x rows,
+                       whose input is data even where the minimax loss reads D(x)
+        decoder        its own: all rows, every layer but the first (whose input, [z; z_p], it does not train)
+      dis_loss = BCE(D(x), 1) + BCE(D(x̃), 0) + BCE(D(x_p), 0), for the discriminator: its own, all rows
+        (x̃ and x_p are constants to it), every layer but the first
+      encoder: its own loss only, all its rows (x), every layer but the first (whose input is data)
+    Forward passes and weight gradients are our step's: every row of every network (the encoder on x, the
+    decoder on [z; z_p], the discriminator on [x; x̃; x_p]), each network's weight gradient from its own loss.
+    Each loss's input gradients are counted on their own: none is shared between losses, nor derived from
+    another's by linearity.
+
+    Our step (step_products) multiplies more: its backward passes run on all rows of the networks they cross,
+    so it also computes the encoder's loss's input gradients on the decoder's z_p rows and the discriminator's
+    x and x_p rows, and the decoder's loss's on the discriminator's x rows, all of them unused."""
+    return layer_products(config, batch, NEEDED_BATCHES)
 
 
 def executed_flops(config: TrainConfig, batch: int) -> int:
@@ -138,6 +186,18 @@ def matmul_rate(products: list[MatrixProduct], dtype: torch.dtype, device: torch
                                                                                      device=device)
         seconds += seconds_per_call(lambda a=a, b=b: torch.mm(a, b), device, min_time)
     return sum(p.flops for p in products) / seconds
+
+
+def matmul_1024_rate(dtype: torch.dtype, device: torch.device, min_time: float, rows: tuple[int, ...] = ROWS
+                     ) -> float:
+    """The best FLOP/s of torch.mm on (r × 1024) @ (1024 × 1024), over the row counts r: the second ceiling,
+    against which the step's minimal FLOPs (minimal_products) are counted."""
+    rates = []
+    for r in rows:
+        a = torch.randn(r, WIDTH, dtype=dtype, device=device)
+        b = torch.randn(WIDTH, WIDTH, dtype=dtype, device=device)
+        rates.append(2 * r * WIDTH * WIDTH / seconds_per_call(lambda a=a, b=b: torch.mm(a, b), device, min_time))
+    return max(rates)
 
 
 class Contention:

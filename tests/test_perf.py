@@ -12,13 +12,14 @@ import pytest
 import torch
 
 from benchmarks.baseline import with_torch_dropout
-from benchmarks.bench import executed_flops, step_products
+from benchmarks.bench import executed_flops, minimal_products, step_products
 from tests.conftest import REPO, tiny_config, tiny_flags
 from vaegan_dist.checkpoint import AVERAGE_FILES, Checkpoint, checkpoints_dir, newest_complete
 from vaegan_dist.config import TrainConfig
 from vaegan_dist.cpu import keep_freed_memory
-from vaegan_dist.models import Dropout, build_models
-from vaegan_dist.step import adam_optimizers
+from vaegan_dist.losses import vaegan_losses
+from vaegan_dist.models import Dropout, Networks, build_models
+from vaegan_dist.step import adam_optimizers, routed_gradients
 
 
 @pytest.mark.parametrize("preset", ["seed", "default"])  # logit and hidden-layer similarity
@@ -30,6 +31,89 @@ def test_step_multiplies_exactly_the_matrices_counted_from_the_layer_shapes(pres
     # Dis_l: the encoder's loss passes back through the discriminator's logit layer only when it is the logit.
     logit_input_grads = [p for p in products if p.kind == "input_grad" and p.k == 1]  # fan_out 1: the logit's
     assert len(logit_input_grads) == (3 if config.similarity == "logit" else 2)
+
+
+def flops(products) -> int:
+    return sum(p.flops for p in products)
+
+
+@pytest.mark.parametrize("similarity", ["logit", "hidden"])
+def test_minimal_products_are_the_hand_count_of_a_tiny_step(similarity):
+    config = TrainConfig.preset("seed", hidden_dim=8, depth=2, latent_dim=2, similarity=similarity)
+    batch = 3
+    encoder, decoder = [(784, 8), (8, 8), (8, 2), (8, 2)], [(2, 8), (8, 8), (8, 784)]  # (fan_in, fan_out)
+    discriminator = [(784, 8), (8, 4), (4, 1)]
+    dis_l = discriminator if similarity == "logit" else discriminator[:-1]  # up to Dis_l
+
+    def row(layers) -> int:  # one row through these layers, one product each
+        return sum(2 * fan_in * fan_out for fan_in, fan_out in layers)
+
+    per_image = (2 * row(encoder) + row(encoder[1:])  # x: forward, weight gradient, its loss's input gradient
+                 + 2 * 2 * row(decoder) + 2 * row(decoder[1:])  # z, z_p: the same
+                 + 2 * 3 * row(discriminator) + 3 * row(discriminator[1:])  # x, x̃, x_p: the same
+                 + row(decoder)  # z: the encoder's loss, down to z
+                 + 2 * row(discriminator) + row(dis_l))  # x̃, x_p: the decoder's loss; x̃: the encoder's, to Dis_l
+    assert per_image == {"logit": 228_288, "hidden": 228_280}[similarity]
+    minimal, step = minimal_products(config, batch), step_products(config, batch)
+    assert flops(minimal) == batch * per_image
+    # Our step multiplies the same products, some on more rows: exactly those no gradient needs.
+    assert [(p.kind, p.k, p.n) for p in step] == [(p.kind, p.k, p.n) for p in minimal]
+    extra = sorted((p.kind, p.k, p.n, p.m - q.m) for p, q in zip(step, minimal, strict=True) if p.m != q.m)
+    unneeded = ([("input_grad", fan_out, fan_in, batch) for fan_in, fan_out in decoder]  # z_p: the encoder's loss
+                + [("input_grad", fan_out, fan_in, batch) for fan_in, fan_out in discriminator]  # x: the decoder's
+                + [("input_grad", fan_out, fan_in, 2 * batch) for fan_in, fan_out in dis_l])  # x, x_p: the encoder's
+    assert extra == sorted(unneeded)
+    assert flops(step) - flops(minimal) == batch * (row(decoder) + row(discriminator) + 2 * row(dis_l))
+
+
+def test_minimal_flops_of_the_default_sizes():
+    """The figure the README gives: 87.03 MFLOP per image of the 101.62 that our step multiplies."""
+    config = TrainConfig.preset("seed")
+    assert (flops(minimal_products(config, 128)), flops(step_products(config, 128))) == \
+        (128 * 87_029_760, 128 * 101_621_248)
+
+
+def sliced_step(networks: Networks, x, eps, z_p, config: TrainConfig) -> dict[str, list[torch.Tensor]]:
+    """The routed step with each batch through each network on its own, not concatenated: autograd then
+    multiplies only the rows whose gradients reach the parameters of the loss's network."""
+    mu, logvar = networks.encoder(x)
+    z = mu + eps * torch.exp(0.5 * logvar)
+    x_tilde, x_p = networks.decoder(z), networks.decoder(z_p)
+    (logit_x, dis_l_x), (logit_x_tilde, dis_l_x_tilde), (logit_x_p, _) = (
+        networks.discriminator(batch, with_similarity=True) for batch in (x, x_tilde, x_p))
+    terms = vaegan_losses(mu, logvar, (logit_x, logit_x_tilde, logit_x_p), (dis_l_x, dis_l_x_tilde),
+                          config.gamma, config.beta, config.generator_loss, pixels=(x, x_tilde),
+                          kl_weight=config.kl_weight, pixel_weight=config.pixel_weight,
+                          normalise_similarity=config.normalise_similarity)
+    params = {name: list(net.parameters()) for name, net in networks._asdict().items()}
+    for name, loss in zip(Networks._fields, (terms.enc_loss, terms.dec_loss, terms.dis_loss), strict=True):
+        loss.backward(inputs=params[name], retain_graph=True)
+    return {name: [p.grad for p in ps] for name, ps in params.items()}
+
+
+@pytest.mark.parametrize("preset", ["seed", "paper", "starting_point", "autoencoder"])
+def test_minimal_products_are_what_autograd_multiplies_with_each_batch_alone(preset):
+    """The derivation checked by autograd: with each batch through each network on its own, the routed backward
+    passes multiply exactly minimal_products (torch's FLOP counter), and give our step's gradients."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    config = TrainConfig.preset(preset, hidden_dim=16, depth=3, latent_dim=4)
+    batch = 5
+    with torch.device("meta"):
+        networks = build_models(config)
+        x, (eps, z_p) = torch.rand(batch, 784), torch.randn(2, batch, config.latent_dim)
+    with FlopCounterMode(display=False) as counter:
+        sliced_step(networks, x, eps, z_p, config)
+    assert counter.get_total_flops() == flops(minimal_products(config, batch))
+
+    torch.manual_seed(0)
+    networks = Networks(*(net.double().eval() for net in build_models(config)))  # no dropout: the same math
+    x = torch.rand(batch, 784, dtype=torch.float64) * 2 - 1
+    eps, z_p = torch.randn(2, batch, config.latent_dim, dtype=torch.float64)
+    sliced = sliced_step(networks, x, eps, z_p, config)
+    routed = routed_gradients(*networks, x, eps, z_p, config)
+    for name in Networks._fields:
+        torch.testing.assert_close(sliced[name], routed[name])
 
 
 def test_the_baseline_has_the_same_networks_with_torch_dropout():
