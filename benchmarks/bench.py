@@ -8,6 +8,7 @@ Rows of the table:
             torch.compile setting; 2 processes are launched with `accelerate launch` (gloo on the CPU)
   baseline  benchmarks/baseline.py: the design's loop as a user writes it (torchvision, five discriminator calls)
   ceiling   torch.mm on the matrices of our step's layers at this batch, at the machine's measured rate
+  mm1024    the best rate of a (r × 1024) @ (1024 × 1024) torch.mm over a few row counts r (--mm-rows)
 The measurements run interleaved, in rounds, so that all of them see the same machine; each figure is the
 median of the timed windows of all rounds, the first window of each run (start-up, compilation) left out.
 The table goes to stdout and, with everything else, to JSON.
@@ -17,8 +18,15 @@ Our runs time the training step, so train.py runs with what is not the step turn
 no moving average of the decoder (--ema-decay 0) and one checkpoint, after the last timed window
 (--save-every is the run's length). The default preset, `seed`, is the design that the baseline implements.
 
-FLOPs per image count the matrix products of our step from the layer shapes (step_products); torch's FLOP
-counter over one routed step (executed_flops) must agree, and the tests check that it does.
+Two counts, each against its own ceiling, are printed and judged side by side:
+  step      FLOPs per image count the matrix products of our step from the layer shapes (step_products); torch's
+            FLOP counter over one routed step (executed_flops) must agree, and the tests check that it does.
+            GFLOP/s and "of ceiling" are images/s × these against `ceiling`.
+  minimal   the products that the routed math needs (minimal_products: each batch through each network only
+            where some loss's gradient needs it), whatever our step multiplies; "minimal GFLOP/s" and "of 1024
+            mm" are images/s × these against `mm1024`. The targets: 80% in fp32 and in bf16, 1 process (judged
+            on the CPU).
+2 processes against 1 count images/s alone (target 90%, on the CPU).
 """
 
 from __future__ import annotations
@@ -327,6 +335,9 @@ def parse_args() -> argparse.Namespace:
                         "1 and the GPU count on GPUs)")
     parser.add_argument("--compile", default="off,on", help="torch.compile settings of ours")
     parser.add_argument("--min-time", type=float, default=0.2, help="seconds per matrix-product timing")
+    parser.add_argument("--mm-rows", type=lambda text: tuple(int(r) for r in text.split(",")),
+                        default=ROWS, help="row counts r of the (r × 1024) @ (1024 × 1024) products whose best "
+                        "rate is the ceiling of the minimal FLOPs")
     parser.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
                         help="before each measurement, wait up to this long for other programs to leave the CPUs")
     args = parser.parse_args()
@@ -348,60 +359,24 @@ def main() -> None:
     config = TrainConfig.preset(args.preset, hidden_dim=args.hidden_dim, depth=args.depth,
                                 latent_dim=args.latent_dim)
     products = step_products(config, args.batch_size)
-    flops_per_image = sum(p.flops for p in products) / args.batch_size
+    flops = {"step": sum(p.flops for p in products) / args.batch_size,
+             "minimal": sum(p.flops for p in minimal_products(config, args.batch_size)) / args.batch_size}
     machine = machine_name(device)
     output = args.output or REPO / "benchmarks" / f"results-{slug(machine)}{'-quick' if args.quick else ''}.json"
     print(f"machine: {machine}; torch {torch.__version__}; {args.preset} networks (hidden {args.hidden_dim}, "
           f"depth {args.depth}, latent {args.latent_dim}), batch {args.batch_size} per process")
-    print(f"FLOPs per image per step, from the layer shapes: {flops_per_image / 1e6:.2f} M (torch's FLOP counter "
-          f"over one of our steps: {executed_flops(config, args.batch_size) / args.batch_size / 1e6:.2f} M)")
-
-    samples: dict[str, list[float]] = {}
-    others: dict[str, list[float]] = {}
-    loads, contention = [os.getloadavg()[0]], Contention()
-
-    def measure(key: str, what: Callable[[], list[float]]) -> None:
-        contention.wait_for_quiet(args.wait_quiet)
-        loads.append(os.getloadavg()[0])
-        contention.start()
-        samples.setdefault(key, []).extend(what())
-        others.setdefault(key, []).append(contention.share())
-
-    with tempfile.TemporaryDirectory() as tmp:
-        for round_index in range(args.rounds):
-            for precision in args.precisions.split(","):
-                measure(f"ceiling {precision}", lambda precision=precision: [
-                    matmul_rate(products, PRECISIONS[precision][1], device, args.min_time) / flops_per_image])
-            measure("baseline fp32", lambda: measure_baseline(args, device))
-            for precision, n, compile in ours_runs:
-                measure(f"ours {precision} {n} {compile}", lambda precision=precision, n=n, compile=compile:
-                        measure_ours(args, precision, n, compile, device, Path(tmp)))
-            loads.append(os.getloadavg()[0])
-            print(f"round {round_index + 1}/{args.rounds} done, 1-minute load average {loads[-1]:.2f}", flush=True)
-
-    images_per_s = {key: statistics.median(values) for key, values in samples.items()}
-    baseline = images_per_s["baseline fp32"]
-
-    def row(name: str, precision: str, processes: int | None, compile: bool | None, key: str) -> dict:
-        value = images_per_s[key]
-        ceiling = images_per_s.get(f"ceiling {precision}")
-        return {"run": name, "precision": precision, "processes": processes, "compile": compile,
-                "images_per_s": value, "step_time_ms": 1e3 * args.batch_size * (processes or 1) / value,
-                "gflop_per_s": value * flops_per_image / 1e9,
-                "fraction_of_ceiling": value / ceiling if ceiling else None,
-                "vs_baseline_fp32": value / baseline, "samples": samples[key],
-                "others_cpu_share": others[key]}
-
-    rows = [row("ceiling", p, None, None, f"ceiling {p}") for p in args.precisions.split(",")]
-    rows.append(row("baseline", "fp32", 1, False, "baseline fp32"))
-    rows += [row("ours", p, n, c, f"ours {p} {n} {c}") for p, n, c in ours_runs]
+    print(f"FLOPs per image per step, from the layer shapes: {flops['step'] / 1e6:.2f} M (torch's FLOP counter "
+          f"over one of our steps: {executed_flops(config, args.batch_size) / args.batch_size / 1e6:.2f} M); "
+          f"the minimal, what the routed math needs: {flops['minimal'] / 1e6:.2f} M")
+    measured = measure_all(args, device, products, flops, ours_runs)
+    rows = table_rows(measured, args, flops, ours_runs)
     table, verdicts = format_table(rows), targets(rows, device)
-    shares = [share for values in others.values() for share in values if share is not None]
+    shares = [share for values in measured.others.values() for share in values if share is not None]
+    loads = measured.loads
     load = {"start": loads[0], "max": max(loads), "end": loads[-1],
             "others_cpu_share_max": max(shares, default=None)}
     print(table)
-    for verdict in verdicts:
-        print(f"{'met' if verdict['met'] else 'MISSED'}: {verdict['target']} ({verdict['measured']})")
+    print_verdicts(verdicts, flops, args.mm_rows)
     print(f"1-minute load average during the run: {load['start']:.2f} at the start, {load['max']:.2f} at most, "
           f"{load['end']:.2f} at the end" + (f"; other programs took at most {100 * max(shares):.0f}% of the CPUs "
                                              "during a measurement" if shares else ""))
@@ -410,57 +385,165 @@ def main() -> None:
         "command": " ".join(["python", "benchmarks/bench.py", *sys.argv[1:]]),
         "config": {"preset": args.preset, "hidden_dim": args.hidden_dim, "depth": args.depth,
                    "latent_dim": args.latent_dim, "batch_size": args.batch_size, "rounds": args.rounds,
-                   "window": args.window, "windows": args.windows},
-        "flops_per_image": flops_per_image, "load_average": load, "rows": rows, "targets": verdicts,
-        "table": table,
+                   "window": args.window, "windows": args.windows, "mm1024_rows": list(args.mm_rows)},
+        "flops_per_image": flops["step"], "minimal_flops_per_image": flops["minimal"], "load_average": load,
+        "rows": rows, "targets": verdicts, "table": table,
     }, indent=2) + "\n")
     print(f"written to {output}")
 
 
+@dataclass
+class Measured:
+    """Every measurement's samples (images/s; for the ceilings, the rate over the FLOPs of one image), the share
+    of the CPUs that other programs took during each, and the 1-minute load averages along the run."""
+
+    samples: dict[str, list[float]]
+    others: dict[str, list[float | None]]
+    loads: list[float]
+
+
+def measure_all(args: argparse.Namespace, device: torch.device, products: list[MatrixProduct],
+                flops: dict[str, float], ours_runs: list[tuple[str, int, bool]]) -> Measured:
+    """All measurements, in interleaved rounds: the two ceilings of each precision, the baseline, our runs."""
+    measured, contention = Measured({}, {}, [os.getloadavg()[0]]), Contention()
+
+    def measure(key: str, what: Callable[[], list[float]]) -> None:
+        contention.wait_for_quiet(args.wait_quiet)
+        measured.loads.append(os.getloadavg()[0])
+        contention.start()
+        measured.samples.setdefault(key, []).extend(what())
+        measured.others.setdefault(key, []).append(contention.share())
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for round_index in range(args.rounds):
+            for precision in args.precisions.split(","):
+                dtype = PRECISIONS[precision][1]
+                measure(f"ceiling {precision}", lambda dtype=dtype: [
+                    matmul_rate(products, dtype, device, args.min_time) / flops["step"]])
+                measure(f"mm1024 {precision}", lambda dtype=dtype: [
+                    matmul_1024_rate(dtype, device, args.min_time, args.mm_rows) / flops["minimal"]])
+            measure("baseline fp32", lambda: measure_baseline(args, device))
+            for precision, n, compile in ours_runs:
+                measure(f"ours {precision} {n} {compile}", lambda precision=precision, n=n, compile=compile:
+                        measure_ours(args, precision, n, compile, device, Path(tmp)))
+            measured.loads.append(os.getloadavg()[0])
+            print(f"round {round_index + 1}/{args.rounds} done, 1-minute load average {measured.loads[-1]:.2f}",
+                  flush=True)
+    return measured
+
+
+def table_rows(measured: Measured, args: argparse.Namespace, flops: dict[str, float],
+               ours_runs: list[tuple[str, int, bool]]) -> list[dict]:
+    """One row per measurement, each figure the median of its samples, in both counts: the step's FLOPs against
+    the ceiling of the step's products, the minimal FLOPs against the 1024-wide product's (each ceiling row in
+    its own count only)."""
+    images_per_s = {key: statistics.median(values) for key, values in measured.samples.items()}
+    baseline = images_per_s["baseline fp32"]
+
+    def row(name: str, precision: str, processes: int | None, compile: bool | None, key: str) -> dict:
+        value = images_per_s[key]
+        counts = {"ceiling": {"step"}, "mm1024": {"minimal"}}.get(name, {"step", "minimal"})
+        ceiling, mm1024 = images_per_s.get(f"ceiling {precision}"), images_per_s.get(f"mm1024 {precision}")
+        return {"run": name, "precision": precision, "processes": processes, "compile": compile,
+                "images_per_s": value, "step_time_ms": 1e3 * args.batch_size * (processes or 1) / value,
+                "gflop_per_s": value * flops["step"] / 1e9 if "step" in counts else None,
+                "fraction_of_ceiling": value / ceiling if ceiling and "step" in counts else None,
+                "minimal_gflop_per_s": value * flops["minimal"] / 1e9 if "minimal" in counts else None,
+                "fraction_of_mm1024": value / mm1024 if mm1024 and "minimal" in counts else None,
+                "vs_baseline_fp32": value / baseline, "samples": measured.samples[key],
+                "others_cpu_share": measured.others[key]}
+
+    precisions = args.precisions.split(",")
+    rows = [row(name, p, None, None, f"{name} {p}") for name in ("ceiling", "mm1024") for p in precisions]
+    rows.append(row("baseline", "fp32", 1, False, "baseline fp32"))
+    return rows + [row("ours", p, n, c, f"ours {p} {n} {c}") for p, n, c in ours_runs]
+
+
 def targets(rows: list[dict], device: torch.device) -> list[dict]:
-    """The issue's targets that this run's rows can judge, each with what was measured."""
+    """The issue's targets that this run's rows can judge, each with what was measured, the count it is judged
+    by (step: our step's FLOPs; minimal: minimal_products'; images: images/s alone) and its printed line."""
     def best(precision: str, processes: int) -> dict | None:
         candidates = [r for r in rows if r["run"] == "ours" and r["precision"] == precision
                       and r["processes"] == processes]
         return max(candidates, key=lambda r: r["images_per_s"], default=None)
 
-    def name(r: dict) -> str:
-        return f"{r['precision']}, {r['processes']} process(es), compile {'on' if r['compile'] else 'off'}"
-
     verdicts = []
     if (r := best("fp32", 1)) and r["fraction_of_ceiling"] is not None:
-        verdicts.append({"target": "fp32 at 80% of the fp32 matrix-product ceiling or more",
-                         "measured": f"{100 * r['fraction_of_ceiling']:.0f}%, {name(r)}",
-                         "met": r["fraction_of_ceiling"] >= 0.8})
+        percent = f"{100 * r['fraction_of_ceiling']:.0f}%"
+        verdicts.append(verdict("step", "fp32 at 80% of the fp32 matrix-product ceiling or more", percent,
+                                f"step FLOPs: {percent} of the fp32 ceiling (target 80%)",
+                                r["fraction_of_ceiling"] >= 0.8, run_name(r)))
     if r := best("bf16", 1):
-        verdicts.append({"target": "bf16 at 4× the baseline's fp32 images/s or more",
-                         "measured": f"{r['vs_baseline_fp32']:.2f}×, {name(r)}", "met": r["vs_baseline_fp32"] >= 4})
+        times = f"{r['vs_baseline_fp32']:.2f}×"
+        verdicts.append(verdict("step", "bf16 at 4× the baseline's fp32 images/s or more", times,
+                                f"bf16: {times} the baseline's images/s (target 4×)", r["vs_baseline_fp32"] >= 4,
+                                run_name(r)))
+    for precision in ("fp32", "bf16"):
+        if device.type == "cpu" and (r := best(precision, 1)) and r["fraction_of_mm1024"] is not None:
+            percent = f"{100 * r['fraction_of_mm1024']:.0f}%"
+            verdicts.append(verdict("minimal", f"{precision}, 1 process, at 80% of the {precision} ceiling of a "
+                                    "1024-wide product or more, by the minimal FLOPs", percent,
+                                    f"minimal FLOPs: {percent} of the {precision} ceiling (target 80%)",
+                                    r["fraction_of_mm1024"] >= 0.8, run_name(r)))
     for one in (r for r in rows if r["run"] == "ours" and r["processes"] == 1):
         two = [r for r in rows if r["run"] == "ours" and r["processes"] == 2 and r["precision"] == one["precision"]
                and r["compile"] == one["compile"]]
         if two and device.type == "cpu":
             ratio = two[0]["images_per_s"] / one["images_per_s"]
-            verdicts.append({"target": "2 processes at 90% of 1 process's images/s or more",
-                             "measured": f"{100 * ratio:.0f}%, {name(two[0])}", "met": ratio >= 0.9})
+            verdicts.append(verdict("images", "2 processes at 90% of 1 process's images/s or more",
+                                    f"{100 * ratio:.0f}%", f"2 processes: {100 * ratio:.0f}% of 1 process "
+                                    "(target 90%)", ratio >= 0.9, run_name(two[0], processes=False)))
     if device.type == "cuda" and (r := best("bf16", 1)):
-        verdicts.append({"target": "200,000 images/s or more on one GPU",
-                         "measured": f"{r['images_per_s']:,.0f}, {name(r)}", "met": r["images_per_s"] >= 200_000})
-        verdicts.append({"target": "40% of the bf16 matrix-product rate or more (at a batch that fills the GPU)",
-                         "measured": f"{100 * r['fraction_of_ceiling']:.0f}%, {name(r)}",
-                         "met": r["fraction_of_ceiling"] >= 0.4})
+        verdicts.append(verdict("images", "200,000 images/s or more on one GPU", f"{r['images_per_s']:,.0f}",
+                                f"{r['images_per_s']:,.0f} images/s on one GPU (target 200,000)",
+                                r["images_per_s"] >= 200_000, run_name(r)))
+        percent = f"{100 * r['fraction_of_ceiling']:.0f}%"
+        verdicts.append(verdict("step", "40% of the bf16 matrix-product rate or more (at a batch that fills the "
+                                "GPU)", percent, f"step FLOPs: {percent} of the bf16 ceiling (target 40%)",
+                                r["fraction_of_ceiling"] >= 0.4, run_name(r)))
     return verdicts
 
 
+def run_name(r: dict, processes: bool = True) -> str:
+    count = f"{r['processes']} process{'es' if r['processes'] > 1 else ''}, " if processes else ""
+    return f"{r['precision']}, {count}compile {'on' if r['compile'] else 'off'}"
+
+
+def verdict(count: str, target: str, figure: str, line: str, met: bool, run: str) -> dict:
+    return {"count": count, "target": target, "measured": f"{figure}, {run}", "met": met,
+            "line": f"{line}: {'met' if met else 'missed'} ({run})"}
+
+
+def print_verdicts(verdicts: list[dict], flops: dict[str, float], mm_rows: tuple[int, ...]) -> None:
+    """The verdicts, grouped by the count that judges them."""
+    headings = {"step": f"by our step's FLOPs ({flops['step'] / 1e6:.2f} M per image), against torch.mm on "
+                        "the step's products:",
+                "minimal": f"by the minimal FLOPs ({flops['minimal'] / 1e6:.2f} M per image), against the best "
+                           f"(r × {WIDTH}) @ ({WIDTH} × {WIDTH}) torch.mm, r in {', '.join(map(str, mm_rows))}:",
+                "images": "by images/s:"}
+    for count, heading in headings.items():
+        lines = [v["line"] for v in verdicts if v["count"] == count]
+        if lines:
+            print("\n  ".join([f"targets {heading}", *lines]))
+
+
 def format_table(rows: list[dict]) -> str:
-    lines = ["| run | precision | processes | compile | images/s | step ms | GFLOP/s | of ceiling | × baseline |",
-             "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+    """Both counts: GFLOP/s by our step's FLOPs and its fraction of the ceiling of the step's products; by the
+    minimal FLOPs and its fraction of the 1024-wide product's (blank where a ceiling row is of the other)."""
+    lines = ["| run | precision | processes | compile | images/s | step ms | GFLOP/s | of ceiling | minimal GFLOP/s "
+             "| of 1024 mm | × baseline |",
+             "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+
+    def cell(value: float | None, spec: str) -> str:
+        return "" if value is None else format(value, spec)
+
     for r in rows:
         processes = "" if r["processes"] is None else str(r["processes"])
         compile = "" if r["compile"] is None else ("on" if r["compile"] else "off")
-        fraction = "" if r["fraction_of_ceiling"] is None else f"{100 * r['fraction_of_ceiling']:.0f}%"
         lines.append(f"| {r['run']} | {r['precision']} | {processes} | {compile} | {r['images_per_s']:,.0f} | "
-                     f"{r['step_time_ms']:.1f} | {r['gflop_per_s']:.1f} | {fraction} | "
-                     f"{r['vs_baseline_fp32']:.2f} |")
+                     f"{r['step_time_ms']:.1f} | {cell(r['gflop_per_s'], '.1f')} | "
+                     f"{cell(r['fraction_of_ceiling'], '.0%')} | {cell(r['minimal_gflop_per_s'], '.1f')} | "
+                     f"{cell(r['fraction_of_mm1024'], '.0%')} | {r['vs_baseline_fp32']:.2f} |")
     return "\n".join(lines)
 
 
