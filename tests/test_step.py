@@ -9,9 +9,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import vaegan_dist.step as step_module
 from tests.conftest import launch, tiny_config, tiny_flags
 from vaegan_dist.models import Networks, build_models
-from vaegan_dist.step import learning_rate, routed_gradients, train_step
+from vaegan_dist.step import (
+    NON_FINITE_UPDATE,
+    adam_optimizers,
+    learning_rate,
+    routed_gradients,
+    train_step,
+)
 
 BATCH = 12
 
@@ -201,6 +208,98 @@ def test_non_finite_batch_skips_the_step_without_a_scaler():
     good = train_step(networks, optimizers, make_inputs(config, dtype=torch.float32)[0], config)
     assert good.stepped
     assert not all(torch.equal(a, b) for a, b in zip(before, state_of(networks), strict=True))
+
+
+def optimizer_states(optimizers):
+    """Every tensor of every optimizer's state (moments and step counts), copied, by (network, parameter, key)."""
+    return {(network, index, key): value.clone() for network, optimizer in enumerate(optimizers)
+            for index, state in optimizer.state_dict()["state"].items() for key, value in state.items()}
+
+
+def assert_same_states(a, b):
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[key], b[key]) for key in a), [key for key in a if not torch.equal(a[key], b[key])]
+
+
+def plain_step(networks, optimizers, x, config):
+    """train_step's step without any guard: the gradients (with train_step's noise draws), then every optimizer."""
+    eps = torch.randn(x.shape[0], config.latent_dim)
+    routed_gradients(*networks, x, eps, torch.randn_like(eps), config)
+    for optimizer in optimizers:
+        optimizer.step()
+
+
+@pytest.mark.parametrize("plant", ["in_place", "load_state_dict"])
+def test_an_update_that_would_overflow_a_weight_is_undone_bitwise(plant):
+    """Finite gradients, but an optimizer state such as a bad checkpoint could hold (a huge exp_avg, planted after a
+    good step, in place or by load_state_dict) makes Adam's update overflow: the step is skipped on all three
+    networks, and every weight, moment and step count is bitwise what it was."""
+    config = tiny_config(dropout=0.0)
+    torch.manual_seed(5)
+    networks = build_models(config)
+    optimizers = adam_optimizers(networks, config)  # fused, as the trainer's
+    x = make_inputs(config, dtype=torch.float32)[0]
+    assert train_step(networks, optimizers, x, config).stepped  # the states exist, their bounds are known
+    first = next(iter(networks.decoder.parameters()))
+    if plant == "in_place":
+        optimizers.decoder.state[first]["exp_avg"].fill_(3e38)
+    else:
+        state = optimizers.decoder.state_dict()
+        state["state"][0]["exp_avg"] = torch.full_like(state["state"][0]["exp_avg"], 3e38)
+        optimizers.decoder.load_state_dict(state)
+    for optimizer in optimizers:
+        optimizer.param_groups[0]["lr"] = 1.0
+    weights, states = state_of(networks), optimizer_states(optimizers)
+    unguarded = copy.deepcopy((networks, optimizers))
+    plain_step(*unguarded, x, config)
+    assert not all(torch.isfinite(p).all() for p in state_of(unguarded[0]))  # what the guard prevents
+
+    result = train_step(networks, optimizers, x, config)
+
+    assert not result.stepped and result.skip_reason == NON_FINITE_UPDATE
+    assert torch.isfinite(result.grad_norms).all()
+    assert all(torch.equal(a, b) for a, b in zip(weights, state_of(networks), strict=True))
+    assert_same_states(states, optimizer_states(optimizers))
+
+
+def test_a_first_step_whose_update_overflows_leaves_no_optimizer_state():
+    """lr 1e39: Adam's step size overflows float32, so every update is infinite or NaN; the optimizers stay empty."""
+    config = tiny_config(dropout=0.0, lr=1e39)
+    networks = build_models(config)
+    optimizers = adam_optimizers(networks, config)
+    before = state_of(networks)
+
+    result = train_step(networks, optimizers, make_inputs(config, dtype=torch.float32)[0], config)
+
+    assert not result.stepped and result.skip_reason == NON_FINITE_UPDATE
+    assert torch.isfinite(result.grad_norms).all()
+    assert all(torch.equal(a, b) for a, b in zip(before, state_of(networks), strict=True))
+    assert all(not optimizer.state for optimizer in optimizers)
+
+
+def test_the_update_guard_changes_no_number(monkeypatch):
+    """Steps through the guard equal unguarded steps bitwise: the fast path, and the slow one (copy, step, check)
+    where the bounds cannot rule an overflow out (lr 1e30) and the update is finite all the same."""
+    slow_steps = []
+    real = step_module.step_or_undo
+    monkeypatch.setattr(step_module, "step_or_undo", lambda optimizers: slow_steps.append(1) or real(optimizers))
+    config = tiny_config(dropout=0.0)
+    torch.manual_seed(6)
+    guarded = build_models(config)
+    plain = copy.deepcopy(guarded)
+    guarded_opts, plain_opts = adam_optimizers(guarded, config), adam_optimizers(plain, config)
+    for index, lr in enumerate([3e-4, 3e-4, 3e-4, 1e30]):
+        x = make_inputs(config, dtype=torch.float32, seed=index)[0]
+        for optimizer in (*guarded_opts, *plain_opts):
+            optimizer.param_groups[0]["lr"] = lr
+        torch.manual_seed(index)
+        assert train_step(guarded, guarded_opts, x, config).stepped
+        torch.manual_seed(index)
+        plain_step(plain, plain_opts, x, config)
+        assert all(torch.equal(a, b) for a, b in zip(state_of(guarded), state_of(plain), strict=True)), index
+    assert len(slow_steps) == 1  # the last step's
+    assert_same_states(optimizer_states(guarded_opts), optimizer_states(plain_opts))
+    assert all(torch.isfinite(p).all() for p in state_of(guarded))
 
 
 def test_learning_rate_is_constant_then_falls_linearly_to_zero_at_the_last_step():
