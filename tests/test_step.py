@@ -262,11 +262,14 @@ def test_an_update_that_would_overflow_a_weight_is_undone_bitwise(plant):
     assert_same_states(states, optimizer_states(optimizers))
 
 
-def test_a_first_step_whose_update_overflows_leaves_no_optimizer_state():
-    """lr 1e39: Adam's step size overflows float32, so every update is infinite or NaN; the optimizers stay empty."""
+@pytest.mark.parametrize("implementation", ["fused", "foreach", "single_tensor"])
+def test_a_first_step_whose_update_overflows_leaves_no_optimizer_state(implementation):
+    """lr 1e39: Adam's step size overflows float32, so every update is infinite or NaN (or, in torch's single-tensor
+    Adam, an error midway through the optimizers); the optimizers stay empty."""
     config = tiny_config(dropout=0.0, lr=1e39)
     networks = build_models(config)
-    optimizers = adam_optimizers(networks, config)
+    kind = {"fused": {"fused": True}, "foreach": {"foreach": True}, "single_tensor": {"foreach": False}}[implementation]
+    optimizers = Networks(*(torch.optim.Adam(net.parameters(), lr=config.lr, **kind) for net in networks))
     before = state_of(networks)
 
     result = train_step(networks, optimizers, make_inputs(config, dtype=torch.float32)[0], config)

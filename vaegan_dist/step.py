@@ -255,15 +255,20 @@ def step_or_undo(optimizers: Networks) -> bool:
     weight or moment came out non-finite, every weight and optimizer state is put back bitwise and the step is
     skipped (False)."""
     saved = [_snapshot(optimizer) for optimizer in optimizers]
-    for optimizer in optimizers:
-        optimizer.step()
-        forget_bounds(optimizer)
-    # Exactly (the largest |x|, not an L2 norm, which can overflow on finite numbers), as this path is rare.
-    largest = [torch.stack(torch._foreach_norm(
-        _params(optimizer) + _moments(optimizer, "exp_avg") + _moments(optimizer, "exp_avg_sq"), float("inf"))).amax()
-        for optimizer in optimizers]
-    if bool(torch.isfinite(torch.stack(largest)).all()):  # a second host synchronisation, on this path only
-        return True
+    try:
+        for optimizer in optimizers:
+            forget_bounds(optimizer)
+            optimizer.step()
+    except RuntimeError as err:  # torch's single-tensor Adam refuses a step size beyond the float, midway
+        if "overflow" not in str(err):
+            raise
+    else:
+        # Exactly (the largest |x|; an L2 norm can overflow on finite numbers), as this path is rare.
+        largest = [torch.stack(torch._foreach_norm(_params(optimizer) + _moments(optimizer, "exp_avg") +
+                                                   _moments(optimizer, "exp_avg_sq"), float("inf"))).amax()
+                   for optimizer in optimizers]
+        if bool(torch.isfinite(torch.stack(largest)).all()):  # a second host synchronisation, on this path only
+            return True
     for optimizer, state in zip(optimizers, saved, strict=True):
         _restore(optimizer, state)
     return False

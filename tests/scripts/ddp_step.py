@@ -5,6 +5,8 @@
 2. k training steps with dropout, each process on its own data and noise: the weights (to compare replicas).
 3. fp16 loss scaling where only rank 1's batch overflows: whether each process stepped, and its scale.
 4. A NaN in rank 1's batch (fp32): whether each process stepped, then one good step, and the weights.
+5. One good step, then an update that overflows (lr 1e39, finite gradients): whether each process stepped, and the
+   weights and Adam states before and after.
 """
 
 from __future__ import annotations
@@ -29,6 +31,16 @@ def prepared(accelerator, config):
     optimizers = adam_for(networks, config)
     objects = accelerator.prepare(*networks, *optimizers)
     return objects[:3], [opt.optimizer for opt in objects[3:]]
+
+
+def weights_and_states(networks, optimizers) -> dict[str, torch.Tensor]:
+    """Copies of every weight and every Adam state tensor (moments and step counts)."""
+    tensors = {f"{name}.{i}": p.detach().clone() for name, net in zip(Networks._fields, networks, strict=True)
+               for i, p in enumerate(net.parameters())}
+    for name, optimizer in zip(Networks._fields, optimizers, strict=True):
+        for index, state in optimizer.state_dict()["state"].items():
+            tensors.update({f"{name}.{index}.{key}": value.clone() for key, value in state.items()})
+    return tensors
 
 
 def main(out_dir: str) -> None:
@@ -86,6 +98,20 @@ def main(out_dir: str) -> None:
     for name, net in zip(Networks._fields, networks, strict=True):
         for i, p in enumerate(net.parameters()):
             results[f"nan.{name}.{i}"] = p.detach().clone()
+
+    config = tiny_config(dropout=0.0)
+    set_seed(0)
+    networks, optimizers = prepared(accelerator, config)
+    set_seed(0, device_specific=True)  # different data and noise on each process, the same averaged gradients
+    assert train_step(networks, optimizers, torch.rand(8, 784) * 2 - 1, config).stepped
+    for name, tensors in (("before", weights_and_states(networks, optimizers)), ("after", None)):
+        if tensors is None:
+            for optimizer in optimizers:
+                optimizer.param_groups[0]["lr"] = 1e39
+            result = train_step(networks, optimizers, torch.rand(8, 784) * 2 - 1, config)
+            results["update.stepped"] = torch.tensor(result.stepped)
+            tensors = weights_and_states(networks, optimizers)
+        results.update({f"update.{name}.{key}": value for key, value in tensors.items()})
 
     save_file(results, f"{out_dir}/rank{rank}.safetensors")
     accelerator.wait_for_everyone()
