@@ -9,6 +9,7 @@ This is Algorithm 1 of Larsen et al. (2016):
 from __future__ import annotations
 
 import math
+import operator
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -120,7 +121,7 @@ class _Known:
     versions: list[int]  # their version counters then
 
     def same_tensors(self, tensors: list[Tensor]) -> bool:
-        return len(tensors) == len(self.refs) and all(ref() is t for ref, t in zip(self.refs, tensors, strict=True))
+        return len(tensors) == len(self.refs) and all(map(operator.is_, map(weakref.ref.__call__, self.refs), tensors))
 
     def hold_for(self, tensors: list[Tensor]) -> bool:
         return [t._version for t in tensors] == self.versions and self.same_tensors(tensors)
@@ -138,9 +139,10 @@ def _moments(optimizer: torch.optim.Optimizer, key: str) -> list[Tensor]:
 
 
 def _tracked(optimizer: torch.optim.Optimizer) -> list[Tensor]:
-    """The weights and every state tensor of the optimizer: what its bounds stand for."""
-    params = _params(optimizer)
-    return params + [t for p in params for t in optimizer.state.get(p, {}).values() if isinstance(t, Tensor)]
+    """The weights and every state tensor of the optimizer: what its bounds stand for. (The states in the state
+    dict's order, which needs no hashing of tensors, a Python call each.)"""
+    states = optimizer.state.values()
+    return _params(optimizer) + [t for state in states for t in state.values() if isinstance(t, Tensor)]
 
 
 def forget_bounds(optimizer: torch.optim.Optimizer) -> None:
