@@ -191,7 +191,7 @@ def _bounds_after_step(optimizer: torch.optim.Optimizer, before: Bounds, grad_no
         p = (weights + m * s * per_eps) * ROUNDING
         after = (max(after[0], p), max(after[1], m), max(after[2], v))
         candidates += [p, m * max(1.0, s, per_eps, s * per_eps), v / (1 - beta2)]
-    limit = torch.finfo(_params(optimizer)[0].dtype).max / 4
+    limit = torch.finfo(optimizer.param_groups[0]["params"][0].dtype).max / 4
     return after, all(x <= limit for x in candidates)  # nan <= limit is False
 
 
