@@ -13,6 +13,7 @@ import torch
 from accelerate import Accelerator
 
 import vaegan_dist.checkpoint as checkpoint_module
+import vaegan_dist.step as step_module
 from tests.conftest import REPO, tiny_config
 from tests.test_resume import final_checkpoint
 from vaegan_dist import data
@@ -116,6 +117,17 @@ def test_updates_that_would_overflow_the_weights_are_skipped_and_end_the_run(acc
     for name, network in zip(Networks._fields, build_models(tiny_config()), strict=True):
         saved = checkpoint.network(name)
         assert all(torch.equal(saved[key], value) for key, value in network.state_dict().items()), name
+
+
+def test_the_loop_carries_the_update_guards_bounds_and_a_resume_measures_them(accelerator, tmp_path, monkeypatch):
+    """Each step's bounds go to the next: a run measures them at its first step only, and a resumed run, whose
+    weights and moments were loaded from the checkpoint, at its own first step."""
+    measured, real = [], step_module._measure
+    monkeypatch.setattr(step_module, "_measure", lambda optimizers: measured.append(1) or real(optimizers))
+    assert run(accelerator, tmp_path, max_steps=3) == Ending.FINISHED
+    assert len(measured) == 1
+    assert run(accelerator, tmp_path, max_steps=5) == Ending.FINISHED
+    assert len(measured) == 2 and final_checkpoint(tmp_path).state["position"]["step"] == 5
 
 
 def test_discriminator_collapse_is_both_outputs_stuck_at_the_ends():

@@ -20,6 +20,7 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -267,12 +268,13 @@ def batches_from(shards: ShardedBatches, start: Position, last_step: int) -> Ite
         epoch, images_seen = epoch + 1, 0
 
 
-def step_networks(run: Run, batch: Tensor, step: int) -> StepResult:
-    """Step `step` (counting from 0) of all three networks at the scheduled learning rate, then the average."""
+def step_networks(run: Run, batch: Tensor, step: int, bounds: Networks | None) -> StepResult:
+    """Step `step` (counting from 0) of all three networks at the scheduled learning rate, then the average.
+    `bounds`: the previous step's result.bounds (see train_step; the captured step has none)."""
     lr = learning_rate(run.config, step, run.last_step)
     for name, optimizer in run.optimizers._asdict().items():
         optimizer.param_groups[0]["lr"] = lr * run.config.network_lr_scale(name)
-    step_fn = run.graphed_step or train_step
+    step_fn = run.graphed_step or partial(train_step, bounds=bounds)
     result = step_fn(run.networks, run.optimizers, images_to_pixels(batch), run.config, run.accelerator.scaler)
     if run.decoder_ema is not None and result.stepped:
         update_average(run.decoder_ema, run.modules.decoder, run.config.ema_decay, step + 1)
@@ -368,11 +370,14 @@ class SkipStreak:
 def train_loop(run: Run, state: TrainState, watch: PreemptionWatch, skips: SkipStreak) -> Ending:
     """Steps to the run's last step (FINISHED), or until a stop signal (PREEMPTED; INTERRUPTED for Ctrl-C) or
     max_consecutive_skips skipped steps in a row (DIVERGED; `skips` says why they were skipped)."""
-    config, collapse = run.config, CollapseWatch()
+    # The update guard's bounds go from step to step here, not in the checkpoint's TrainState: a resumed run, whose
+    # weights and moments were loaded, starts without and measures them. Nothing else in the loop writes either.
+    config, collapse, bounds = run.config, CollapseWatch(), None
     run.console.start_progress(run.last_step, state.position.step,
                                epochs=-(-run.last_step // run.shards.steps_per_epoch()))
     for batch, epoch, position in batches_from(run.shards, state.position, run.last_step):
-        result = step_networks(run, batch, state.position.step)
+        result = step_networks(run, batch, state.position.step, bounds)
+        bounds = result.bounds
         state.position, state.skipped_steps = position, state.skipped_steps + (not result.stepped)
         state.window.add(result)
         consecutive_skips = skips.add(result)
