@@ -78,6 +78,19 @@ def test_nan_in_one_process_batch_skips_the_step_on_both_and_replicas_stay_ident
         assert torch.equal(ddp_ranks[0][key], ddp_ranks[1][key]), key
 
 
+def test_an_update_that_overflows_is_undone_on_both_processes(ddp_ranks):
+    """Finite averaged gradients, an update that overflows (lr 1e39): each replica computes the same update, both
+    skip it, and each is left bitwise as before (weights, moments, step counts), identical to the other."""
+    keys = [k.removeprefix("update.before.") for k in ddp_ranks[0] if k.startswith("update.before.")]
+    assert any(k.endswith(".exp_avg") for k in keys)
+    for rank in ddp_ranks:
+        assert not rank["update.stepped"]
+        for key in keys:
+            assert torch.equal(rank[f"update.after.{key}"], rank[f"update.before.{key}"]), key
+    for key in keys:
+        assert torch.equal(ddp_ranks[0][f"update.after.{key}"], ddp_ranks[1][f"update.after.{key}"]), key
+
+
 def read_metrics(output_dir):
     return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
 

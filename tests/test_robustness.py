@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno
+import json
+import math
 import subprocess
 import sys
 
@@ -11,6 +13,7 @@ import torch
 from accelerate import Accelerator
 
 import vaegan_dist.checkpoint as checkpoint_module
+import vaegan_dist.step as step_module
 from tests.conftest import REPO, tiny_config
 from tests.test_resume import final_checkpoint
 from vaegan_dist import data
@@ -18,7 +21,7 @@ from vaegan_dist.checkpoint import CheckpointError, checkpoints_dir
 from vaegan_dist.config import ConfigError
 from vaegan_dist.data import DataError
 from vaegan_dist.exits import Ending
-from vaegan_dist.models import Networks
+from vaegan_dist.models import Networks, build_models
 from vaegan_dist.train import train
 from vaegan_dist.training_log import discriminator_collapsed
 
@@ -96,6 +99,35 @@ def test_a_diverging_run_stops_with_a_checkpoint_of_finite_weights(accelerator, 
     assert checkpoint.state["skipped_steps"] >= 3
     for name in Networks._fields:
         assert all(torch.isfinite(t).all() for t in checkpoint.network(name).values())
+
+
+def test_updates_that_would_overflow_the_weights_are_skipped_and_end_the_run(accelerator, tmp_path, capsys):
+    """Finite gradients, but lr 1e39 overflows float32's step size, so every update would make weights infinite:
+    each step is skipped like a non-finite one (skipped_steps), --max-consecutive-skips of them end the run with
+    exit code 4, and the checkpoint holds the initial weights, finite."""
+    assert run(accelerator, tmp_path, lr=1e39, max_consecutive_skips=3, log_every=1) == Ending.DIVERGED == 4
+    assert ("error: the run diverged: 3 steps in a row were skipped (3 for an update that would make a weight or an "
+            "Adam moment non-finite)") in capsys.readouterr().err
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["skipped_steps"]) for r in records] == [(1, 1), (2, 2), (3, 3)]
+    assert all(math.isfinite(r[f"grad_norm_{name}"]) for r in records for name in Networks._fields)
+    checkpoint = final_checkpoint(tmp_path)
+    assert checkpoint.state["skipped_steps"] == 3 and checkpoint.state["position"]["step"] == 3
+    torch.manual_seed(tiny_config().seed)  # the trainer's initial weights
+    for name, network in zip(Networks._fields, build_models(tiny_config()), strict=True):
+        saved = checkpoint.network(name)
+        assert all(torch.equal(saved[key], value) for key, value in network.state_dict().items()), name
+
+
+def test_the_loop_carries_the_update_guards_bounds_and_a_resume_measures_them(accelerator, tmp_path, monkeypatch):
+    """Each step's bounds go to the next: a run measures them at its first step only, and a resumed run, whose
+    weights and moments were loaded from the checkpoint, at its own first step."""
+    measured, real = [], step_module._measure
+    monkeypatch.setattr(step_module, "_measure", lambda optimizers: measured.append(1) or real(optimizers))
+    assert run(accelerator, tmp_path, max_steps=3) == Ending.FINISHED
+    assert len(measured) == 1
+    assert run(accelerator, tmp_path, max_steps=5) == Ending.FINISHED
+    assert len(measured) == 2 and final_checkpoint(tmp_path).state["position"]["step"] == 5
 
 
 def test_discriminator_collapse_is_both_outputs_stuck_at_the_ends():

@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import copy
 import json
+from collections import Counter
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import vaegan_dist.step as step_module
 from tests.conftest import launch, tiny_config, tiny_flags
 from vaegan_dist.models import Networks, build_models
-from vaegan_dist.step import learning_rate, routed_gradients, train_step
+from vaegan_dist.step import (
+    NON_FINITE_UPDATE,
+    adam_optimizers,
+    learning_rate,
+    routed_gradients,
+    train_step,
+)
 
 BATCH = 12
 
@@ -201,6 +209,120 @@ def test_non_finite_batch_skips_the_step_without_a_scaler():
     good = train_step(networks, optimizers, make_inputs(config, dtype=torch.float32)[0], config)
     assert good.stepped
     assert not all(torch.equal(a, b) for a, b in zip(before, state_of(networks), strict=True))
+
+
+def optimizer_states(optimizers):
+    """Every tensor of every optimizer's state (moments and step counts), copied, by (network, parameter, key)."""
+    return {(network, index, key): value.clone() for network, optimizer in enumerate(optimizers)
+            for index, state in optimizer.state_dict()["state"].items() for key, value in state.items()}
+
+
+def assert_same_states(a, b):
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[key], b[key]) for key in a), [key for key in a if not torch.equal(a[key], b[key])]
+
+
+def plain_step(networks, optimizers, x, config):
+    """train_step's step without any guard: the gradients (with train_step's noise draws), then every optimizer."""
+    eps = torch.randn(x.shape[0], config.latent_dim)
+    routed_gradients(*networks, x, eps, torch.randn_like(eps), config)
+    for optimizer in optimizers:
+        optimizer.step()
+
+
+@pytest.mark.parametrize("bounds", ["measured", "stale"])
+def test_an_update_that_would_overflow_a_weight_is_undone_bitwise(bounds):
+    """Finite gradients, but an optimizer state such as a bad checkpoint could hold (a huge exp_avg, loaded after a
+    good step) makes Adam's update overflow. Given no bounds, as whoever changes the states outside the step must,
+    train_step measures them: the step is skipped on all three networks, and every weight, moment and step count is
+    bitwise what it was. Given the bounds of the step before the load, now stale, it trusts them, and the overflow
+    goes through: keeping them valid is the caller's part."""
+    config = tiny_config(dropout=0.0)
+    torch.manual_seed(5)
+    networks = build_models(config)
+    optimizers = adam_optimizers(networks, config)  # fused, as the trainer's
+    x = make_inputs(config, dtype=torch.float32)[0]
+    first = train_step(networks, optimizers, x, config)
+    assert first.stepped and first.bounds is not None
+    state = optimizers.decoder.state_dict()
+    state["state"][0]["exp_avg"] = torch.full_like(state["state"][0]["exp_avg"], 3e38)
+    optimizers.decoder.load_state_dict(state)
+    for optimizer in optimizers:
+        optimizer.param_groups[0]["lr"] = 1.0
+    weights, states = state_of(networks), optimizer_states(optimizers)
+    unguarded = copy.deepcopy((networks, optimizers))
+    plain_step(*unguarded, x, config)
+    assert not all(torch.isfinite(p).all() for p in state_of(unguarded[0]))  # what the guard prevents
+
+    result = train_step(networks, optimizers, x, config, bounds=first.bounds if bounds == "stale" else None)
+
+    assert torch.isfinite(result.grad_norms).all()
+    if bounds == "stale":
+        assert result.stepped and not all(torch.isfinite(p).all() for p in state_of(networks))
+        return
+    assert not result.stepped and result.skip_reason == NON_FINITE_UPDATE
+    assert all(torch.equal(a, b) for a, b in zip(weights, state_of(networks), strict=True))
+    assert_same_states(states, optimizer_states(optimizers))
+
+
+@pytest.mark.parametrize("implementation", ["fused", "foreach", "single_tensor"])
+def test_a_first_step_whose_update_overflows_leaves_no_optimizer_state(implementation):
+    """lr 1e39: Adam's step size overflows float32, so every update is infinite or NaN (or, in torch's single-tensor
+    Adam, an error midway through the optimizers); the optimizers stay empty."""
+    config = tiny_config(dropout=0.0, lr=1e39)
+    networks = build_models(config)
+    kind = {"fused": {"fused": True}, "foreach": {"foreach": True}, "single_tensor": {"foreach": False}}[implementation]
+    optimizers = Networks(*(torch.optim.Adam(net.parameters(), lr=config.lr, **kind) for net in networks))
+    before = state_of(networks)
+
+    result = train_step(networks, optimizers, make_inputs(config, dtype=torch.float32)[0], config)
+
+    assert not result.stepped and result.skip_reason == NON_FINITE_UPDATE
+    assert torch.isfinite(result.grad_norms).all()
+    assert all(torch.equal(a, b) for a, b in zip(before, state_of(networks), strict=True))
+    assert all(not optimizer.state for optimizer in optimizers)
+
+
+def largest(optimizer):
+    """The optimizer's largest |weight|, |exp_avg| and exp_avg_sq, exactly."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    return [max(float(optimizer.state[p][key].abs().max()) if key else float(p.detach().abs().max()) for p in params)
+            for key in (None, "exp_avg", "exp_avg_sq")]
+
+
+def test_the_update_guard_changes_no_number_and_its_carried_bounds_hold(monkeypatch):
+    """Steps through the guard equal unguarded steps bitwise: the fast path, and the slow one (copy, step, check)
+    where the bounds cannot rule an overflow out (lr 1e30) and the update is finite all the same. The bounds are
+    measured at the first step only, then carried on the host, and each step's bound the tensors it leaves; the
+    slow step's result has none, so that the next step measures them."""
+    calls, measure, slow = Counter(), step_module._measure, step_module.step_or_undo
+    monkeypatch.setattr(step_module, "_measure", lambda opts: calls.update(["measure"]) or measure(opts))
+    monkeypatch.setattr(step_module, "step_or_undo", lambda opts: calls.update(["slow"]) or slow(opts))
+    config = tiny_config(dropout=0.0)
+    torch.manual_seed(6)
+    guarded = build_models(config)
+    plain = copy.deepcopy(guarded)
+    guarded_opts, plain_opts = adam_optimizers(guarded, config), adam_optimizers(plain, config)
+    bounds = None
+    for index, lr in enumerate([3e-4, 3e-4, 3e-4, 1e30]):
+        x = make_inputs(config, dtype=torch.float32, seed=index)[0]
+        for optimizer in (*guarded_opts, *plain_opts):
+            optimizer.param_groups[0]["lr"] = lr
+        torch.manual_seed(index)
+        result = train_step(guarded, guarded_opts, x, config, bounds=bounds)
+        assert result.stepped
+        bounds = result.bounds
+        torch.manual_seed(index)
+        plain_step(plain, plain_opts, x, config)
+        assert all(torch.equal(a, b) for a, b in zip(state_of(guarded), state_of(plain), strict=True)), index
+        if bounds is not None:
+            for optimizer, bound in zip(guarded_opts, bounds, strict=True):
+                bounded = zip(largest(optimizer), [bound.weight, bound.exp_avg, bound.exp_avg_sq], strict=True)
+                assert all(value <= bound for value, bound in bounded), index
+    assert calls == {"measure": 2, "slow": 1}  # the first step's; the last step's, again, then its slow path
+    assert bounds is None
+    assert_same_states(optimizer_states(guarded_opts), optimizer_states(plain_opts))
+    assert all(torch.isfinite(p).all() for p in state_of(guarded))
 
 
 def test_learning_rate_is_constant_then_falls_linearly_to_zero_at_the_last_step():

@@ -43,7 +43,7 @@ from torch.nn.utils import get_total_norm
 from vaegan_dist.config import ConfigError, TrainConfig
 from vaegan_dist.losses import LossTerms
 from vaegan_dist.models import Networks
-from vaegan_dist.step import StepResult, routed_gradients
+from vaegan_dist.step import NON_FINITE_GRADIENTS, StepResult, routed_gradients
 
 WARMUP_STEPS = 3
 
@@ -82,7 +82,9 @@ class GraphedStep:
         out = self.out.clone()
         count = len(LossTerms.names())
         terms = LossTerms(*out[:count].unbind())
-        return StepResult(terms, out[count:count + len(Networks._fields)], bool(out[-1]))
+        stepped = bool(out[-1])
+        return StepResult(terms, out[count:count + len(Networks._fields)], stepped,
+                          None if stepped else NON_FINITE_GRADIENTS)
 
     def set_learning_rates(self, optimizers: Networks) -> None:
         for index, optimizer in enumerate(optimizers):

@@ -16,9 +16,11 @@ import json
 import signal
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -267,12 +269,13 @@ def batches_from(shards: ShardedBatches, start: Position, last_step: int) -> Ite
         epoch, images_seen = epoch + 1, 0
 
 
-def step_networks(run: Run, batch: Tensor, step: int) -> StepResult:
-    """Step `step` (counting from 0) of all three networks at the scheduled learning rate, then the average."""
+def step_networks(run: Run, batch: Tensor, step: int, bounds: Networks | None) -> StepResult:
+    """Step `step` (counting from 0) of all three networks at the scheduled learning rate, then the average.
+    `bounds`: the previous step's result.bounds (see train_step; the captured step has none)."""
     lr = learning_rate(run.config, step, run.last_step)
     for name, optimizer in run.optimizers._asdict().items():
         optimizer.param_groups[0]["lr"] = lr * run.config.network_lr_scale(name)
-    step_fn = run.graphed_step or train_step
+    step_fn = run.graphed_step or partial(train_step, bounds=bounds)
     result = step_fn(run.networks, run.optimizers, images_to_pixels(batch), run.config, run.accelerator.scaler)
     if run.averages is not None and result.stepped:
         update_averages(run.averages, run.modules, run.config.ema_decay, step + 1)
@@ -347,17 +350,38 @@ def save_periodically(run: Run, state: TrainState) -> None:
 
 # ---------------------------------------------------------------------------------------------- the loop
 
-def train_loop(run: Run, state: TrainState, watch: PreemptionWatch) -> Ending:
+@dataclass
+class SkipStreak:
+    """The steps skipped in a row (on every process alike), counted by their StepResult.skip_reason."""
+
+    reasons: Counter[str] = field(default_factory=Counter)
+
+    def add(self, result: StepResult) -> int:
+        """Counts the step (one that stepped ends the streak); the steps skipped in a row now."""
+        if result.stepped:
+            self.reasons.clear()
+        else:
+            self.reasons[result.skip_reason or "unknown"] += 1
+        return self.reasons.total()
+
+    def describe(self) -> str:
+        return ", ".join(f"{count} for {reason}" for reason, count in self.reasons.most_common())
+
+
+def train_loop(run: Run, state: TrainState, watch: PreemptionWatch, skips: SkipStreak) -> Ending:
     """Steps to the run's last step (FINISHED), or until a stop signal (PREEMPTED; INTERRUPTED for Ctrl-C) or
-    max_consecutive_skips non-finite steps in a row (DIVERGED)."""
-    config, collapse, consecutive_skips = run.config, CollapseWatch(), 0
+    max_consecutive_skips skipped steps in a row (DIVERGED; `skips` says why they were skipped)."""
+    # The update guard's bounds go from step to step here, not in the checkpoint's TrainState: a resumed run, whose
+    # weights and moments were loaded, starts without and measures them. Nothing else in the loop writes either.
+    config, collapse, bounds = run.config, CollapseWatch(), None
     run.console.start_progress(run.last_step, state.position.step,
                                epochs=-(-run.last_step // run.shards.steps_per_epoch()))
     for batch, epoch, position in batches_from(run.shards, state.position, run.last_step):
-        result = step_networks(run, batch, state.position.step)
+        result = step_networks(run, batch, state.position.step, bounds)
+        bounds = result.bounds
         state.position, state.skipped_steps = position, state.skipped_steps + (not result.stepped)
         state.window.add(result)
-        consecutive_skips = 0 if result.stepped else consecutive_skips + 1
+        consecutive_skips = skips.add(result)
         step = position.step
         if due(run, step, config.log_every):
             log_record(run, state, epoch, collapse)
@@ -382,7 +406,7 @@ def train_loop(run: Run, state: TrainState, watch: PreemptionWatch) -> Ending:
 
 # ---------------------------------------------------------------------------------------------- the end
 
-def finish(run: Run, state: TrainState, ending: Ending, ran: bool) -> Ending:
+def finish(run: Run, state: TrainState, ending: Ending, ran: bool, skips: SkipStreak) -> Ending:
     """Saves what the ending calls for (nothing when no step ran), tells the user, and returns the ending."""
     console, position = run.console, state.position
     if ending is Ending.FINISHED and ran and position.images_seen:  # a mid-epoch end gets pictures of its own
@@ -396,9 +420,9 @@ def finish(run: Run, state: TrainState, ending: Ending, ran: bool) -> Ending:
             console.info(f"report: {err}")
     run.tracker.finish(ending)
     if ending is Ending.DIVERGED:
-        console.error(f"the run diverged: {run.config.max_consecutive_skips} steps in a row had non-finite losses "
-                      f"or gradients and were skipped. {path} holds the last good weights; resume from it with a "
-                      "lower --lr (or --gamma), or start over.")
+        console.error(f"the run diverged: {run.config.max_consecutive_skips} steps in a row were skipped "
+                      f"({skips.describe()}); each left the weights and Adam's moments as they were. {path} holds "
+                      "the last good weights; resume from it with a lower --lr (or --gamma), or start over.")
     elif ending is Ending.PREEMPTED and run.config.requeue and run.accelerator.is_main_process:
         console.info(requeue_slurm_job())
     elif ending is Ending.FINISHED:
@@ -418,8 +442,9 @@ def train(config: TrainConfig, accelerator: Accelerator, console: Console | None
         announce(run, state)
         first_step = state.position.step
         with PreemptionWatch(console.info) as watch:  # kept through the last save: a late signal waits for it
-            ending = train_loop(run, state, watch)
-            return finish(run, state, ending, ran=state.position.step > first_step)
+            skips = SkipStreak()
+            ending = train_loop(run, state, watch, skips)
+            return finish(run, state, ending, ran=state.position.step > first_step, skips=skips)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -5,6 +5,8 @@
 2. k training steps with dropout, each process on its own data and noise: the weights (to compare replicas).
 3. fp16 loss scaling where only rank 1's batch overflows: whether each process stepped, and its scale.
 4. A NaN in rank 1's batch (fp32): whether each process stepped, then one good step, and the weights.
+5. One good step, then an update that overflows (lr 1e39, finite gradients; the good step's bounds carried):
+   whether each process stepped, and the weights and Adam states before and after.
 """
 
 from __future__ import annotations
@@ -29,6 +31,16 @@ def prepared(accelerator, config):
     optimizers = adam_for(networks, config)
     objects = accelerator.prepare(*networks, *optimizers)
     return objects[:3], [opt.optimizer for opt in objects[3:]]
+
+
+def weights_and_states(networks, optimizers) -> dict[str, torch.Tensor]:
+    """Copies of every weight and every Adam state tensor (moments and step counts)."""
+    tensors = {f"{name}.{i}": p.detach().clone() for name, net in zip(Networks._fields, networks, strict=True)
+               for i, p in enumerate(net.parameters())}
+    for name, optimizer in zip(Networks._fields, optimizers, strict=True):
+        for index, state in optimizer.state_dict()["state"].items():
+            tensors.update({f"{name}.{index}.{key}": value.clone() for key, value in state.items()})
+    return tensors
 
 
 def main(out_dir: str) -> None:
@@ -86,6 +98,20 @@ def main(out_dir: str) -> None:
     for name, net in zip(Networks._fields, networks, strict=True):
         for i, p in enumerate(net.parameters()):
             results[f"nan.{name}.{i}"] = p.detach().clone()
+
+    config = tiny_config(dropout=0.0)
+    set_seed(0)
+    networks, optimizers = prepared(accelerator, config)
+    set_seed(0, device_specific=True)  # different data and noise on each process, the same averaged gradients
+    first = train_step(networks, optimizers, torch.rand(8, 784) * 2 - 1, config)
+    assert first.stepped
+    results.update({f"update.before.{key}": t for key, t in weights_and_states(networks, optimizers).items()})
+    for optimizer in optimizers:
+        optimizer.param_groups[0]["lr"] = 1e39
+    # The first step's bounds, carried as the trainer carries them: measured again, then the slow path.
+    result = train_step(networks, optimizers, torch.rand(8, 784) * 2 - 1, config, bounds=first.bounds)
+    results["update.stepped"] = torch.tensor(result.stepped)
+    results.update({f"update.after.{key}": t for key, t in weights_and_states(networks, optimizers).items()})
 
     save_file(results, f"{out_dir}/rank{rank}.safetensors")
     accelerator.wait_for_everyone()
