@@ -97,6 +97,10 @@ class Forked:
     def poll(self) -> int | None:
         return self.process.exitcode
 
+    @property
+    def returncode(self) -> int | None:
+        return self.process.exitcode
+
     def wait(self, timeout: float | None = None) -> int:
         self.process.join(timeout)
         if self.process.exitcode is None:
@@ -104,13 +108,20 @@ class Forked:
             raise subprocess.TimeoutExpired(self.process.name, timeout)
         return self.process.exitcode
 
+    def communicate(self, timeout: float | None = None) -> tuple[str, str | None]:
+        """Waits for the end; what it wrote to stdout, and to stderr (None when that is the same file)."""
+        self.wait(timeout)
+        err = None if self.stderr_path == self.stdout_path else self.stderr_path.read_text()
+        return self.stdout_path.read_text(), err
+
     def send_signal(self, signum: int) -> None:
         os.kill(self.pid, signum)
 
     def kill(self) -> None:
         """SIGKILL to the process and anything it started (its session's process group), then reaps it."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.pid, signal.SIGKILL)
+        if self.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.pid, signal.SIGKILL)
         self.process.join()
 
     def __enter__(self) -> Forked:
