@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import launch, tiny_config, tiny_flags
+from tests import forked
+from tests.conftest import tiny_config, tiny_flags
 from vaegan_dist.checkpoint import EMA_FILE, Checkpoint, checkpoints_dir, newest_complete
 from vaegan_dist.export import load_networks
 from vaegan_dist.export import main as export_main
@@ -33,7 +34,9 @@ def test_update_is_a_lerp_with_a_warm_up_and_making_the_average_draws_no_randomn
 
 
 def run(output_dir, **flags):
-    result = launch(tiny_flags(max_steps=12, output_dir=output_dir, **flags))
+    """A run of one CPU process, forked (tests/forked.py)."""
+    result = forked.run("vaegan_dist.train", tiny_flags(max_steps=12, output_dir=output_dir, **flags),
+                        output_dir.parent / f"{output_dir.name}_logs", env=forked.default_env(ACCELERATE_USE_CPU="1"))
     assert result.returncode == 0, result.stderr[-4000:]
     return Checkpoint(newest_complete(checkpoints_dir(output_dir), report=pytest.fail))
 
