@@ -2,11 +2,11 @@
 
 A process started with `python -m vaegan_dist.train` spends some 7 s of CPU before its first step: importing torch,
 accelerate and the trainer, torch._dynamo, which torch imports when the first optimizer is made, and matplotlib for
-the report at the end. Tests that
-start many processes, and are not about how a process starts (SIGKILL during saves, stop and resume), fork them
-from multiprocessing's fork server instead, which has done those imports once. Each run is still a process of its
-own, started from a state that has run nothing, with its own environment, working directory and output files; it
-runs `main(argv)` as `python -m MODULE ARGV` would, atexit handlers included, and is killed like one.
+the report at the end. Tests that start many processes, and are not about how a process starts (SIGKILL during
+saves, stop and resume), fork them from multiprocessing's fork server instead, which has done those imports once.
+Each run is still a process of its own, started from a state that has run nothing, with its own environment,
+working directory and output files; it runs `main(argv)` as `python -m MODULE ARGV` would, atexit handlers
+included, and is killed like one.
 
 The server imports with OMP_NUM_THREADS=1 (as the tests' subprocesses do), so it holds no OpenMP thread pool that
 a forked child could inherit half-made.
