@@ -11,7 +11,8 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import save_file
 
-from tests.conftest import launch, tiny_config, tiny_flags
+from tests import forked
+from tests.conftest import tiny_config, tiny_flags
 from vaegan_dist.checkpoint import (
     AVERAGE_FILES,
     MARKER,
@@ -60,7 +61,9 @@ def test_update_is_a_lerp_with_a_warm_up_and_making_the_averages_draws_no_random
 
 
 def run(output_dir, **flags):
-    result = launch(tiny_flags(max_steps=12, output_dir=output_dir, **flags))
+    """A run of one CPU process, forked (tests/forked.py)."""
+    result = forked.run("vaegan_dist.train", tiny_flags(max_steps=12, output_dir=output_dir, **flags),
+                        output_dir.parent / f"{output_dir.name}_logs", env=forked.default_env(ACCELERATE_USE_CPU="1"))
     assert result.returncode == 0, result.stderr[-4000:]
     return Checkpoint(newest_complete(checkpoints_dir(output_dir), report=pytest.fail))
 

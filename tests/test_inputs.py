@@ -4,6 +4,7 @@ must not be (a checkpoint directory above all)."""
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import subprocess
 import sys
@@ -43,6 +44,15 @@ def command(module, *args, timeout=300):
                             cwd=REPO, timeout=timeout, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin",
                                                             "WANDB_MODE": "disabled"})
     return result
+
+
+def main_of(module, *args, capfd):
+    """The module's main (what `python -m module` runs) called here, its exit as command() reports a process's:
+    for errors in the arguments, which the tests of command() show to be one line from a fresh process too."""
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(module).main([str(a) for a in args])
+    out, err = capfd.readouterr()
+    return subprocess.CompletedProcess([module, *args], exit_info.value.code, out, err)
 
 
 def assert_one_line_error(result, code, *fragments):
@@ -120,14 +130,15 @@ def test_training_never_writes_into_a_checkpoint(checkpoint):
         parse_args(["--output-dir", str(checkpoint.parent)])  # the checkpoints/ folder itself
 
 
-def test_outputs_that_cannot_be_written_are_one_line_errors(exported, tmp_path):
+def test_outputs_that_cannot_be_written_are_one_line_errors(exported, tmp_path, capfd):
     (tmp_path / "a_file").write_text("")
     blocked = tmp_path / "a_file" / "sub"
-    assert_one_line_error(command("vaegan_dist.sample", exported, "--out", blocked / "grid.png"), 2,
+    assert_one_line_error(main_of("vaegan_dist.sample", exported, "--out", blocked / "grid.png", capfd=capfd), 2,
                           "cannot write --out")
-    assert_one_line_error(command("vaegan_dist.eval_command", exported, "--out", blocked / "eval.json"), 2,
-                          "cannot write --out")
-    assert_one_line_error(command("vaegan_dist.export", exported, blocked), 2, "cannot write the export to")
+    assert_one_line_error(main_of("vaegan_dist.eval_command", exported, "--out", blocked / "eval.json",
+                                  capfd=capfd), 2, "cannot write --out")
+    assert_one_line_error(main_of("vaegan_dist.export", exported, blocked, capfd=capfd), 2,
+                          "cannot write the export to")
     assert json.loads((exported / "config.json").read_text())  # untouched
 
 
@@ -200,8 +211,8 @@ def test_config_files_that_are_not_settings(tmp_path, contents, message):
     ("vaegan_dist.eval_command", ["a", "--seeed", "3"], ["did you mean --seed?"]),
     ("vaegan_dist.report", [], ["the following arguments are required: output_dir"]),
 ])
-def test_a_command_line_mistake_is_one_line_with_the_close_matches_and_help(module, args, fragments):
-    result = command(module, *args)
+def test_a_command_line_mistake_is_one_line_with_the_close_matches_and_help(module, args, fragments, capfd):
+    result = main_of(module, *args, capfd=capfd)
     assert_one_line_error(result, 2, *fragments, "--help lists the flags")
     assert "usage:" not in result.stderr
 

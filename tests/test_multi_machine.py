@@ -80,7 +80,21 @@ def assert_replicas_hold_the_saved_weights(checkpoint: Checkpoint) -> None:
     assert checkpoint.state["replica_digests"] == [weights_digest(networks)] * 2
 
 
-def test_two_machines_on_loopback_train_save_and_resume(tmp_path):
+def wait_for_training(process, output_dir, after_step: int = 0, timeout: float = TIMEOUT) -> None:
+    """Until the job has logged a step past `after_step` (its processes then handle stop signals)."""
+    metrics, deadline = output_dir / "metrics.jsonl", time.monotonic() + timeout
+    while not (metrics.exists() and any(json.loads(line)["step"] > after_step
+                                        for line in metrics.read_text().splitlines() if line.endswith("}"))):
+        if process.poll() is not None or time.monotonic() > deadline:
+            signal_tree(process.pid, signal.SIGKILL)
+            pytest.fail(f"the job did not start training:\n{process.communicate()[0][-6000:]}")
+        time.sleep(0.2)
+
+
+def test_two_machines_on_loopback_train_save_stop_on_sigusr1_requeue_and_resume(tmp_path):
+    """Three runs of the job, as SLURM runs it again after a requeue (the same id, so the same directory): the first
+    trains 4 steps and saves; the second resumes from it, and SIGUSR1 makes it save and requeue; the third resumes
+    from that checkpoint and finishes."""
     env = two_cpu_machines(tmp_path, ["127.0.0.1", "127.0.0.2"])
     output = run_job(env, *tiny_flags(max_steps=4, log_every=2))
     assert output.count("2 processes on 2 nodes, cpu") == 1  # only the job's main process prints
@@ -88,45 +102,30 @@ def test_two_machines_on_loopback_train_save_and_resume(tmp_path):
     assert first.state["position"]["step"] == 4 and first.state["world_size"] == 2
     assert_replicas_hold_the_saved_weights(first)
 
-    # The job again (as after a requeue: the same id, so the same directory), told to run further.
-    output = run_job(env, *tiny_flags(max_steps=8, log_every=2))
-    assert f"resume: from {first.path} (step 4" in output
-    last = final_checkpoint(job_dir(tmp_path))
-    assert last.state["position"]["step"] == 8 and last.state["world_size"] == 2
-    assert_replicas_hold_the_saved_weights(last)
-    assert [m["step"] for m in read_metrics(job_dir(tmp_path))] == [2, 4, 6, 8]
-
-
-def wait_for_training(process, output_dir, timeout: float = TIMEOUT) -> None:
-    """Until the job has logged a step (its processes then handle stop signals)."""
-    metrics, deadline = output_dir / "metrics.jsonl", time.monotonic() + timeout
-    while not (metrics.exists() and metrics.read_text().strip()):
-        if process.poll() is not None or time.monotonic() > deadline:
-            signal_tree(process.pid, signal.SIGKILL)
-            pytest.fail(f"the job did not start training:\n{process.communicate()[0][-6000:]}")
-        time.sleep(0.2)
-
-
-def test_sigusr1_to_the_job_step_saves_requeues_and_the_requeued_job_resumes(tmp_path):
-    env = two_cpu_machines(tmp_path, ["127.0.0.1", "127.0.0.2"])
     job = start(["bash", "launch/slurm/multi_node.sbatch", *tiny_flags(max_steps=100_000, log_every=2)], env, REPO)
-    wait_for_training(job, job_dir(tmp_path))
+    wait_for_training(job, job_dir(tmp_path), after_step=4)
     signal_job_step(env, signal.SIGUSR1)  # SLURM, 300 s before the time limit
     code, output = finish(job, TIMEOUT)
+    assert f"resume: from {first.path} (step 4" in output, output[-6000:]
     assert "stopped by SIGUSR1" in output and f"exitcode  : {Ending.PREEMPTED}" in output, output[-6000:]
     # Each node's agent outlived the signal and reported its process's exit 75 as 1; killed by SIGUSR1 it would
     # have ended at once with 138, before the checkpoint.
-    assert code == 1 and task_exits(env, nodes=2) == [[1], [1]], output[-6000:]
-    assert calls(env, "scontrol")[1:] == [f"requeue {JOB_ID}"]  # once, from the main process
-    assert calls(env, "sbatch") == []  # requeued under the same id, not submitted anew
+    assert code == 1 and task_exits(env, nodes=2) == [[0, 1], [0, 1]], output[-6000:]
+    # once, from the main process; requeued under the same id, not submitted anew
+    assert [call for call in calls(env, "scontrol") if not call.startswith("show ")] == [f"requeue {JOB_ID}"]
+    assert calls(env, "sbatch") == []
     saved = final_checkpoint(job_dir(tmp_path))
     step = saved.state["position"]["step"]
-    assert step > 0
+    assert step > 4 and saved.state["world_size"] == 2
     assert_replicas_hold_the_saved_weights(saved)
 
     output = run_job(env, *tiny_flags(max_steps=step + 4, log_every=2))
     assert f"resume: from {saved.path} (step {step}," in output
-    assert final_checkpoint(job_dir(tmp_path)).state["position"]["step"] == step + 4
+    last = final_checkpoint(job_dir(tmp_path))
+    assert last.state["position"]["step"] == step + 4 and last.state["world_size"] == 2
+    assert_replicas_hold_the_saved_weights(last)
+    steps = [m["step"] for m in read_metrics(job_dir(tmp_path))]  # every 2 steps and the last; none twice
+    assert steps == sorted({*range(2, step + 5, 2), step + 4}), steps
 
 
 @pytest.fixture

@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
+from tests import forked
 from tests.conftest import REPO, launch, launch_command, tiny_flags
 from tests.test_resume import final_checkpoint, wait_for
 from vaegan_dist.checkpoint import checkpoints_dir, newest_complete
@@ -24,12 +24,9 @@ def test_sigusr1_saves_exits_75_and_requeues_the_slurm_job(tmp_path):
     fake.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
     fake.chmod(0o755)
     out = tmp_path / "run"
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "SLURM_JOB_ID": "4242",
-           "WANDB_MODE": "disabled"}
-    command = [sys.executable, "-m", "vaegan_dist.train",
-               *tiny_flags(batch_size=16, log_every=1, requeue=True, output_dir=out)]
-    with subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True) as run:
+    env = forked.default_env(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", SLURM_JOB_ID="4242")
+    flags = tiny_flags(batch_size=16, log_every=1, requeue=True, output_dir=out)
+    with forked.Forked("vaegan_dist.train", flags, tmp_path / "log.txt", env=env) as run:  # its own process
         try:
             wait_for(lambda: (out / "metrics.jsonl").exists(), 120, "training to start")
             time.sleep(0.2)
@@ -55,13 +52,15 @@ def test_a_save_failing_on_one_process_fails_on_all_and_keeps_the_previous_check
 
 
 def start_tiny_run(out, *, under_launcher=False):
-    """A tiny run started as a user starts it, on its way once its first record is written."""
+    """A tiny run on its way once its first record is written: two processes under `accelerate launch`, or one
+    process as `python -m vaegan_dist.train` runs, forked (tests/forked.py); its output goes to a file beside out."""
     flags = tiny_flags(batch_size=16, log_every=1, output_dir=out)
     if under_launcher:
         command, env = launch_command(flags, num_processes=2)
+        run = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
     else:
-        command, env = [sys.executable, "-m", "vaegan_dist.train", *flags], {**os.environ, "WANDB_MODE": "disabled"}
-    run = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        run = forked.Forked("vaegan_dist.train", flags, out.parent / f"{out.name}.log")
     wait_for(lambda: (out / "metrics.jsonl").exists(), 120, "training to start")
     time.sleep(0.2)
     return run

@@ -1,4 +1,8 @@
-"""Resume for real: bitwise-exact stop/resume, elastic resume, SIGTERM preemption and SIGKILL during saves."""
+"""Resume for real: bitwise-exact stop/resume, elastic resume, SIGTERM preemption and SIGKILL during saves.
+
+Runs of one process are forked (tests/forked.py: fresh processes that skip the imports); runs of two go through
+`accelerate launch`. The unbroken runs, and the runs stopped at step 10, are made once and shared: a test that
+resumes one resumes a copy."""
 
 from __future__ import annotations
 
@@ -6,15 +10,16 @@ import json
 import os
 import pickle
 import random
+import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import psutil
 import pytest
 import torch
 
+from tests import forked
 from tests.conftest import REPO, launch, launch_command, tiny_flags
 from vaegan_dist.checkpoint import AVERAGE_FILES, Checkpoint, checkpoints_dir, newest_complete, verify
 from vaegan_dist.exits import Ending
@@ -28,19 +33,46 @@ LOSS_KEYS = [*LossTerms.names(), *(f"grad_norm_{n}" for n in Networks._fields), 
 
 
 def train(output_dir, processes, max_steps, **flags):
-    result = launch(tiny_flags(**FLAGS, max_steps=max_steps, output_dir=output_dir, **flags), processes)
+    """A run of FLAGS on the CPU: one process forked, as `python -m vaegan_dist.train` runs; more under
+    `accelerate launch`."""
+    args = tiny_flags(**FLAGS, max_steps=max_steps, output_dir=output_dir, **flags)
+    if processes == 1:
+        result = forked.run("vaegan_dist.train", args, output_dir.parent / "logs",
+                            env=forked.default_env(ACCELERATE_USE_CPU="1"))
+    else:
+        result = launch(args, processes)
     assert result.returncode == 0, result.stderr[-4000:]
     return result
 
 
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    """made(processes, max_steps): the output directory of a fresh run of FLAGS, trained on first use and shared
+    by the tests; copy it before resuming it."""
+    runs = {}
+
+    def run(processes, max_steps):
+        if (processes, max_steps) not in runs:
+            output_dir = tmp_path_factory.mktemp(f"run_{processes}p") / f"{max_steps}_steps"
+            train(output_dir, processes, max_steps)
+            runs[processes, max_steps] = output_dir
+        return runs[processes, max_steps]
+
+    return run
+
+
+def copy_of(output_dir, to):
+    return shutil.copytree(output_dir, to)
+
+
 def final_checkpoint(output_dir):
+    """The newest checkpoint, which newest_complete has verified (its SHA-256 marker and its contents)."""
     path = newest_complete(checkpoints_dir(output_dir), report=pytest.fail)
-    assert path is not None and verify(path) is None
+    assert path is not None
     return Checkpoint(path)
 
 
-def weights(output_dir):
-    checkpoint = final_checkpoint(output_dir)
+def weights(checkpoint):
     return {f"{name}.{key}": value for name in (*Networks._fields, *AVERAGE_FILES.values())
             for key, value in checkpoint.network(name).items()}
 
@@ -67,31 +99,31 @@ class Payload:
 
 
 @pytest.mark.parametrize("processes", [1, 2])
-def test_stop_and_resume_is_bitwise_identical_to_an_unbroken_run(tmp_path, processes):
-    straight, broken = tmp_path / "straight", tmp_path / "broken"
-    train(straight, processes, 20)
-    train(broken, processes, 10)
+def test_stop_and_resume_is_bitwise_identical_to_an_unbroken_run(tmp_path, processes, made):
+    straight, broken = made(processes, 20), copy_of(made(processes, 10), tmp_path / "broken")
     witness = tmp_path / "pwned"
+    stopped = final_checkpoint(broken).path
     for name in ("optimizer.bin", "random_states_0.pkl", "random_states_1.pkl", "scaler.pt", "model.bin"):
-        (final_checkpoint(broken).path / name).write_bytes(pickle.dumps(Payload(witness)))
+        (stopped / name).write_bytes(pickle.dumps(Payload(witness)))
 
     resumed = train(broken, processes, 20)
 
     assert "resume: from" in resumed.stdout and "step 10, epoch 0" in resumed.stdout
-    assert_same_weights(weights(straight), weights(broken))
+    last = final_checkpoint(broken)
+    assert_same_weights(weights(final_checkpoint(straight)), weights(last))
     expected = losses_after(straight, 10)
     assert sorted(expected) == [15, 20]
     assert losses_after(broken, 10) == expected
-    assert final_checkpoint(broken).state["position"] == {"step": 20, "epoch": 1, "images_seen": 6 * 4096}
+    assert last.state["position"] == {"step": 20, "epoch": 1, "images_seen": 6 * 4096}
     assert not witness.exists()
 
 
 @pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 2)])
-def test_elastic_resume_continues_the_epoch_on_another_process_count(tmp_path, before, after):
-    train(tmp_path, before, 10)
-    resumed = train(tmp_path, after, 20)
+def test_elastic_resume_continues_the_epoch_on_another_process_count(tmp_path, before, after, made):
+    run = copy_of(made(before, 10), tmp_path / "run")
+    resumed = train(run, after, 20)
     assert f"written by {before} processes" in resumed.stdout
-    state = final_checkpoint(tmp_path).state
+    state = final_checkpoint(run).state
     assert state["world_size"] == after and state["position"]["step"] == 20
     assert len(set(state["replica_digests"])) == 1 and len(state["replica_digests"]) == after
 
@@ -116,9 +148,8 @@ def wait_for(condition, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
-def test_sigterm_to_one_process_saves_and_the_resumed_run_matches_an_unbroken_one(tmp_path):
-    straight, preempted = tmp_path / "straight", tmp_path / "preempted"
-    train(straight, 2, 20)
+def test_sigterm_to_one_process_saves_and_the_resumed_run_matches_an_unbroken_one(tmp_path, made):
+    straight, preempted = made(2, 20), tmp_path / "preempted"
     command, env = launch_command(tiny_flags(**FLAGS, max_steps=20, output_dir=preempted), num_processes=2)
     metrics = preempted / "metrics.jsonl"
     stop_at = random.Random().randint(1, 3)  # after 5, 10 or 15 steps have been logged
@@ -138,32 +169,32 @@ def test_sigterm_to_one_process_saves_and_the_resumed_run_matches_an_unbroken_on
 
     resumed = train(preempted, 2, 20)
     assert f"step {stopped_at}" in resumed.stdout
-    assert_same_weights(weights(straight), weights(preempted))
+    assert_same_weights(weights(final_checkpoint(straight)), weights(final_checkpoint(preempted)))
 
 
 def test_sigkill_at_random_moments_during_saves_never_loses_a_complete_checkpoint(tmp_path):
     """20 kills while a run saves every step: each time the newest complete checkpoint loads and the run
-    resumes from it."""
+    resumes from it. The runs are forked (tests/forked.py): each is a process of its own, killed by SIGKILL."""
     rng = random.Random(0)
-    root, log = checkpoints_dir(tmp_path), tmp_path / "log.txt"
+    output_dir = tmp_path / "run"
+    root, log = checkpoints_dir(output_dir), tmp_path / "log.txt"
 
     def command(max_steps=None):
-        flags = dict(batch_size=16, save_every=1, keep_last=2, log_every=1000, output_dir=tmp_path)
-        return [sys.executable, "-m", "vaegan_dist.train",
-                *tiny_flags(**flags, **({"max_steps": max_steps} if max_steps else {}))]
+        flags = dict(batch_size=16, save_every=1, keep_last=2, log_every=1000, output_dir=output_dir)
+        return tiny_flags(**flags, **({"max_steps": max_steps} if max_steps else {}))
 
     def latest_name():
         return (root / "latest").read_text().strip() if (root / "latest").exists() else None
 
-    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     newest = None
     for _ in range(20):
         before = latest_name()
-        with log.open("w") as out, subprocess.Popen(command(), env=env, cwd=REPO, stdout=out,
-                                                    stderr=subprocess.STDOUT, start_new_session=True) as run:
-            wait_for(lambda: latest_name() not in (None, before), 120, "a new checkpoint")  # noqa: B023
+        with forked.Forked("vaegan_dist.train", command(), log) as run:
+            wait_for(lambda: latest_name() not in (None, before) or run.poll() is not None,  # noqa: B023
+                     120, "a new checkpoint")
+            assert run.poll() is None, log.read_text()[-3000:]
             time.sleep(rng.uniform(0, 0.1))
-            os.killpg(run.pid, signal.SIGKILL)
+            run.kill()
         if newest is not None:
             assert f"resume: from {newest}" in log.read_text()
         newest = newest_complete(root, report=lambda line: None)
@@ -172,5 +203,5 @@ def test_sigkill_at_random_moments_during_saves_never_loses_a_complete_checkpoin
         assert [checkpoint.network(name) for name in Networks._fields] and checkpoint.optimizers()
         assert checkpoint.state["position"]["step"] == int(newest.name.split("_")[1])
     finish = Checkpoint(newest).state["position"]["step"] + 2
-    resumed = subprocess.run(command(finish), env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    resumed = forked.run("vaegan_dist.train", command(finish), tmp_path / "logs")
     assert resumed.returncode == 0 and f"resume: from {newest}" in resumed.stdout, resumed.stderr[-3000:]

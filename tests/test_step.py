@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 import vaegan_dist.step as step_module
-from tests.conftest import launch, tiny_config, tiny_flags
+from tests import forked
+from tests.conftest import tiny_config, tiny_flags
 from vaegan_dist.models import Networks, build_models
 from vaegan_dist.step import (
     NON_FINITE_UPDATE,
@@ -334,10 +335,11 @@ def test_learning_rate_is_constant_then_falls_linearly_to_zero_at_the_last_step(
 
 
 def test_the_training_loop_applies_the_schedule_and_the_discriminator_scale(tmp_path):
-    result = launch(tiny_flags(max_steps=10, log_every=5, lr=1e-3, lr_schedule="linear", discriminator_lr_scale=3,
-                               output_dir=tmp_path))
+    flags = tiny_flags(max_steps=10, log_every=5, lr=1e-3, lr_schedule="linear", discriminator_lr_scale=3,
+                       output_dir=tmp_path / "run")
+    result = forked.run("vaegan_dist.train", flags, tmp_path / "logs", env=forked.default_env(ACCELERATE_USE_CPU="1"))
     assert result.returncode == 0, result.stderr[-4000:]
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     # logged after step s: the rate steps 0..s-1 ran with, the last of them s-1; decay starts at step 5 of 10
     for name, scale in (("encoder", 1), ("decoder", 1), ("discriminator", 3)):
         lrs = {r["step"]: r[f"lr_{name}"] for r in records if f"lr_{name}" in r}

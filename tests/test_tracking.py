@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -16,7 +14,8 @@ import pytest
 import wandb
 from PIL import Image
 
-from tests.conftest import REPO, launch, tiny_flags
+from tests import forked
+from tests.conftest import launch, tiny_flags
 from tests.wandb_files import history, run_info
 from vaegan_dist.config import ConfigError, TrainConfig
 from vaegan_dist.console import plain_line
@@ -205,10 +204,10 @@ def test_a_job_resumed_from_its_checkpoint_continues_the_w_and_b_run(tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, **no_credentials(tmp_path), "OMP_NUM_THREADS": "1"}
 
-    def train(max_steps: int) -> None:
-        result = subprocess.run([sys.executable, "-m", "vaegan_dist.train", *tiny_flags(
-            max_steps=max_steps, log_every=5, save_every=5, output_dir=out), "--wandb", "offline"],
-            capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    def train(max_steps: int) -> None:  # a process of its own, forked (tests/forked.py)
+        result = forked.run("vaegan_dist.train", [*tiny_flags(max_steps=max_steps, log_every=5, save_every=5,
+                                                              output_dir=out), "--wandb", "offline"],
+                            tmp_path / "logs", env=env)
         assert result.returncode == 0, result.stderr[-3000:]
 
     train(10)

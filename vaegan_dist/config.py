@@ -104,8 +104,9 @@ class TrainConfig:
     on_save_error: Literal["stop", "continue"] = setting("stop", "a periodic save that fails: stop the run (exit "
                                                          "3), or warn and try again at the next")
     requeue: bool = setting(False, "after a preemption save, run `scontrol requeue $SLURM_JOB_ID`")
-    max_consecutive_skips: int = setting(100, "non-finite steps in a row that end the run, with a checkpoint "
-                                         "(exit 4)")
+    max_consecutive_skips: int = setting(100, "skipped steps in a row (non-finite gradients, or an "
+                                         "update that would make a weight non-finite) that end the run, with a "
+                                         "checkpoint (exit 4)")
     # Speed
     cpu_threads: int | None = setting(None, "threads per process on the CPU (none: the cores divided among this "
                                       "machine's processes)")

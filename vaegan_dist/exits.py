@@ -15,7 +15,7 @@ class Ending(IntEnum):
     """How a training run ended; the value is the process's exit code."""
 
     FINISHED = 0
-    DIVERGED = 4  # max_consecutive_skips non-finite steps in a row; the last good weights are checkpointed
+    DIVERGED = 4  # max_consecutive_skips skipped steps in a row; the last good weights are checkpointed
     PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM or SIGUSR1 after saving a checkpoint; run again to resume
     INTERRUPTED = 130  # 128 + SIGINT, the shell's code for Ctrl-C: stopped by Ctrl-C after saving a checkpoint
 
