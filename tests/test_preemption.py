@@ -43,6 +43,7 @@ def test_sigusr1_saves_exits_75_and_requeues_the_slurm_job(tmp_path):
 def test_a_save_failing_on_one_process_fails_on_all_and_keeps_the_previous_checkpoint(tmp_path):
     result = launch([str(tmp_path)], num_processes=2, script=REPO / "tests" / "scripts" / "ddp_checkpoint.py")
     assert result.returncode == 0, result.stderr[-4000:]
+    assert "process 0 leaves" in result.stdout and "process 1 leaves" in result.stdout
     for rank in (0, 1):
         outcome = (tmp_path / f"rank{rank}.txt").read_text()
         assert "process 1: OSError: [Errno 28] No space left on device" in outcome, outcome

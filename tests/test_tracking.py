@@ -194,8 +194,6 @@ def test_a_resumed_job_continues_its_run(monkeypatch, tmp_path):
         assert tracker.run_id == "resumed-run-1"
         tracker.log({"step": step, "loss": 1 / step})
         tracker.finish()
-    # finish() returns before W&B's service has flushed the run's file; its shutdown, at a job's exit, does that.
-    wandb.teardown()
     run_dirs = [next((tmp_path / f"job{job}" / "wandb").glob("offline-run-*")) for job in range(2)]
     assert [run_info(d).run_id for d in run_dirs] == ["resumed-run-1"] * 2
     assert [[row["step"] for row in history(d)] for d in run_dirs] == [[10], [20]]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from enum import IntEnum
@@ -25,4 +26,19 @@ def fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
     launcher, where every process meets the same error), then exit with `code`."""
     if os.environ.get("RANK", "0") == "0":
         print(f"error: {message}", file=sys.stderr)
-    sys.exit(code)
+    leave(code)
+
+
+def leave(code: int) -> NoReturn:
+    """Exits with `code`, once every file is closed and W&B finished. A process of a process group destroys the
+    group, flushes logging, stdout and stderr, and ends at once (os._exit, no exit hooks): the group's C++
+    destructor would otherwise run in the interpreter's teardown, where it can abort a process that finished its
+    work (SIGABRT, "terminate called without an active exception"; torch's destroy_process_group says why)."""
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is None or not distributed.is_initialized():
+        sys.exit(code)
+    distributed.destroy_process_group()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

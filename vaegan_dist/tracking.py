@@ -195,6 +195,9 @@ class Tracker:
                 # settings), and sweep_trial.sh's --output-dir, keyed by that id, finds its checkpoint
                 self._run.mark_preempting()
             self._run.finish(exit_code=self._exit_code)
+            # finish() returns before W&B's service has written the run's last records; its teardown waits for
+            # them, here within the timeout rather than in an exit hook (which leave() skips) without one.
+            wandb.teardown()
         except Exception as err:
             self._warn(f"W&B could not finish the run ({_first_line(err)})")
 

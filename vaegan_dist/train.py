@@ -45,7 +45,7 @@ from vaegan_dist.cpu import configure_cpu
 from vaegan_dist.cuda_graphs import GraphedStep, check_launch_free
 from vaegan_dist.data import DataError, ShardedBatches, derived_seed, load_mnist
 from vaegan_dist.evaluation import Reference, evaluate_distributed, evaluation_line
-from vaegan_dist.exits import EXIT_BAD_INPUT, EXIT_CHECKPOINT_FAILED, Ending, fail
+from vaegan_dist.exits import EXIT_BAD_INPUT, EXIT_CHECKPOINT_FAILED, Ending, fail, leave
 from vaegan_dist.launch_settings import is_main_launch_process, unsupported_launch_setting
 from vaegan_dist.models import (
     Autoencoder,
@@ -459,18 +459,18 @@ def main(argv: list[str] | None = None) -> None:
             ending = train(dataclasses.replace(config, mixed_precision=accelerator.mixed_precision), accelerator,
                            console)
         # All processes leave together: the main process may still be finishing W&B and the report, and a peer
-        # tearing down its gloo connections meanwhile is the likeliest cause of the rare abort at exit.
+        # tearing down its gloo connections meanwhile could abort it.
         accelerator.wait_for_everyone()
+        leave(ending)
     except (ConfigError, DataError) as err:
         fail(str(err), EXIT_BAD_INPUT)
     except CheckpointError as err:
         fail(str(err), EXIT_CHECKPOINT_FAILED)
     except KeyboardInterrupt:  # a second Ctrl-C
         fail("stopped by a second Ctrl-C: nothing was saved since the last checkpoint", Ending.INTERRUPTED)
-    finally:
+    finally:  # reached with an unexpected error, whose traceback follows
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-    sys.exit(ending)
 
 
 if __name__ == "__main__":

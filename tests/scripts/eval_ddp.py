@@ -10,6 +10,7 @@ from pathlib import Path
 from accelerate import Accelerator
 
 from vaegan_dist.evaluation import evaluate_distributed
+from vaegan_dist.exits import leave
 from vaegan_dist.export import load_networks
 
 NUM_SAMPLES = 203  # odd: the second process's share is padded
@@ -24,7 +25,7 @@ def main(directory: str, out: str) -> None:
     else:
         assert scores == {}, scores
     accelerator.wait_for_everyone()
-    accelerator.end_training()  # ends the process group: without it gloo may abort at exit
+    leave(0)  # as train.py ends: the process group destroyed, then os._exit
 
 
 if __name__ == "__main__":
