@@ -144,9 +144,9 @@ def test_outputs_that_cannot_be_written_are_one_line_errors(exported, tmp_path, 
 
 # ------------------------------------------------------------------------------------------- settings
 
-FLOAT_SETTINGS = ["gamma", "beta", "kl_weight", "pixel_weight", "dropout", "encoder_dropout", "decoder_dropout",
-                  "discriminator_dropout", "lr",
-                  "discriminator_lr_scale", "adam_beta1", "adam_beta2", "lr_decay_start", "ema_decay", "wandb_timeout"]
+FLOAT_SETTINGS = ["gamma", "beta", "kl_weight", "pixel_weight", "prior_match_weight", "dropout", "encoder_dropout",
+                  "decoder_dropout", "discriminator_dropout", "lr", "discriminator_lr_scale", "adam_beta1",
+                  "adam_beta2", "lr_decay_start", "ema_decay", "wandb_timeout"]
 
 
 def test_every_float_setting_is_listed_here():

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import vaegan_dist.step as step_module
 from tests import forked
 from tests.conftest import tiny_config, tiny_flags
+from vaegan_dist.losses import prior_mismatch
 from vaegan_dist.models import Networks, build_models
 from vaegan_dist.step import (
     NON_FINITE_UPDATE,
@@ -64,6 +65,8 @@ def reference_gradients(encoder, decoder, discriminator, x, eps, z_p, config):
     mu, logvar = encoder(x)
     z = mu + eps * torch.exp(0.5 * logvar)
     _, dec_loss, enc_loss = losses(decoder(z), decoder(z_p), mu, logvar)
+    mismatch = z.mean(dim=0) ** 2 + (torch.var(z, dim=0, correction=0) - 1) ** 2  # the batch against N(0, I)
+    enc_loss = enc_loss + config.prior_match_weight * mismatch.mean()
     g_enc = torch.autograd.grad(enc_loss, list(encoder.parameters()), retain_graph=True)
     g_dec = torch.autograd.grad(dec_loss, list(decoder.parameters()))
 
@@ -75,7 +78,7 @@ def reference_gradients(encoder, decoder, discriminator, x, eps, z_p, config):
     return {"encoder": g_enc, "decoder": g_dec, "discriminator": g_dis}
 
 
-AUTOENCODER_TERMS = {"kl_weight": 30.0, "pixel_weight": 7.0, "normalise_similarity": True}
+AUTOENCODER_TERMS = {"kl_weight": 30.0, "pixel_weight": 7.0, "normalise_similarity": True, "prior_match_weight": 3.0}
 
 
 @pytest.mark.parametrize("similarity", ["logit", "hidden"])
@@ -125,14 +128,28 @@ def test_autoencoder_terms_are_logged_and_weighted_as_documented():
     networks = [net.double() for net in build_models(tiny_config(dropout=0.0))]
     design = routed_gradients(*networks, x, eps, z_p, tiny_config(dropout=0.0)).terms
     terms = routed_gradients(*networks, x, eps, z_p, tiny_config(dropout=0.0, **AUTOENCODER_TERMS)).terms
-    # The same pass: kld and the pixel error do not depend on the settings; rec is divided by mean(Dis_l(x)²).
+    # The same pass: kld, the pixel error and the prior mismatch do not depend on the settings; rec is divided by
+    # mean(Dis_l(x)²).
     assert terms.kld == design.kld and terms.pixel == design.pixel > 0 and terms.dis_l_power == design.dis_l_power
+    assert terms.prior_mismatch == design.prior_mismatch > 0
     # (as tensors: pytest 9.2's approx rejects 0-d tensors)
     torch.testing.assert_close(terms.rec, design.rec / design.dis_l_power, rtol=1e-12, atol=0)
-    torch.testing.assert_close(terms.enc_loss, 30 * terms.kld + 5 * terms.rec + 7 * terms.pixel, rtol=1e-12, atol=0)
+    torch.testing.assert_close(terms.enc_loss, 30 * terms.kld + 5 * terms.rec + 7 * terms.pixel
+                               + 3 * terms.prior_mismatch, rtol=1e-12, atol=0)
     torch.testing.assert_close(terms.dec_loss, 25 * terms.rec + terms.gen_loss + 7 * terms.pixel, rtol=1e-12, atol=0)
     assert design.enc_loss == design.kld + 5 * design.rec  # the design, bit for bit
     assert design.dec_loss == 25 * design.rec + design.gen_loss
+
+
+def test_prior_mismatch_is_zero_for_the_prior_and_grows_with_a_shifted_or_narrow_batch():
+    z = torch.randn(200_000, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert prior_mismatch(z) < 1e-4
+    # mean over dims of m² + (v − 1)²: a shift of 0.5 in every dimension adds 0.25; a spread of 0.5 adds (0.25 − 1)².
+    torch.testing.assert_close(prior_mismatch(z + 0.5), torch.tensor(0.25, dtype=z.dtype), rtol=0, atol=1e-2)
+    torch.testing.assert_close(prior_mismatch(0.5 * z), torch.tensor(0.5625, dtype=z.dtype), rtol=0, atol=1e-2)
+    one = torch.zeros(1, 4, requires_grad=True)  # one image per process: defined, with a finite gradient
+    prior_mismatch(one).backward()
+    assert prior_mismatch(one.detach()) == 1 and torch.isfinite(one.grad).all()
 
 
 def test_routed_gradients_are_left_in_grad_and_replace_old_ones():

@@ -55,13 +55,16 @@ class TrainConfig:
                                      "layer (the paper)")
     generator_loss: GeneratorLoss = setting("non_saturating", "the decoder's GAN term: minimax (−dis_loss, the "
                                             "design) or non_saturating")
-    # The autoencoder's terms (the design: 1, 0, off); see README, "What one step computes"
+    # The autoencoder's terms (the design: 1, 0, off, 0); see README, "What one step computes"
     kl_weight: float = setting(1.0, "multiplies the KL divergence, which the design divides by B·784 (784 weighs "
                                "each image's KL in full)")
     pixel_weight: float = setting(0.0, "weight of mean((x̃ − x)²) on [-1, 1] pixels in the encoder's and the "
                                   "decoder's loss (never the discriminator's)")
     normalise_similarity: bool = setting(False, "divide rec by mean(Dis_l(x)²), detached, so that it does not "
                                          "grow as the discriminator's features sharpen")
+    prior_match_weight: float = setting(0.0, "weight, in the encoder's loss, of how far the batch's codes are from "
+                                        "N(0, I) in each dimension's mean and variance (holds the aggregate "
+                                        "posterior near the prior)")
     # Networks
     latent_dim: int = setting(20, "size of z")
     hidden_dim: int = setting(1024, "width of the encoder's and decoder's hidden layers, and the discriminator's "
@@ -140,7 +143,7 @@ class TrainConfig:
         _require("cpu_threads", self.cpu_threads is None or self.cpu_threads <= MAX_CPU_THREADS,
                  f"must be at most {MAX_CPU_THREADS}")
         _require("wandb_timeout", self.wandb_timeout <= MAX_WANDB_TIMEOUT, f"must be at most {MAX_WANDB_TIMEOUT:g} s")
-        for key in ("kl_weight", "pixel_weight"):
+        for key in ("kl_weight", "pixel_weight", "prior_match_weight"):
             _require(key, getattr(self, key) >= 0, "must be 0 or more")
         for key in ("adam_beta1", "adam_beta2", "ema_decay", "lr_decay_start"):
             _require(key, 0 <= getattr(self, key) < 1, "must be in [0, 1)")

@@ -8,8 +8,12 @@ Notation: x real images, x̃ = Dec(z) with z ~ q(z | x), x_p = Dec(z_p) with z_p
   dec_loss = γ·rec + λ_pix·pixel − dis_loss                       (minimax, the design)
            = γ·rec + λ_pix·pixel + BCE(D(x̃), 1) + BCE(D(x_p), 1)  (non_saturating)
   kld      = −½·Σ(1 + log σ² − μ² − σ²) / (B·784)
-  enc_loss = λ_KL·kld + β·rec + λ_pix·pixel
-with λ_KL = kl_weight (1 in the design) and λ_pix = pixel_weight (0 in the design); sg is stop-gradient.
+  mismatch = mean over dims d of m_d² + (v_d − 1)², m_d and v_d the mean and variance of z_d over the batch
+  enc_loss = λ_KL·kld + β·rec + λ_pix·pixel + λ_prior·mismatch
+with λ_KL = kl_weight (1 in the design), λ_pix = pixel_weight and λ_prior = prior_match_weight (0 in the design);
+sg is stop-gradient. mismatch is 0 when the batch's codes have the prior's first two moments: where the KL holds
+each image's posterior near N(0, I), it holds the aggregate posterior, what the decoder sees, near what samples
+draw from.
 λ_KL = 784 weighs each image's KL in full against the per-pixel means; λ_KL = 1 with λ_pix = 1/(2s²) alone is
 a Gaussian VAE with pixel variance s² (on [-1, 1] pixels).
 """
@@ -35,6 +39,7 @@ class LossTerms:
     kld: Tensor  # unweighted: enc_loss holds kl_weight·kld
     rec: Tensor  # the similarity term of enc_loss and dec_loss (normalised when normalise_similarity)
     pixel: Tensor  # mean((x̃ − x)²) on [-1, 1] pixels; in the losses only when pixel_weight > 0
+    prior_mismatch: Tensor  # the batch's codes against N(0, I) in mean and variance; in enc_loss only when weighed
     dis_l_power: Tensor  # mean(Dis_l(x)²), the scale of the similarity features (rec's divisor when normalised)
     dis_real_loss: Tensor  # BCE(D(x), 1)
     dis_recon_loss: Tensor  # BCE(D(x̃), 0)
@@ -66,6 +71,14 @@ def kl_divergence(mu: Tensor, logvar: Tensor) -> Tensor:
     return -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp()) / (mu.shape[0] * IMAGE_PIXELS)
 
 
+def prior_mismatch(z: Tensor) -> Tensor:
+    """mean_d(m_d² + (v_d − 1)²): the batch's codes z (B, latent_dim) against N(0, I) in each dimension's mean
+    m_d and variance v_d (over the batch, uncorrected: defined, with finite gradients, for any B)."""
+    mean = z.mean(dim=0)
+    variance = (z - mean).pow(2).mean(dim=0)
+    return (mean.pow(2) + (variance - 1).pow(2)).mean()
+
+
 def bce_with_logits(logits: Tensor, target: float) -> Tensor:
     """Mean binary cross-entropy of sigmoid(logits) against a constant label."""
     return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, target))
@@ -83,6 +96,15 @@ def pixel_error(fake: Tensor, real: Tensor) -> Tensor:
     return (fake - real).pow(2).mean()
 
 
+def generator_term(logit_x_tilde: Tensor, logit_x_p: Tensor, dis_loss: Tensor, generator_loss: str) -> Tensor:
+    """The decoder's adversarial term: −dis_loss (minimax), or BCE(D(x̃), 1) + BCE(D(x_p), 1) (non_saturating)."""
+    if generator_loss == "minimax":
+        return -dis_loss
+    if generator_loss == "non_saturating":
+        return bce_with_logits(logit_x_tilde, 1.0) + bce_with_logits(logit_x_p, 1.0)
+    raise ValueError(f"unknown generator_loss {generator_loss!r}")
+
+
 def vaegan_losses(
     mu: Tensor,
     logvar: Tensor,
@@ -95,38 +117,34 @@ def vaegan_losses(
     kl_weight: float = 1.0,
     pixel_weight: float = 0.0,
     normalise_similarity: bool = False,
+    z: Tensor | None = None,
+    prior_match_weight: float = 0.0,
 ) -> LossTerms:
     """All losses from the networks' outputs.
 
     logits: D's logits for (x, x̃, x_p); similarity: Dis_l for (x, x̃); pixels: (x, x̃), needed when
-    pixel_weight > 0 (without them the pixel term is logged as 0). The defaults are the design.
+    pixel_weight > 0 (without them the pixel term is logged as 0); z: the codes x̃ was decoded from, needed when
+    prior_match_weight > 0 (likewise). The defaults are the design.
     """
     logit_x, logit_x_tilde, logit_x_p = (upcast(t) for t in logits)
     dis_l_x, dis_l_x_tilde = (upcast(t) for t in similarity)
-    dis_real = bce_with_logits(logit_x, 1.0)
-    dis_recon = bce_with_logits(logit_x_tilde, 0.0)
-    dis_prior = bce_with_logits(logit_x_p, 0.0)
+    dis_real, dis_recon, dis_prior = (bce_with_logits(logit, label) for logit, label in
+                                      ((logit_x, 1.0), (logit_x_tilde, 0.0), (logit_x_p, 0.0)))
     dis_loss = dis_recon + dis_prior + dis_real
-    if generator_loss == "minimax":
-        gen_loss = -dis_loss
-    elif generator_loss == "non_saturating":
-        gen_loss = bce_with_logits(logit_x_tilde, 1.0) + bce_with_logits(logit_x_p, 1.0)
-    else:
-        raise ValueError(f"unknown generator_loss {generator_loss!r}")
+    gen_loss = generator_term(logit_x_tilde, logit_x_p, dis_loss, generator_loss)
     rec = similarity_error(dis_l_x_tilde, dis_l_x, normalise_similarity)
     kld = kl_divergence(upcast(mu), upcast(logvar))
-    if pixels is None:
-        if pixel_weight:
-            raise ValueError("pixel_weight > 0 needs pixels=(x, x̃)")
-        pixel = rec.new_zeros(())
-    else:
-        x, x_tilde = (upcast(t) for t in pixels)
-        pixel = pixel_error(x_tilde, x)
+    if (pixels is None and pixel_weight) or (z is None and prior_match_weight):
+        raise ValueError("pixel_weight > 0 needs pixels=(x, x̃), and prior_match_weight > 0 needs z")
+    pixel = rec.new_zeros(()) if pixels is None else pixel_error(upcast(pixels[1]), upcast(pixels[0]))
+    mismatch = rec.new_zeros(()) if z is None else prior_mismatch(upcast(z))
     enc_loss = kld + beta * rec if kl_weight == 1 else kl_weight * kld + beta * rec
     dec_loss = gamma * rec + gen_loss
     if pixel_weight:  # added only when on, so that the design's losses stay bit for bit as they were
         enc_loss = enc_loss + pixel_weight * pixel
         dec_loss = dec_loss + pixel_weight * pixel
+    if prior_match_weight:  # likewise
+        enc_loss = enc_loss + prior_match_weight * mismatch
     return LossTerms(
         enc_loss=enc_loss,
         dec_loss=dec_loss,
@@ -134,6 +152,7 @@ def vaegan_losses(
         kld=kld,
         rec=rec,
         pixel=pixel.detach() if not pixel_weight else pixel,
+        prior_mismatch=mismatch.detach() if not prior_match_weight else mismatch,
         dis_l_power=dis_l_x.detach().pow(2).mean(),
         dis_real_loss=dis_real,
         dis_recon_loss=dis_recon,

@@ -43,7 +43,8 @@ def forward_losses(networks: Networks, x: Tensor, eps: Tensor, z_p: Tensor, conf
     return vaegan_losses(mu, logvar, (logit_x, logit_x_tilde, logit_x_p), (dis_l_x, dis_l_x_tilde),
                          config.gamma, config.beta, config.generator_loss, pixels=(x, x_tilde),
                          kl_weight=config.kl_weight, pixel_weight=config.pixel_weight,
-                         normalise_similarity=config.normalise_similarity)
+                         normalise_similarity=config.normalise_similarity, z=z,
+                         prior_match_weight=config.prior_match_weight)
 
 
 def routed_gradients(
