@@ -22,8 +22,9 @@ def test_seed_preset_is_the_design():
     assert all(config.network_dropout(n) == 0.1 for n in ("encoder", "decoder", "discriminator"))
     assert (config.lr, config.adam_beta1, config.adam_beta2) == (1e-4, 0.9, 0.999)
     assert (config.batch_size, config.epochs) == (128, 50)
-    # The design's encoder loss: kld (divided by B·784) + β·rec; no pixel term; rec not normalised.
-    assert (config.kl_weight, config.pixel_weight, config.normalise_similarity) == (1.0, 0.0, False)
+    # The design's encoder loss: kld (divided by B·784) + β·rec; no pixel term; rec not normalised; no prior match.
+    assert (config.kl_weight, config.pixel_weight, config.normalise_similarity, config.prior_match_weight) == (
+        1.0, 0.0, False, 0.0)
 
 
 def test_paper_preset_differs_from_the_design_only_in_similarity():
@@ -32,9 +33,8 @@ def test_paper_preset_differs_from_the_design_only_in_similarity():
     assert paper["similarity"] == "hidden"
 
 
-def test_default_is_the_starting_point_with_lr_3e_4_batch_64_sampled_from_the_decoders_moving_average():
-    config = TrainConfig()
-    assert config == TrainConfig.preset("default") == parse_args([])
+def test_samples_first_is_the_starting_point_with_lr_3e_4_batch_64_sampled_from_the_moving_averages():
+    config = TrainConfig.preset("samples_first")
     assert (config.similarity, config.generator_loss, config.gamma, config.lr, config.adam_beta1) == (
         "hidden", "non_saturating", 1.0, 3e-4, 0.5)
     assert config.network_dropout("encoder") == config.network_dropout("decoder") == 0.0
@@ -43,13 +43,15 @@ def test_default_is_the_starting_point_with_lr_3e_4_batch_64_sampled_from_the_de
     assert TrainConfig.preset("seed").ema_decay == TrainConfig.preset("paper").ema_decay == 0.0
 
 
-def test_autoencoder_preset_is_the_default_with_the_autoencoder_terms():
-    default, autoencoder = TrainConfig().to_dict(), TrainConfig.preset("autoencoder").to_dict()
-    assert {k: autoencoder[k] for k in default if default[k] != autoencoder[k]} == {
-        "kl_weight": 10.0, "pixel_weight": 10.0, "normalise_similarity": True}
-    for name in ("seed", "paper", "starting_point", "default"):
+def test_default_is_samples_first_with_the_autoencoder_terms_and_the_other_presets_keep_the_designs():
+    default, samples_first = TrainConfig().to_dict(), TrainConfig.preset("samples_first").to_dict()
+    assert TrainConfig() == TrainConfig.preset("default") == parse_args([])
+    assert {k: default[k] for k in default if default[k] != samples_first[k]} == {
+        "kl_weight": 10.0, "pixel_weight": 10.0, "normalise_similarity": True, "prior_match_weight": 10.0}
+    for name in ("seed", "paper", "starting_point", "samples_first"):
         config = TrainConfig.preset(name)
-        assert (config.kl_weight, config.pixel_weight, config.normalise_similarity) == (1.0, 0.0, False)
+        assert (config.kl_weight, config.pixel_weight, config.normalise_similarity, config.prior_match_weight) == (
+            1.0, 0.0, False, 0.0)
 
 
 def test_seed_networks_have_the_design_layer_shapes():

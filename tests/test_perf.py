@@ -84,14 +84,15 @@ def sliced_step(networks: Networks, x, eps, z_p, config: TrainConfig) -> dict[st
     terms = vaegan_losses(mu, logvar, (logit_x, logit_x_tilde, logit_x_p), (dis_l_x, dis_l_x_tilde),
                           config.gamma, config.beta, config.generator_loss, pixels=(x, x_tilde),
                           kl_weight=config.kl_weight, pixel_weight=config.pixel_weight,
-                          normalise_similarity=config.normalise_similarity)
+                          normalise_similarity=config.normalise_similarity, z=z,
+                          prior_match_weight=config.prior_match_weight)
     params = {name: list(net.parameters()) for name, net in networks._asdict().items()}
     for name, loss in zip(Networks._fields, (terms.enc_loss, terms.dec_loss, terms.dis_loss), strict=True):
         loss.backward(inputs=params[name], retain_graph=True)
     return {name: [p.grad for p in ps] for name, ps in params.items()}
 
 
-@pytest.mark.parametrize("preset", ["seed", "paper", "starting_point", "autoencoder"])
+@pytest.mark.parametrize("preset", ["seed", "paper", "starting_point", "default"])
 def test_minimal_products_are_what_autograd_multiplies_with_each_batch_alone(preset):
     """The derivation checked by autograd: with each batch through each network on its own, the routed backward
     passes multiply exactly minimal_products (torch's FLOP counter), and give our step's gradients."""

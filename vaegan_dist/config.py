@@ -56,13 +56,13 @@ class TrainConfig:
     generator_loss: GeneratorLoss = setting("non_saturating", "the decoder's GAN term: minimax (−dis_loss, the "
                                             "design) or non_saturating")
     # The autoencoder's terms (the design: 1, 0, off, 0); see README, "What one step computes"
-    kl_weight: float = setting(1.0, "multiplies the KL divergence, which the design divides by B·784 (784 weighs "
+    kl_weight: float = setting(10.0, "multiplies the KL divergence, which the design divides by B·784 (784 weighs "
                                "each image's KL in full)")
-    pixel_weight: float = setting(0.0, "weight of mean((x̃ − x)²) on [-1, 1] pixels in the encoder's and the "
+    pixel_weight: float = setting(10.0, "weight of mean((x̃ − x)²) on [-1, 1] pixels in the encoder's and the "
                                   "decoder's loss (never the discriminator's)")
-    normalise_similarity: bool = setting(False, "divide rec by mean(Dis_l(x)²), detached, so that it does not "
+    normalise_similarity: bool = setting(True, "divide rec by mean(Dis_l(x)²), detached, so that it does not "
                                          "grow as the discriminator's features sharpen")
-    prior_match_weight: float = setting(0.0, "weight, in the encoder's loss, of how far the batch's codes are from "
+    prior_match_weight: float = setting(10.0, "weight, in the encoder's loss, of how far the batch's codes are from "
                                         "N(0, I) in each dimension's mean and variance (holds the aggregate "
                                         "posterior near the prior)")
     # Networks
@@ -200,24 +200,28 @@ class TrainConfig:
         return self.global_batch_size // num_processes
 
 
+# The design's encoder loss: the KL divided by B·784, no pixel term, rec as it is, no prior match.
+DESIGN_TERMS: dict[str, Any] = dict(kl_weight=1.0, pixel_weight=0.0, normalise_similarity=False, prior_match_weight=0.0)
+
 PRESETS: dict[str, dict[str, Any]] = {
     # The project's design, exactly: logit similarity, minimax decoder loss, dropout 0.1 everywhere.
     "seed": dict(gamma=25.0, beta=5.0, similarity="logit", generator_loss="minimax", dropout=0.1,
                  encoder_dropout=None, decoder_dropout=None, discriminator_dropout=None,
-                 lr=1e-4, adam_beta1=0.9, adam_beta2=0.999, ema_decay=0.0, batch_size=128),
+                 lr=1e-4, adam_beta1=0.9, adam_beta2=0.999, ema_decay=0.0, batch_size=128, **DESIGN_TERMS),
     # The design with the paper's learned similarity: a hidden layer of the discriminator.
     "paper": dict(gamma=25.0, beta=5.0, similarity="hidden", generator_loss="minimax", dropout=0.1,
                   encoder_dropout=None, decoder_dropout=None, discriminator_dropout=None,
-                  lr=1e-4, adam_beta1=0.9, adam_beta2=0.999, ema_decay=0.0, batch_size=128),
+                  lr=1e-4, adam_beta1=0.9, adam_beta2=0.999, ema_decay=0.0, batch_size=128, **DESIGN_TERMS),
     # Trains legible digits once gradients are routed correctly: hidden-layer similarity, non-saturating
     # decoder loss, γ = 1, Adam(2e-4, β1 = 0.5), batch 128, no dropout in the encoder and decoder (see README).
-    "starting_point": dict(lr=2e-4, ema_decay=0.0, batch_size=128),
-    # The starting point with lr 3e-4 and batch 64 (twice the steps in the same epochs), sampled from the
-    # decoder's moving average: under half its classifier-FID after 50 epochs (README, Results).
+    "starting_point": dict(lr=2e-4, ema_decay=0.0, batch_size=128, **DESIGN_TERMS),
+    # The default up to version 0.3: the starting point with lr 3e-4 and batch 64, sampled from the moving
+    # averages. Good samples (classifier-FID 4.69), but an encoder that does not autoencode (README, Results).
+    "samples_first": dict(DESIGN_TERMS),
+    # samples_first with the autoencoder's terms (issue #20): the KL weighed 10× the design's, a pixel term
+    # 10·mean((x̃ − x)²) beside the learned similarity, rec normalised by mean(Dis_l(x)²), and the batch's codes
+    # held to N(0, I)'s mean and variance (10·mismatch): as good samples, and faithful reconstructions.
     "default": {},
-    # The default with an encoder that autoencodes (issue #20): the KL weighed 10× the design's, a pixel term
-    # 10·mean((x̃ − x)²) beside the learned similarity, and rec normalised by mean(Dis_l(x)²) (README, Results).
-    "autoencoder": dict(kl_weight=10.0, pixel_weight=10.0, normalise_similarity=True),
 }
 DEFAULT_PRESET = "default"
 FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(TrainConfig))
