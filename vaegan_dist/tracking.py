@@ -196,7 +196,7 @@ class Tracker:
                 self._run.mark_preempting()
             self._run.finish(exit_code=self._exit_code)
             # finish() returns before W&B's service has written the run's last records; its teardown waits for
-            # them, here within the timeout rather than in an exit hook (which leave() skips) without one.
+            # them: here, within the timeout, as no exit hook will (exits.leave skips them).
             wandb.teardown()
         except Exception as err:
             self._warn(f"W&B could not finish the run ({_first_line(err)})")

@@ -468,7 +468,7 @@ def main(argv: list[str] | None = None) -> None:
         fail(str(err), EXIT_CHECKPOINT_FAILED)
     except KeyboardInterrupt:  # a second Ctrl-C
         fail("stopped by a second Ctrl-C: nothing was saved since the last checkpoint", Ending.INTERRUPTED)
-    finally:  # reached with an unexpected error, whose traceback follows
+    finally:  # with a process group here, leave() did not run: an unexpected error, whose traceback follows
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
