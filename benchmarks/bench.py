@@ -5,7 +5,8 @@
 
 Rows of the table:
   ours      train.py end to end (its own images/s in metrics.jsonl), for each precision, process count and
-            torch.compile setting; 2 processes are launched with `accelerate launch` (gloo on the CPU)
+            torch.compile setting; 2 processes are launched with `accelerate launch` (gloo on the CPU), once for
+            each --gradient-allreduce precision asked for (--allreduce; fp32 alone unless told)
   baseline  benchmarks/baseline.py: the design's loop as a user writes it (torchvision, five discriminator calls)
   ceiling   torch.mm on the matrices of our step's layers at this batch, at the machine's measured rate
   mm1024    the best rate of a (r × 1024) @ (1024 × 1024) torch.mm over a few row counts r (--mm-rows)
@@ -44,6 +45,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -252,6 +254,19 @@ class Contention:
                 return
 
 
+class OursRun(NamedTuple):
+    """One train.py configuration of the table's `ours` rows."""
+
+    precision: str
+    processes: int
+    compile: bool
+    allreduce: str  # --gradient-allreduce: fp32 (the math) or bf16; only several processes take bf16
+
+    @property
+    def key(self) -> str:
+        return f"ours {self.precision} {self.processes} {self.compile} {self.allreduce}"
+
+
 def size_flags(args: argparse.Namespace) -> list[str]:
     return ["--preset", args.preset, "--hidden-dim", str(args.hidden_dim), "--depth", str(args.depth),
             "--latent-dim", str(args.latent_dim), "--batch-size", str(args.batch_size)]
@@ -272,14 +287,15 @@ def run(command: list[str], device: torch.device, what: str) -> str:
     return result.stdout
 
 
-def measure_ours(args: argparse.Namespace, precision: str, processes: int, compile: bool,
-                 device: torch.device, workdir: Path) -> list[float]:
+def measure_ours(args: argparse.Namespace, ours: OursRun, device: torch.device, workdir: Path) -> list[float]:
     """images/s of each timed window of one train.py run (all processes together)."""
+    precision, processes, compile = ours.precision, ours.processes, ours.compile
     output_dir = Path(tempfile.mkdtemp(dir=workdir))
     steps = args.window * (args.windows + 1)
     flags = [*size_flags(args), "--max-steps", str(steps), "--log-every", str(args.window),
              "--save-every", str(steps), "--resume", "none", "--output-dir", str(output_dir),
              "--mixed-precision", PRECISIONS[precision][0], "--compile" if compile else "--no-compile",
+             "--gradient-allreduce", ours.allreduce,
              # only the step is timed: see the module's docstring
              "--eval-samples", "0", "--wandb", "disabled", "--image-every", str(steps), "--ema-decay", "0"]
     if processes == 1:
@@ -288,7 +304,7 @@ def measure_ours(args: argparse.Namespace, precision: str, processes: int, compi
         command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
                    str(processes), "--num_machines", "1", "--main_process_port", "0", "--mixed_precision",
                    PRECISIONS[precision][0], "--dynamo_backend", "no", str(REPO / "train.py"), *flags]
-    run(command, device, f"train.py ({precision}, {processes} processes, compile {compile})")
+    run(command, device, f"train.py ({run_name(ours._asdict())})")
     records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
     return [r["images_per_s"] for r in records[1:]]  # the first window is warm-up (and compilation)
 
@@ -334,6 +350,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--processes", default=None, help="process counts of ours (default: 1,2 on the CPU, "
                         "1 and the GPU count on GPUs)")
     parser.add_argument("--compile", default="off,on", help="torch.compile settings of ours")
+    parser.add_argument("--allreduce", default="fp32", help="--gradient-allreduce precisions of ours with several "
+                        "processes (fp32,bf16: both)")
     parser.add_argument("--min-time", type=float, default=0.2, help="seconds per matrix-product timing")
     parser.add_argument("--mm-rows", type=lambda text: tuple(int(r) for r in text.split(",")),
                         default=ROWS, help="row counts r of the (r × 1024) @ (1024 × 1024) products whose best "
@@ -354,8 +372,9 @@ def main() -> None:
         torch.set_num_threads(len(os.sched_getaffinity(0)))
     gpus = torch.cuda.device_count()
     processes = [int(n) for n in (args.processes or ("1,2" if device.type == "cpu" else f"1,{gpus}")).split(",")]
-    ours_runs = [(precision, n, compile == "on") for compile in args.compile.split(",")
-                 for precision in args.precisions.split(",") for n in dict.fromkeys(processes)]
+    ours_runs = [OursRun(precision, n, compile == "on", allreduce) for compile in args.compile.split(",")
+                 for precision in args.precisions.split(",") for n in dict.fromkeys(processes)
+                 for allreduce in (args.allreduce.split(",") if n > 1 else ["fp32"])]
     config = TrainConfig.preset(args.preset, hidden_dim=args.hidden_dim, depth=args.depth,
                                 latent_dim=args.latent_dim)
     products = step_products(config, args.batch_size)
@@ -403,7 +422,7 @@ class Measured:
 
 
 def measure_all(args: argparse.Namespace, device: torch.device, products: list[MatrixProduct],
-                flops: dict[str, float], ours_runs: list[tuple[str, int, bool]]) -> Measured:
+                flops: dict[str, float], ours_runs: list[OursRun]) -> Measured:
     """All measurements, in interleaved rounds: the two ceilings of each precision, the baseline, our runs."""
     measured, contention = Measured({}, {}, [os.getloadavg()[0]]), Contention()
 
@@ -423,9 +442,8 @@ def measure_all(args: argparse.Namespace, device: torch.device, products: list[M
                 measure(f"mm1024 {precision}", lambda dtype=dtype: [
                     matmul_1024_rate(dtype, device, args.min_time, args.mm_rows) / flops["minimal"]])
             measure("baseline fp32", lambda: measure_baseline(args, device))
-            for precision, n, compile in ours_runs:
-                measure(f"ours {precision} {n} {compile}", lambda precision=precision, n=n, compile=compile:
-                        measure_ours(args, precision, n, compile, device, Path(tmp)))
+            for ours in ours_runs:
+                measure(ours.key, lambda ours=ours: measure_ours(args, ours, device, Path(tmp)))
             measured.loads.append(os.getloadavg()[0])
             print(f"round {round_index + 1}/{args.rounds} done, 1-minute load average {measured.loads[-1]:.2f}",
                   flush=True)
@@ -433,19 +451,21 @@ def measure_all(args: argparse.Namespace, device: torch.device, products: list[M
 
 
 def table_rows(measured: Measured, args: argparse.Namespace, flops: dict[str, float],
-               ours_runs: list[tuple[str, int, bool]]) -> list[dict]:
+               ours_runs: list[OursRun]) -> list[dict]:
     """One row per measurement, each figure the median of its samples, in both counts: the step's FLOPs against
     the ceiling of the step's products, the minimal FLOPs against the 1024-wide product's (each ceiling row in
     its own count only)."""
     images_per_s = {key: statistics.median(values) for key, values in measured.samples.items()}
     baseline = images_per_s["baseline fp32"]
 
-    def row(name: str, precision: str, processes: int | None, compile: bool | None, key: str) -> dict:
+    def row(name: str, precision: str, processes: int | None, compile: bool | None, key: str,
+            allreduce: str | None = None) -> dict:
         value = images_per_s[key]
         counts = {"ceiling": {"step"}, "mm1024": {"minimal"}}.get(name, {"step", "minimal"})
         ceiling, mm1024 = images_per_s.get(f"ceiling {precision}"), images_per_s.get(f"mm1024 {precision}")
         return {"run": name, "precision": precision, "processes": processes, "compile": compile,
-                "images_per_s": value, "step_time_ms": 1e3 * args.batch_size * (processes or 1) / value,
+                "allreduce": allreduce, "images_per_s": value,
+                "step_time_ms": 1e3 * args.batch_size * (processes or 1) / value,
                 "gflop_per_s": value * flops["step"] / 1e9 if "step" in counts else None,
                 "fraction_of_ceiling": value / ceiling if ceiling and "step" in counts else None,
                 "minimal_gflop_per_s": value * flops["minimal"] / 1e9 if "minimal" in counts else None,
@@ -456,7 +476,7 @@ def table_rows(measured: Measured, args: argparse.Namespace, flops: dict[str, fl
     precisions = args.precisions.split(",")
     rows = [row(name, p, None, None, f"{name} {p}") for name in ("ceiling", "mm1024") for p in precisions]
     rows.append(row("baseline", "fp32", 1, False, "baseline fp32"))
-    return rows + [row("ours", p, n, c, f"ours {p} {n} {c}") for p, n, c in ours_runs]
+    return rows + [row("ours", *ours[:3], ours.key, ours.allreduce) for ours in ours_runs]
 
 
 def targets(rows: list[dict], device: torch.device) -> list[dict]:
@@ -464,7 +484,7 @@ def targets(rows: list[dict], device: torch.device) -> list[dict]:
     by (step: our step's FLOPs; minimal: minimal_products'; images: images/s alone) and its printed line."""
     def best(precision: str, processes: int) -> dict | None:
         candidates = [r for r in rows if r["run"] == "ours" and r["precision"] == precision
-                      and r["processes"] == processes]
+                      and r["processes"] == processes and r["allreduce"] == "fp32"]
         return max(candidates, key=lambda r: r["images_per_s"], default=None)
 
     verdicts = []
@@ -486,13 +506,13 @@ def targets(rows: list[dict], device: torch.device) -> list[dict]:
                                     f"minimal FLOPs: {percent} of the {precision} ceiling (target 80%)",
                                     r["fraction_of_mm1024"] >= 0.8, run_name(r)))
     for one in (r for r in rows if r["run"] == "ours" and r["processes"] == 1):
-        two = [r for r in rows if r["run"] == "ours" and r["processes"] == 2 and r["precision"] == one["precision"]
-               and r["compile"] == one["compile"]]
-        if two and device.type == "cpu":
-            ratio = two[0]["images_per_s"] / one["images_per_s"]
+        # Each averaging precision of the 2-process runs (bf16 averaging, a change of the math, is named in the run)
+        for two in (r for r in rows if r["run"] == "ours" and r["processes"] == 2 and device.type == "cpu"
+                    and r["precision"] == one["precision"] and r["compile"] == one["compile"]):
+            ratio = two["images_per_s"] / one["images_per_s"]
             verdicts.append(verdict("images", "2 processes at 90% of 1 process's images/s or more",
                                     f"{100 * ratio:.0f}%", f"2 processes: {100 * ratio:.0f}% of 1 process "
-                                    "(target 90%)", ratio >= 0.9, run_name(two[0], processes=False)))
+                                    "(target 90%)", ratio >= 0.9, run_name(two, processes=False)))
     if device.type == "cuda" and (r := best("bf16", 1)):
         verdicts.append(verdict("images", "200,000 images/s or more on one GPU", f"{r['images_per_s']:,.0f}",
                                 f"{r['images_per_s']:,.0f} images/s on one GPU (target 200,000)",
@@ -506,7 +526,8 @@ def targets(rows: list[dict], device: torch.device) -> list[dict]:
 
 def run_name(r: dict, processes: bool = True) -> str:
     count = f"{r['processes']} process{'es' if r['processes'] > 1 else ''}, " if processes else ""
-    return f"{r['precision']}, {count}compile {'on' if r['compile'] else 'off'}"
+    averaging = f", {r['allreduce']} gradient averaging" if r.get("allreduce") not in (None, "fp32") else ""
+    return f"{r['precision']}, {count}compile {'on' if r['compile'] else 'off'}{averaging}"
 
 
 def verdict(count: str, target: str, figure: str, line: str, met: bool, run: str) -> dict:
@@ -530,9 +551,9 @@ def print_verdicts(verdicts: list[dict], flops: dict[str, float], mm_rows: tuple
 def format_table(rows: list[dict]) -> str:
     """Both counts: GFLOP/s by our step's FLOPs and its fraction of the ceiling of the step's products; by the
     minimal FLOPs and its fraction of the 1024-wide product's (blank where a ceiling row is of the other)."""
-    lines = ["| run | precision | processes | compile | images/s | step ms | GFLOP/s | of ceiling | minimal GFLOP/s "
-             "| of 1024 mm | × baseline |",
-             "| --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| run | precision | processes | compile | allreduce | images/s | step ms | GFLOP/s | of ceiling "
+             "| minimal GFLOP/s | of 1024 mm | × baseline |",
+             "| --- | --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
 
     def cell(value: float | None, spec: str) -> str:
         return "" if value is None else format(value, spec)
@@ -540,7 +561,9 @@ def format_table(rows: list[dict]) -> str:
     for r in rows:
         processes = "" if r["processes"] is None else str(r["processes"])
         compile = "" if r["compile"] is None else ("on" if r["compile"] else "off")
-        lines.append(f"| {r['run']} | {r['precision']} | {processes} | {compile} | {r['images_per_s']:,.0f} | "
+        allreduce = r["allreduce"] if r["allreduce"] and r["processes"] > 1 else ""
+        lines.append(f"| {r['run']} | {r['precision']} | {processes} | {compile} | {allreduce} | "
+                     f"{r['images_per_s']:,.0f} | "
                      f"{r['step_time_ms']:.1f} | {cell(r['gflop_per_s'], '.1f')} | "
                      f"{cell(r['fraction_of_ceiling'], '.0%')} | {cell(r['minimal_gflop_per_s'], '.1f')} | "
                      f"{cell(r['fraction_of_mm1024'], '.0%')} | {r['vs_baseline_fp32']:.2f} |")

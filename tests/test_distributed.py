@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from accelerate import Accelerator
 from safetensors.torch import load_file
 
 from tests.conftest import REPO, launch, tiny_config, tiny_flags
@@ -16,6 +17,7 @@ from tests.test_step import adam_for, make_inputs
 from vaegan_dist.losses import LossTerms
 from vaegan_dist.models import Networks, build_models
 from vaegan_dist.step import routed_gradients
+from vaegan_dist.train import train
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +49,26 @@ def test_two_half_batches_average_to_one_whole_batch(ddp_ranks):
             for i, (g, p) in enumerate(zip(grads[name], net.parameters(), strict=True)):
                 torch.testing.assert_close(rank[f"grad.{name}.{i}"], g, rtol=1e-4, atol=1e-7)
                 torch.testing.assert_close(rank[f"step1.{name}.{i}"], p.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_gradients_averaged_in_bf16_with_gradient_allreduce_bf16(ddp_ranks):
+    """Proof 6: with --gradient-allreduce bf16 each averaged gradient is a bf16 number (the fp32 averages of proof 1
+    almost never are), the same on both processes, and the fp32 average to within bf16's rounding."""
+    keys = [k for k in ddp_ranks[0] if k.startswith("bf16_allreduce.")]
+    assert len(keys) == sum(len(list(net.parameters())) for net in build_models(tiny_config()))
+    for key in keys:
+        averaged, fp32_average = ddp_ranks[0][key], ddp_ranks[0][key.replace("bf16_allreduce.", "grad.")]
+        assert averaged.dtype == torch.float32 and torch.equal(averaged, ddp_ranks[1][key]), key
+        assert torch.equal(averaged.bfloat16().float(), averaged), key
+        # Norm-wise: where the processes' gradients nearly cancel, an element's bf16 error is large beside it.
+        assert (averaged - fp32_average).norm() <= 2**-7 * fp32_average.norm(), key
+    assert not all(torch.equal(ddp_ranks[0][k], ddp_ranks[0][k.replace("bf16_allreduce.", "grad.")]) for k in keys)
+
+
+def test_gradient_allreduce_bf16_in_one_process_says_it_does_nothing(tmp_path, capsys):
+    assert train(tiny_config(gradient_allreduce="bf16", max_steps=1, output_dir=str(tmp_path)),
+                 Accelerator(cpu=True)) == 0
+    assert "--gradient-allreduce bf16 has no effect in one process" in " ".join(capsys.readouterr().err.split())
 
 
 def test_replicas_hold_identical_weights_after_k_steps(ddp_ranks):

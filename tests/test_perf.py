@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from benchmarks.baseline import with_torch_dropout
-from benchmarks.bench import executed_flops, minimal_products, step_products
+from benchmarks.bench import executed_flops, format_table, minimal_products, step_products, targets
 from tests.conftest import REPO, tiny_config, tiny_flags
 from vaegan_dist.checkpoint import AVERAGE_FILES, Checkpoint, checkpoints_dir, newest_complete
 from vaegan_dist.config import TrainConfig
@@ -190,6 +190,20 @@ def test_bench_quick_writes_its_table_and_json(tmp_path):
         [("step", "fp32 ceiling"), ("minimal", "fp32 ceiling")]
     assert all(v["line"] in result.stdout and isinstance(v["met"], bool) for v in results["targets"])
     assert results["table"] in result.stdout and "load average" in result.stdout
+
+
+def test_bench_judges_each_gradient_averaging_of_two_processes_and_names_bf16():
+    def ours(processes, allreduce, images_per_s):
+        return {"run": "ours", "precision": "fp32", "processes": processes, "compile": False, "allreduce": allreduce,
+                "images_per_s": images_per_s, "step_time_ms": 1.0, "gflop_per_s": None, "fraction_of_ceiling": None,
+                "minimal_gflop_per_s": None, "fraction_of_mm1024": None, "vs_baseline_fp32": 1.0}
+
+    rows = [ours(1, "fp32", 1000.0), ours(2, "fp32", 850.0), ours(2, "bf16", 950.0)]
+    assert [v["line"] for v in targets(rows, torch.device("cpu"))] == [
+        "2 processes: 85% of 1 process (target 90%): missed (fp32, compile off)",
+        "2 processes: 95% of 1 process (target 90%): met (fp32, compile off, bf16 gradient averaging)"]
+    table = format_table(rows).splitlines()
+    assert [line.split(" | ")[4] for line in table[2:]] == ["", "fp32", "bf16"]
 
 
 def test_compiled_networks_train_and_checkpoint_under_their_own_names(tmp_path):

@@ -26,6 +26,7 @@ Similarity = Literal["logit", "hidden"]
 GeneratorLoss = Literal["minimax", "non_saturating"]
 MixedPrecision = Literal["no", "bf16", "fp16"]
 WandbMode = Literal["auto", "online", "offline", "disabled"]
+GradientAllreduce = Literal["fp32", "bf16"]
 
 
 MIN_EVAL_SAMPLES = 4  # precision and recall need k + 1 = 4 samples
@@ -114,6 +115,9 @@ class TrainConfig:
     cpu_threads: int | None = setting(None, "threads per process on the CPU (none: the cores divided among this "
                                       "machine's processes)")
     compile: bool = setting(False, "torch.compile the three networks (slow to start)")
+    gradient_allreduce: GradientAllreduce = setting("fp32", "the precision in which DDP averages gradients over "
+                                                    "processes; bf16 sends half the bytes but rounds each averaged "
+                                                    "gradient to 8 significant bits (a change of the math)")
     cuda_graphs: bool = setting(False, "capture the whole step in one CUDA graph and replay it: one launch a step "
                                 "instead of some 200 (one CUDA process; not with fp16 or --compile)")
     # Evaluation and W&B

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import DDPCommunicationHookType, DistributedDataParallelKwargs, gather_object, set_seed
 from torch import Tensor
 
 from vaegan_dist.checkpoint import (
@@ -139,7 +139,18 @@ def open_run(config: TrainConfig, accelerator: Accelerator, console: Console) ->
                           "--output-dir") from None
     if config.mixed_precision == "fp16" and accelerator.scaler is None:
         console.warn("fp16 needs a GPU; Accelerate runs fp32 here. Use --mixed-precision bf16.")
+    if config.gradient_allreduce != "fp32" and accelerator.num_processes == 1:
+        console.warn(f"--gradient-allreduce {config.gradient_allreduce} has no effect in one process: there is "
+                     "nothing to average")
     return output_dir, checkpoint
+
+
+def make_accelerator(config: TrainConfig) -> Accelerator:
+    """The run's Accelerator: its mixed precision, and DDP averaging gradients in --gradient-allreduce's precision
+    (torch's bf16_compress_hook: each process's gradient cast to bf16 and divided, summed in bf16, cast back)."""
+    hook = {"fp32": DDPCommunicationHookType.NO, "bf16": DDPCommunicationHookType.BF16}[config.gradient_allreduce]
+    return Accelerator(mixed_precision=config.mixed_precision,
+                       kwargs_handlers=[DistributedDataParallelKwargs(comm_hook=hook)])
 
 
 def build_networks(config: TrainConfig, accelerator: Accelerator) -> tuple[Networks, Networks, Networks]:
@@ -454,7 +465,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(EXIT_BAD_INPUT)
     try:
         config = parse_args(argv)
-        accelerator = Accelerator(mixed_precision=config.mixed_precision)
+        accelerator = make_accelerator(config)
         with Console(accelerator.is_main_process, accelerator.process_index) as console:
             ending = train(dataclasses.replace(config, mixed_precision=accelerator.mixed_precision), accelerator,
                            console)

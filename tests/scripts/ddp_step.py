@@ -7,6 +7,7 @@
 4. A NaN in rank 1's batch (fp32): whether each process stepped, then one good step, and the weights.
 5. One good step, then an update that overflows (lr 1e39, finite gradients; the good step's bounds carried):
    whether each process stepped, and the weights and Adam states before and after.
+6. Part 1's half batches with --gradient-allreduce bf16 (train.py's Accelerator): the averaged gradients.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from tests.test_step import adam_for, make_inputs
 from vaegan_dist.exits import leave
 from vaegan_dist.models import Networks, build_models
 from vaegan_dist.step import routed_gradients, train_step
+from vaegan_dist.train import make_accelerator
 
 BATCH = 12  # the whole batch of part 1; each process takes half
 
@@ -113,6 +115,15 @@ def main(out_dir: str) -> None:
     result = train_step(networks, optimizers, torch.rand(8, 784) * 2 - 1, config, bounds=first.bounds)
     results["update.stepped"] = torch.tensor(result.stepped)
     results.update({f"update.after.{key}": t for key, t in weights_and_states(networks, optimizers).items()})
+
+    config = tiny_config(dropout=0.0, gradient_allreduce="bf16")
+    set_seed(0)
+    networks, _ = prepared(make_accelerator(config), config)
+    x, eps, z_p = (t[rank * half:(rank + 1) * half] for t in make_inputs(config, dtype=torch.float32))
+    grads = routed_gradients(*networks, x, eps, z_p, config)
+    for name in Networks._fields:
+        for i, g in enumerate(grads[name]):
+            results[f"bf16_allreduce.{name}.{i}"] = g.clone()
 
     save_file(results, f"{out_dir}/rank{rank}.safetensors")
     accelerator.wait_for_everyone()
