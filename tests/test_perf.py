@@ -16,7 +16,7 @@ from benchmarks.bench import executed_flops, format_table, minimal_products, ste
 from tests.conftest import REPO, tiny_config, tiny_flags
 from vaegan_dist.checkpoint import AVERAGE_FILES, Checkpoint, checkpoints_dir, newest_complete
 from vaegan_dist.config import TrainConfig
-from vaegan_dist.cpu import keep_freed_memory
+from vaegan_dist.cpu import cpu_flags, emulates_bf16, keep_freed_memory
 from vaegan_dist.losses import vaegan_losses
 from vaegan_dist.models import Dropout, Networks, build_models
 from vaegan_dist.step import adam_optimizers, routed_gradients
@@ -160,6 +160,26 @@ def test_cpu_setup_flushes_denormals_on_every_thread_of_the_pool():
 
 def test_heap_keeps_freed_memory_on_glibc():
     assert keep_freed_memory() == (platform.libc_ver()[0] == "glibc")
+
+
+@pytest.mark.parametrize(("line", "emulated"), [
+    ("flags\t\t: fpu sse2 avx2 fma", True), ("flags\t\t: fpu avx2 avx512f avx512_bf16", False),
+    ("flags\t\t: fpu avx512f amx_bf16 amx_tile", False), ("Features\t: fp asimd sve bf16 i8mm", False),
+    ("Features\t: fp asimd", True), ("processor\t: 0", False)])  # the last: no flags listed, unknown
+def test_a_cpu_without_bf16_instructions_is_told_from_its_flags(tmp_path, line, emulated):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\n{line}\n\nprocessor\t: 1\nflags\t\t: avx512_bf16\n")
+    assert emulates_bf16(cpu_flags(cpuinfo)) is emulated
+    assert cpu_flags(tmp_path / "absent") is None and not emulates_bf16(None)
+
+
+def test_bf16_training_on_a_cpu_that_emulates_it_says_so(tmp_path):
+    """On this machine, whichever kind it is: the warning comes exactly when its CPU lacks bf16 instructions."""
+    result = subprocess.run([sys.executable, "-m", "vaegan_dist.train", *tiny_flags(max_steps=1, output_dir=tmp_path),
+                             "--mixed-precision", "bf16"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    warned = "this CPU has no bf16 instructions" in " ".join(result.stderr.split())
+    assert warned == emulates_bf16(cpu_flags())
 
 
 def test_bench_quick_writes_its_table_and_json(tmp_path):
