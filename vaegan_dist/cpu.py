@@ -1,4 +1,4 @@
-"""Process settings that training on the CPU needs."""
+"""Process settings that training on the CPU needs, and whether the CPU multiplies bf16 natively."""
 
 from __future__ import annotations
 
