@@ -290,21 +290,20 @@ def run(command: list[str], device: torch.device, what: str) -> str:
 
 def measure_ours(args: argparse.Namespace, ours: OursRun, device: torch.device, workdir: Path) -> list[float]:
     """images/s of each timed window of one train.py run (all processes together)."""
-    precision, processes, compile = ours.precision, ours.processes, ours.compile
     output_dir = Path(tempfile.mkdtemp(dir=workdir))
     steps = args.window * (args.windows + 1)
     flags = [*size_flags(args), "--max-steps", str(steps), "--log-every", str(args.window),
              "--save-every", str(steps), "--resume", "none", "--output-dir", str(output_dir),
-             "--mixed-precision", PRECISIONS[precision][0], "--compile" if compile else "--no-compile",
+             "--mixed-precision", PRECISIONS[ours.precision][0], "--compile" if ours.compile else "--no-compile",
              "--gradient-allreduce", ours.allreduce,
              # only the step is timed: see the module's docstring
              "--eval-samples", "0", "--wandb", "disabled", "--image-every", str(steps), "--ema-decay", "0"]
-    if processes == 1:
+    if ours.processes == 1:
         command = [sys.executable, str(REPO / "train.py"), *flags]
     else:
         command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-                   str(processes), "--num_machines", "1", "--main_process_port", "0", "--mixed_precision",
-                   PRECISIONS[precision][0], "--dynamo_backend", "no", str(REPO / "train.py"), *flags]
+                   str(ours.processes), "--num_machines", "1", "--main_process_port", "0", "--mixed_precision",
+                   PRECISIONS[ours.precision][0], "--dynamo_backend", "no", str(REPO / "train.py"), *flags]
     run(command, device, f"train.py ({run_name(ours._asdict())})")
     records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
     return [r["images_per_s"] for r in records[1:]]  # the first window is warm-up (and compilation)
@@ -367,6 +366,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
                         help="before each measurement, wait up to this long for other programs to leave the CPUs")
     args = parser.parse_args()
+    if unknown := set(args.allreduce.split(",")) - {"fp32", "bf16"}:
+        parser.error(f"--allreduce {args.allreduce}: {', '.join(sorted(unknown))} is not fp32 or bf16")
     if args.quick:
         args.hidden_dim, args.depth, args.latent_dim, args.batch_size = 32, 2, 4, 16
         args.rounds, args.window, args.windows, args.min_time = 1, 2, 2, 0.01
@@ -397,7 +398,8 @@ def main() -> None:
           f"the minimal, what the routed math needs: {flops['minimal'] / 1e6:.2f} M")
     measured = measure_all(args, device, products, flops, ours_runs)
     rows = table_rows(measured, args, flops, ours_runs)
-    table, verdicts = format_table(rows), targets(rows, device)
+    bf16_emulated = device.type == "cpu" and emulates_bf16(cpu_flags())
+    table, verdicts = format_table(rows), targets(rows, device, bf16_emulated)
     shares = [share for values in measured.others.values() for share in values if share is not None]
     loads = measured.loads
     load = {"start": loads[0], "max": max(loads), "end": loads[-1],
@@ -408,7 +410,7 @@ def main() -> None:
           f"{load['end']:.2f} at the end" + (f"; other programs took at most {100 * max(shares):.0f}% of the CPUs "
                                              "during a measurement" if shares else ""))
     output.write_text(json.dumps({
-        "machine": machine, "device": device.type, "torch": torch.__version__,
+        "machine": machine, "device": device.type, "bf16_emulated": bf16_emulated, "torch": torch.__version__,
         "command": " ".join(["python", "benchmarks/bench.py", *sys.argv[1:]]),
         "config": {"preset": args.preset, "hidden_dim": args.hidden_dim, "depth": args.depth,
                    "latent_dim": args.latent_dim, "batch_size": args.batch_size, "rounds": args.rounds,
@@ -484,12 +486,14 @@ def table_rows(measured: Measured, args: argparse.Namespace, flops: dict[str, fl
     precisions = args.precisions.split(",")
     rows = [row(name, p, None, None, f"{name} {p}") for name in ("ceiling", "mm1024") for p in precisions]
     rows.append(row("baseline", "fp32", 1, False, "baseline fp32"))
-    return rows + [row("ours", *ours[:3], ours.key, ours.allreduce) for ours in ours_runs]
+    return rows + [row("ours", ours.precision, ours.processes, ours.compile, ours.key, ours.allreduce)
+                   for ours in ours_runs]
 
 
-def targets(rows: list[dict], device: torch.device) -> list[dict]:
+def targets(rows: list[dict], device: torch.device, bf16_emulated: bool = False) -> list[dict]:
     """The issue's targets that this run's rows can judge, each with what was measured, the count it is judged
-    by (step: our step's FLOPs; minimal: minimal_products'; images: images/s alone) and its printed line."""
+    by (step: our step's FLOPs; minimal: minimal_products'; images: images/s alone) and its printed line.
+    bf16_emulated: the rows come from a CPU without bf16 instructions (its bf16 verdict says so)."""
     def best(precision: str, processes: int) -> dict | None:
         candidates = [r for r in rows if r["run"] == "ours" and r["precision"] == precision
                       and r["processes"] == processes and r["allreduce"] == "fp32"]
@@ -506,7 +510,7 @@ def targets(rows: list[dict], device: torch.device) -> list[dict]:
         verdicts.append(verdict("step", "bf16 at 4× the baseline's fp32 images/s or more", times,
                                 f"bf16: {times} the baseline's images/s (target 4×)", r["vs_baseline_fp32"] >= 4,
                                 run_name(r)))
-    emulated = " (this CPU emulates bf16: the ceiling is the emulation's)" if emulates_bf16(cpu_flags()) else ""
+    emulated = " (this CPU emulates bf16: the ceiling is the emulation's)" if bf16_emulated else ""
     for precision in ("fp32", "bf16"):
         if device.type == "cpu" and (r := best(precision, 1)) and r["fraction_of_mm1024"] is not None:
             percent = f"{100 * r['fraction_of_mm1024']:.0f}%"
@@ -516,8 +520,10 @@ def targets(rows: list[dict], device: torch.device) -> list[dict]:
                                     + (emulated if precision == "bf16" else ""),
                                     r["fraction_of_mm1024"] >= 0.8, run_name(r)))
     for one in (r for r in rows if r["run"] == "ours" and r["processes"] == 1):
+        if device.type != "cpu":
+            continue
         # Each averaging precision of the 2-process runs (bf16 averaging, a change of the math, is named in the run)
-        for two in (r for r in rows if r["run"] == "ours" and r["processes"] == 2 and device.type == "cpu"
+        for two in (r for r in rows if r["run"] == "ours" and r["processes"] == 2
                     and r["precision"] == one["precision"] and r["compile"] == one["compile"]):
             ratio = two["images_per_s"] / one["images_per_s"]
             verdicts.append(verdict("images", "2 processes at 90% of 1 process's images/s or more",

@@ -165,12 +165,17 @@ def test_heap_keeps_freed_memory_on_glibc():
 @pytest.mark.parametrize(("line", "emulated"), [
     ("flags\t\t: fpu sse2 avx2 fma", True), ("flags\t\t: fpu avx2 avx512f avx512_bf16", False),
     ("flags\t\t: fpu avx512f amx_bf16 amx_tile", False), ("Features\t: fp asimd sve bf16 i8mm", False),
-    ("Features\t: fp asimd", True), ("processor\t: 0", False)])  # the last: no flags listed, unknown
+    ("Features\t: fp asimd", True)])
 def test_a_cpu_without_bf16_instructions_is_told_from_its_flags(tmp_path, line, emulated):
     cpuinfo = tmp_path / "cpuinfo"
-    cpuinfo.write_text(f"processor\t: 0\n{line}\n\nprocessor\t: 1\nflags\t\t: avx512_bf16\n")
-    assert emulates_bf16(cpu_flags(cpuinfo)) is emulated
-    assert cpu_flags(tmp_path / "absent") is None and not emulates_bf16(None)
+    cpuinfo.write_text(f"processor\t: 0\n{line}\n\nprocessor\t: 1\nflags\t\t: avx512_bf16 amx_bf16\n")
+    assert emulates_bf16(cpu_flags(cpuinfo)) is emulated  # the first processor's flags decide
+
+
+def test_a_cpu_whose_flags_are_not_listed_is_not_said_to_emulate_bf16(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\n")  # no colon: no flags either
+    assert cpu_flags(cpuinfo) is None and cpu_flags(tmp_path / "absent") is None and not emulates_bf16(None)
 
 
 def test_bf16_training_on_a_cpu_that_emulates_it_says_so(tmp_path):

@@ -32,14 +32,15 @@ def configure_cpu(threads: int | None) -> None:
 
 
 def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str] | None:
-    """The first processor's feature flags (x86's `flags`, Arm's `Features`), or None where Linux does not list
-    them."""
+    """The feature flags of the first processor that lists them (x86's `flags`, Arm's `Features`), or None where
+    none does (not Linux, or no such line)."""
     try:
         lines = cpuinfo.read_text().splitlines()
     except OSError:
         return None
-    return next((set(line.split(":", 1)[1].split()) for line in lines
-                 if line.split(":", 1)[0].strip() in ("flags", "Features")), None)
+    fields = (line.partition(":") for line in lines)
+    return next((set(value.split()) for key, colon, value in fields if colon and key.strip() in ("flags", "Features")),
+                None)
 
 
 def emulates_bf16(flags: set[str] | None) -> bool:
