@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO, tiny_flags
+from vaegan_dist.cpu import cpu_flags, emulates_bf16
 from vaegan_dist.launch_settings import unsupported_launch_setting
 
 BASE = {"compute_environment": "LOCAL_MACHINE", "num_machines": 1, "mixed_precision": "no"}
@@ -97,3 +98,5 @@ def test_mixed_precision_from_the_config_file_or_the_flag_still_applies(tmp_path
     assert "error" not in result.stderr
     assert "bf16" in [line.split("│")[2].strip() for line in result.stdout.splitlines()
                       if "mixed precision" in line and line.count("│") >= 3][0:1]
+    # Exactly when this machine's CPU, whichever it is, lacks bf16 instructions, the run says bf16 is emulated.
+    assert ("this CPU has no bf16 instructions" in " ".join(result.stderr.split())) == emulates_bf16(cpu_flags())
