@@ -45,7 +45,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, get_args
 
 import torch
 from torch import nn
@@ -53,7 +53,7 @@ from torch import nn
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from vaegan_dist.config import TrainConfig  # noqa: E402
+from vaegan_dist.config import GradientAllreduce, TrainConfig  # noqa: E402
 from vaegan_dist.cpu import cpu_flags, emulates_bf16  # noqa: E402
 from vaegan_dist.models import Networks, build_models  # noqa: E402
 from vaegan_dist.step import routed_gradients  # noqa: E402
@@ -366,8 +366,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
                         help="before each measurement, wait up to this long for other programs to leave the CPUs")
     args = parser.parse_args()
-    if unknown := set(args.allreduce.split(",")) - {"fp32", "bf16"}:
-        parser.error(f"--allreduce {args.allreduce}: {', '.join(sorted(unknown))} is not fp32 or bf16")
+    if unknown := set(args.allreduce.split(",")) - set(get_args(GradientAllreduce)):
+        parser.error(f"--allreduce {args.allreduce}: {', '.join(sorted(unknown))} is not one of "
+                     f"{', '.join(get_args(GradientAllreduce))}")
     if args.quick:
         args.hidden_dim, args.depth, args.latent_dim, args.batch_size = 32, 2, 4, 16
         args.rounds, args.window, args.windows, args.min_time = 1, 2, 2, 0.01

@@ -208,6 +208,13 @@ def test_bench_quick_writes_its_table_and_json(tmp_path):
     assert results["table"] in result.stdout and "load average" in result.stdout
 
 
+def test_bench_refuses_an_unknown_gradient_averaging_before_measuring():
+    result = subprocess.run([sys.executable, "benchmarks/bench.py", "--allreduce", "fp32,fp16"], capture_output=True,
+                            text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 2 and "fp16 is not one of fp32, bf16" in result.stderr
+    assert "machine:" not in result.stdout  # nothing measured
+
+
 def test_bench_judges_each_gradient_averaging_of_two_processes_and_names_bf16():
     def ours(processes, allreduce, images_per_s):
         return {"run": "ours", "precision": "fp32", "processes": processes, "compile": False, "allreduce": allreduce,
