@@ -5,7 +5,7 @@ torchvision's MNIST with ToTensor and a DataLoader (batch 128, shuffled), five d
 encoder's), each network's gradient from its own loss alone by torch.autograd.grad (as tests/test_step.py's
 reference does), and three default Adams. The networks are the package's, so both loops multiply the same
 matrices, with torch's nn.Dropout in place of the package's cheaper CPU dropout, as a user's networks have; and
-none of the package's CPU process settings (vaegan_dist/cpu.py). Prints one JSON object: the images/s of each
+none of the package's CPU process settings (vaegan_dist/training/cpu.py). Prints one JSON object: the images/s of each
 timed window.
 
     python benchmarks/baseline.py --steps 60 --window 10
@@ -27,8 +27,9 @@ from torchvision import datasets, transforms
 from torchvision.datasets.utils import extract_archive
 
 from vaegan_dist.config import TrainConfig
-from vaegan_dist.data import BUNDLED_DIR
-from vaegan_dist.models import Dropout, build_models
+from vaegan_dist.data.mnist import BUNDLED_DIR
+from vaegan_dist.model.mlp import Dropout
+from vaegan_dist.model.networks import build_models
 
 
 def bundled_mnist(root: Path) -> datasets.MNIST:

@@ -54,9 +54,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from vaegan_dist.config import GradientAllreduce, TrainConfig  # noqa: E402
-from vaegan_dist.cpu import cpu_flags, emulates_bf16  # noqa: E402
-from vaegan_dist.models import Networks, build_models  # noqa: E402
-from vaegan_dist.step import routed_gradients  # noqa: E402
+from vaegan_dist.model.networks import PerNetwork, build_models  # noqa: E402
+from vaegan_dist.training.cpu import cpu_flags, emulates_bf16  # noqa: E402
+from vaegan_dist.training.step import routed_gradients  # noqa: E402
 
 PRECISIONS = {"fp32": ("no", torch.float32), "bf16": ("bf16", torch.bfloat16)}
 # Our step runs each network once, on its batches concatenated: the encoder on x, the decoder on [z; z_p], the
@@ -97,7 +97,7 @@ def layer_products(config: TrainConfig, batch: int, passing_batches: dict[str, d
     with torch.device("meta"):  # shapes only
         networks = build_models(config)
     products = []
-    for name, net in zip(Networks._fields, networks, strict=True):
+    for name, net in zip(PerNetwork._fields, networks, strict=True):
         rows = FORWARD_BATCHES[name] * batch
         linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
         for index, layer in enumerate(linears):

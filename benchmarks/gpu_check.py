@@ -35,9 +35,9 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.bench import PRECISIONS, machine_name, matmul_rate, seconds_per_call, step_products  # noqa: E402
 from vaegan_dist.config import TrainConfig  # noqa: E402
-from vaegan_dist.cuda_graphs import GraphedStep  # noqa: E402
-from vaegan_dist.models import Networks, build_models, compile_networks  # noqa: E402
-from vaegan_dist.step import adam_optimizers, train_step  # noqa: E402
+from vaegan_dist.model.networks import PerNetwork, build_models, compile_networks  # noqa: E402
+from vaegan_dist.training.cuda_graphs import GraphedStep  # noqa: E402
+from vaegan_dist.training.step import adam_optimizers, train_step  # noqa: E402
 
 MODES = ("eager", "graphs", "compile")
 MAX_BATCH = 65_536
@@ -48,7 +48,7 @@ def make_step(config: TrainConfig, mode: str, precision: str, batch: int, device
     """One training step of fresh networks on a fixed random batch, as a call (it returns `stepped`)."""
     config = dataclasses.replace(config, cuda_graphs=mode == "graphs", compile=mode == "compile")
     torch.manual_seed(0)
-    networks = Networks(*(net.to(device) for net in build_models(config)))
+    networks = PerNetwork(*(net.to(device) for net in build_models(config)))
     if precision == "bf16":
         for net in networks:
             net.forward = torch.autocast(device.type, dtype=torch.bfloat16)(net.forward)

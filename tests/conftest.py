@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from vaegan_dist.config import TrainConfig
-from vaegan_dist.export import export_networks
-from vaegan_dist.models import build_models
+from vaegan_dist.hub.model import export_networks
+from vaegan_dist.model.networks import build_models
 
 REPO = Path(__file__).resolve().parents[1]
 # Small networks and batches, no evaluation (it takes most of a minute on a CPU), one thread per process: the

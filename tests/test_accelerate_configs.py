@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from tests.conftest import REPO, tiny_flags
-from vaegan_dist.cpu import cpu_flags, emulates_bf16
-from vaegan_dist.launch_settings import unsupported_launch_setting
+from vaegan_dist.training.cpu import cpu_flags, emulates_bf16
+from vaegan_dist.training.launch_settings import unsupported_launch_setting
 
 BASE = {"compute_environment": "LOCAL_MACHINE", "num_machines": 1, "mixed_precision": "no"}
 CONFIGS = {

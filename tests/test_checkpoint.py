@@ -11,23 +11,16 @@ import torch
 from accelerate import Accelerator
 
 from tests.conftest import tiny_config
-from tests.test_step import adam_for, make_inputs
-from vaegan_dist.checkpoint import (
-    Checkpoint,
-    CheckpointError,
-    Position,
-    TrainState,
-    checkpoints_dir,
-    config_changes,
-    load_optimizer_tensors,
-    newest_complete,
-    resolve_resume,
-    save_checkpoint,
-    verify,
-)
-from vaegan_dist.models import Networks, build_models
-from vaegan_dist.step import routed_gradients
-from vaegan_dist.training_log import MetricWindow
+from tests.test_step import make_inputs
+from vaegan_dist.checkpoint.layout import CheckpointError, checkpoints_dir
+from vaegan_dist.checkpoint.policy import config_changes
+from vaegan_dist.checkpoint.reading import Checkpoint, newest_complete, resolve_resume, verify
+from vaegan_dist.checkpoint.tensors import load_optimizer_tensors
+from vaegan_dist.checkpoint.writing import save_checkpoint
+from vaegan_dist.model.networks import PerNetwork, build_models
+from vaegan_dist.training.metrics import MetricWindow
+from vaegan_dist.training.state import Position, TrainState
+from vaegan_dist.training.step import adam_optimizers, routed_gradients
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +29,10 @@ def accelerator():
 
 
 def trained(config, seed=0):
-    """Networks and Adam optimizers after one step, so the optimizers have state."""
+    """PerNetwork and Adam optimizers after one step, so the optimizers have state."""
     torch.manual_seed(seed)
     networks = build_models(config)
-    optimizers = adam_for(networks, config)
+    optimizers = adam_optimizers(networks, config)
     routed_gradients(*networks, *make_inputs(config, dtype=torch.float32), config)
     for optimizer in optimizers:
         optimizer.step()
@@ -129,7 +122,7 @@ def test_resume_modes(accelerator, tmp_path):
 
 def test_interrupted_save_leaves_the_previous_checkpoint_and_is_cleaned_up(accelerator, tmp_path, monkeypatch):
     first = save(accelerator, tmp_path, 1)
-    import vaegan_dist.checkpoint as checkpoint_module
+    import vaegan_dist.checkpoint.writing as checkpoint_module
 
     def fail_publish(*args):
         raise OSError(28, "No space left on device")
@@ -180,7 +173,7 @@ def test_loading_never_unpickles(accelerator, tmp_path, monkeypatch):
     for module, name in ((pickle, "load"), (pickle, "loads"), (pickle, "Unpickler"), (torch, "load")):
         monkeypatch.setattr(module, name, forbidden)
     checkpoint = Checkpoint(resolve_resume("auto", tmp_path, print))
-    for name in Networks._fields:
+    for name in PerNetwork._fields:
         checkpoint.network(name)
     checkpoint.optimizers()
     checkpoint.rank_tensors(0)
@@ -195,7 +188,8 @@ def test_a_checkpoint_copied_elsewhere_still_verifies(accelerator, tmp_path):
 
 
 def test_export_from_a_run_directory_takes_its_newest_checkpoint(accelerator, tmp_path, capsys):
-    from vaegan_dist.export import load_networks, main
+    from vaegan_dist.cli.export import main
+    from vaegan_dist.hub.network_files import load_networks
 
     save(accelerator, tmp_path / "run", 1)
     newest = save(accelerator, tmp_path / "run", 2, tiny_config(), *trained(tiny_config(), seed=5))

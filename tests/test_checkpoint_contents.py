@@ -13,8 +13,9 @@ from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 
 from tests.conftest import tiny_config
-from vaegan_dist.checkpoint import MARKER, CheckpointError, checkpoints_dir, resolve_resume, verify
-from vaegan_dist.train import train
+from vaegan_dist.checkpoint.layout import MARKER, CheckpointError, checkpoints_dir
+from vaegan_dist.checkpoint.reading import resolve_resume, verify
+from vaegan_dist.training.loop import train
 
 TINY_RUN = dict(hidden_dim=16, depth=2, max_steps=2, save_every=1, ema_decay=0.9)
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from safetensors.torch import load_file
 
-from vaegan_dist.classifier import WEIGHTS, accuracy, load_classifier, train_classifier
-from vaegan_dist.data import load_mnist
-from vaegan_dist.models import images_to_pixels
+from vaegan_dist.data.mnist import load_mnist
+from vaegan_dist.evaluation.classifier import WEIGHTS, accuracy, load_classifier, train_classifier
+from vaegan_dist.model.networks import images_to_pixels
 
 
 def test_shipped_weights_reach_98_5_percent_on_the_test_set():

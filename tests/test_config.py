@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from tests.conftest import REPO
-from vaegan_dist.config import FIELD_NAMES, PRESETS, ConfigError, TrainConfig, parse_args
-from vaegan_dist.models import build_models
+from vaegan_dist.cli.train import parse_args
+from vaegan_dist.config import FIELD_NAMES, PRESETS, ConfigError, TrainConfig
+from vaegan_dist.model.networks import build_models
 
 
 def test_seed_preset_is_the_design():
@@ -97,6 +98,8 @@ def test_json_config_and_none_for_optional_settings(tmp_path):
     ("similarity: cosine\n", "setting 'similarity' is 'cosine': choose one of logit, hidden"),
     ("epochs: 0\n", "setting 'epochs' must be positive"),
     ("lr: -1e-4\n", "setting 'lr' must be positive"),
+    ("lr: 1e4\n", "setting 'lr' times discriminator_lr_scale must be at most 1"),
+    ("lr: 0.5\ndiscriminator_lr_scale: 4\n", "setting 'lr' times discriminator_lr_scale must be at most 1"),
     ("kl_weight: -1\n", "setting 'kl_weight' must be 0 or more"),
     ("lr: 1e-4x\n", "setting 'lr' must be float"),
     ("dropout: 1.5\n", r"setting 'dropout' must be in \[0, 1\)"),

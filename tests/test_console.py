@@ -9,7 +9,7 @@ import sys
 import warnings
 
 from tests.conftest import REPO, tiny_flags
-from vaegan_dist.console import Console, plain_line
+from vaegan_dist.training.console import Console, plain_line
 
 RECORD = {"step": 50, "epoch": 0, "enc_loss": 1.0, "dec_loss": 2.0, "dis_loss": 3.0, "d_x": 0.5, "d_x_tilde": 0.4,
           "d_x_p": 0.3, "images_per_s": 1234.0}

@@ -12,11 +12,12 @@ import torch
 from accelerate import Accelerator
 
 from tests.conftest import REPO, tiny_config, tiny_flags
-from vaegan_dist.config import ConfigError, parse_args
-from vaegan_dist.cuda_graphs import check_launch_free
-from vaegan_dist.models import build_models
-from vaegan_dist.step import adam_optimizers
-from vaegan_dist.train import train
+from vaegan_dist.cli.train import parse_args
+from vaegan_dist.config import ConfigError
+from vaegan_dist.model.networks import build_models
+from vaegan_dist.training.cuda_graphs import check_launch_free
+from vaegan_dist.training.loop import train
+from vaegan_dist.training.step import adam_optimizers
 
 
 def test_cuda_graphs_is_off_by_default_and_a_flag():

@@ -8,8 +8,9 @@ import shutil
 import pytest
 import torch
 
-from vaegan_dist import data
-from vaegan_dist.data import BUNDLED_DIR, DataError, ShardedBatches, load_mnist
+from vaegan_dist.data import mnist as data
+from vaegan_dist.data.mnist import BUNDLED_DIR, DataError, load_mnist
+from vaegan_dist.data.sharding import ShardedBatches, epoch_permutation
 
 
 def test_bundled_mnist_loads_with_published_checksums():
@@ -125,7 +126,7 @@ def test_epochs_are_fresh_permutations_and_the_same_on_every_process():
     second = torch.cat(all_indices(100, 10, 1, epoch=1)[0])
     assert not torch.equal(first, second)
     assert torch.equal(first, torch.cat(all_indices(100, 10, 1, epoch=0)[0]))
-    assert torch.equal(data.epoch_permutation(100, 7, 3), data.epoch_permutation(100, 7, 3))
+    assert torch.equal(epoch_permutation(100, 7, 3), epoch_permutation(100, 7, 3))
 
 
 def test_global_step_composition_does_not_depend_on_process_count():

@@ -13,23 +13,16 @@ from safetensors.torch import save_file
 
 from tests import forked
 from tests.conftest import tiny_config, tiny_flags
-from vaegan_dist.checkpoint import (
-    AVERAGE_FILES,
-    MARKER,
-    Checkpoint,
-    Position,
-    TrainState,
-    checkpoints_dir,
-    newest_complete,
-    save_checkpoint,
-    verify,
-    weights_digest,
-)
-from vaegan_dist.export import load_networks
-from vaegan_dist.export import main as export_main
-from vaegan_dist.models import Autoencoder, Networks, build_models, moving_averages, update_averages
-from vaegan_dist.step import adam_optimizers
-from vaegan_dist.training_log import MetricWindow
+from vaegan_dist.checkpoint.layout import MARKER, checkpoints_dir
+from vaegan_dist.checkpoint.reading import Checkpoint, newest_complete, verify
+from vaegan_dist.checkpoint.tensors import AVERAGE_FILES, weights_digest
+from vaegan_dist.checkpoint.writing import save_checkpoint
+from vaegan_dist.cli.export import main as export_main
+from vaegan_dist.hub.network_files import load_networks
+from vaegan_dist.model.networks import Autoencoder, PerNetwork, build_models, moving_averages, update_averages
+from vaegan_dist.training.metrics import MetricWindow
+from vaegan_dist.training.state import Position, TrainState
+from vaegan_dist.training.step import adam_optimizers
 
 
 def test_update_is_a_lerp_with_a_warm_up_and_making_the_averages_draws_no_randomness():
@@ -73,7 +66,7 @@ def test_training_is_the_same_with_or_without_the_averages_and_readers_choose_th
     averaged = run(tmp_path / "averaged", ema_decay=0.9)
 
     assert not any(plain.has_network(file) for file in AVERAGE_FILES.values())
-    for name in Networks._fields:  # the averages are observers: the trained weights are bit for bit the same
+    for name in PerNetwork._fields:  # the averages are observers: the trained weights are bit for bit the same
         for key, value in plain.network(name).items():
             assert torch.equal(averaged.network(name)[key], value), (name, key)
     ema = {name: averaged.network(file) for name, file in AVERAGE_FILES.items()}

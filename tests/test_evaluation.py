@@ -16,12 +16,12 @@ from torchvision.transforms.functional import gaussian_blur
 
 from tests.conftest import REPO, launch, tiny_config, tiny_flags
 from tests.test_distributed import read_metrics
-from vaegan_dist import eval_command
-from vaegan_dist.classifier import NUM_CLASSES, embed
-from vaegan_dist.data import load_mnist
-from vaegan_dist.evaluation import Reference, evaluate, share
-from vaegan_dist.export import load_networks
-from vaegan_dist.models import images_to_pixels
+from vaegan_dist.cli import eval as eval_command
+from vaegan_dist.data.mnist import load_mnist
+from vaegan_dist.evaluation.classifier import NUM_CLASSES, embed
+from vaegan_dist.evaluation.scores import Reference, evaluate, share
+from vaegan_dist.hub.network_files import load_networks
+from vaegan_dist.model.networks import images_to_pixels
 
 NUM_SAMPLES = 300
 SAMPLE_KEYS = {"fid", "kid", "precision", "recall", "inception_score", *(f"class_{c}" for c in range(NUM_CLASSES))}

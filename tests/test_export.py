@@ -12,8 +12,9 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import REPO, tiny_config
-from vaegan_dist.export import ExportError, export_networks, load_networks
-from vaegan_dist.models import build_models
+from vaegan_dist.hub.model import export_networks
+from vaegan_dist.hub.network_files import ExportError, load_networks
+from vaegan_dist.model.networks import build_models
 
 
 def fresh_networks(config):

@@ -20,9 +20,9 @@ from safetensors.torch import load_file
 
 from tests.conftest import REPO, tiny_config, tiny_flags
 from tests.test_resume import FLAGS, assert_same_weights, final_checkpoint, losses_after, weights
-from tests.test_step import adam_for, make_inputs, state_of
-from vaegan_dist.models import Networks, build_models
-from vaegan_dist.step import adam_optimizers, train_step
+from tests.test_step import make_inputs, state_of
+from vaegan_dist.model.networks import PerNetwork, build_models
+from vaegan_dist.training.step import adam_optimizers, train_step
 
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(GPUS == 0, reason="needs CUDA: no GPU on this machine")]
@@ -62,7 +62,7 @@ def test_train_py_runs_two_steps_on_the_gpu(tmp_path, precision, graphs):
                    for r in logged)
 
 
-def autocast_networks(networks: Networks, dtype: torch.dtype) -> Networks:
+def autocast_networks(networks: PerNetwork, dtype: torch.dtype) -> PerNetwork:
     """The networks on the GPU with their forward passes under autocast, as Accelerate wraps them."""
     for net in networks:
         net.to(CUDA)
@@ -73,7 +73,7 @@ def autocast_networks(networks: Networks, dtype: torch.dtype) -> Networks:
 def test_fp16_overflow_skips_every_network_and_lowers_the_scale_once():
     config = tiny_config(dropout=0.0)
     networks = autocast_networks(build_models(config), torch.float16)
-    optimizers = adam_for(networks, config)
+    optimizers = adam_optimizers(networks, config)
     before = state_of(networks)
     scaler = torch.amp.GradScaler("cuda", init_scale=2.0**127, growth_interval=1)  # a huge scaled loss
     result = train_step(networks, optimizers, make_inputs(config, dtype=torch.float32)[0].to(CUDA), config, scaler)
@@ -103,11 +103,11 @@ def test_the_captured_step_equals_the_eager_step(spectral_norm):
     """Same noise and dropout (the CUDA generator), same updates, the same skip of a non-finite batch, a
     learning-rate change honoured, and the generator left where the eager steps leave it."""
     config = tiny_config(dropout=0.1, spectral_norm=spectral_norm, cuda_graphs=True)
-    from vaegan_dist.cuda_graphs import GraphedStep
+    from vaegan_dist.training.cuda_graphs import GraphedStep
 
     torch.manual_seed(0)
-    eager_nets = Networks(*(net.to(CUDA) for net in build_models(config)))
-    graphed_nets = Networks(*(net.to(CUDA) for net in build_models(config)))
+    eager_nets = PerNetwork(*(net.to(CUDA) for net in build_models(config)))
+    graphed_nets = PerNetwork(*(net.to(CUDA) for net in build_models(config)))
     for a, b in zip(eager_nets, graphed_nets, strict=True):
         b.load_state_dict(a.state_dict())
     eager_opts = adam_optimizers(eager_nets, dataclasses.replace(config, cuda_graphs=False))  # not capturable
@@ -140,7 +140,8 @@ def test_the_captured_step_equals_the_eager_step(spectral_norm):
 
 
 def test_evaluation_and_sampling_run_on_the_gpu(exported, tmp_path, capsys):
-    from vaegan_dist import evaluation, sample
+    from vaegan_dist.cli import sample
+    from vaegan_dist.evaluation import scores as evaluation
 
     out = tmp_path / "scores.json"
     evaluation.main([str(exported), "--samples", "200", "--out", str(out), "--device", "cuda"])

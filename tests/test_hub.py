@@ -15,12 +15,14 @@ from safetensors.torch import load_file
 
 from tests.conftest import REPO, tiny_config
 from vaegan_dist import VAEGAN
-from vaegan_dist.checkpoint import Position, TrainState, save_checkpoint
-from vaegan_dist.export import export_networks, load_networks
-from vaegan_dist.export import main as export_main
-from vaegan_dist.models import build_models, moving_averages
-from vaegan_dist.step import adam_optimizers
-from vaegan_dist.training_log import MetricWindow
+from vaegan_dist.checkpoint.writing import save_checkpoint
+from vaegan_dist.cli.export import main as export_main
+from vaegan_dist.hub.model import export_networks
+from vaegan_dist.hub.network_files import load_networks
+from vaegan_dist.model.networks import build_models, moving_averages
+from vaegan_dist.training.metrics import MetricWindow
+from vaegan_dist.training.state import Position, TrainState
+from vaegan_dist.training.step import adam_optimizers
 
 
 @pytest.fixture(autouse=True)

@@ -13,11 +13,12 @@ import pytest
 from accelerate import Accelerator
 
 from tests.conftest import REPO, tiny_config
-from vaegan_dist import checkpoint as checkpoint_module
-from vaegan_dist import guard
-from vaegan_dist.checkpoint import checkpoints_dir, newest_complete, verify
-from vaegan_dist.config import ConfigError, parse_args
-from vaegan_dist.train import train
+from vaegan_dist.checkpoint import output_paths as guard
+from vaegan_dist.checkpoint.layout import checkpoints_dir
+from vaegan_dist.checkpoint.reading import newest_complete, verify
+from vaegan_dist.cli.train import parse_args
+from vaegan_dist.config import ConfigError
+from vaegan_dist.training.loop import train
 
 
 @pytest.fixture(scope="module")
@@ -63,16 +64,11 @@ def assert_one_line_error(result, code, *fragments):
         assert fragment in lines[0], lines[0]
 
 
-def test_the_guard_knows_the_checkpoint_layout():
-    assert (checkpoint_module.checkpoints_dir("").name, checkpoint_module.MARKER) == (guard.CHECKPOINTS, guard.MARKER)
-    assert guard.STEP_DIR.match(checkpoint_module.checkpoint_name(12)) and guard.STEP_DIR.match(".tmp-step_0000012")
-
-
 # ------------------------------------------------------------------------- no command writes into a checkpoint
 
 def test_export_into_its_own_checkpoint_is_refused_and_writes_nothing(checkpoint, run_dir):
     before = snapshot(run_dir)
-    result = command("vaegan_dist.export", checkpoint, checkpoint)
+    result = command("vaegan_dist.cli.export", checkpoint, checkpoint)
     assert_one_line_error(result, 2, "is inside the checkpoint directory", "never writes into a checkpoint")
     assert snapshot(run_dir) == before and verify(checkpoint) is None
 
@@ -80,7 +76,7 @@ def test_export_into_its_own_checkpoint_is_refused_and_writes_nothing(checkpoint
 @pytest.mark.parametrize("where", ["other checkpoint", "subfolder", "checkpoints folder", "run", "tmp save"])
 def test_export_anywhere_in_a_run_s_checkpoints_or_over_the_run_is_refused(checkpoint, run_dir, tmp_path, where,
                                                                            capsys):
-    from vaegan_dist.export import main
+    from vaegan_dist.cli.export import main
 
     older = sorted(checkpoints_dir(run_dir).glob("step_*"))[0]
     out = {"other checkpoint": older, "subfolder": checkpoint / "export", "run": run_dir,
@@ -96,7 +92,7 @@ def test_export_anywhere_in_a_run_s_checkpoints_or_over_the_run_is_refused(check
 
 
 def test_export_over_its_source_export_or_into_another_run_is_refused(exported, run_dir, tmp_path, capsys):
-    from vaegan_dist.export import main
+    from vaegan_dist.cli.export import main
 
     before = snapshot(exported)
     with pytest.raises(SystemExit) as exit_info:
@@ -114,11 +110,11 @@ def test_export_over_its_source_export_or_into_another_run_is_refused(exported, 
 
 def test_sample_eval_and_report_never_write_into_a_checkpoint(checkpoint, run_dir, exported):
     before = snapshot(run_dir)
-    assert_one_line_error(command("vaegan_dist.sample", exported, "--out", checkpoint / "grid.png"), 2,
+    assert_one_line_error(command("vaegan_dist.cli.sample", exported, "--out", checkpoint / "grid.png"), 2,
                           "--out", "is inside the checkpoint directory")
-    assert_one_line_error(command("vaegan_dist.eval_command", exported, "--out", checkpoint / "eval.json",
+    assert_one_line_error(command("vaegan_dist.cli.eval", exported, "--out", checkpoint / "eval.json",
                                   "--samples", 4), 2, "--out", "is inside the checkpoint directory")
-    assert_one_line_error(command("vaegan_dist.report", checkpoint), 2, "is inside the checkpoint directory")
+    assert_one_line_error(command("vaegan_dist.cli.report", checkpoint), 2, "is inside the checkpoint directory")
     assert snapshot(run_dir) == before
 
 
@@ -133,11 +129,11 @@ def test_training_never_writes_into_a_checkpoint(checkpoint):
 def test_outputs_that_cannot_be_written_are_one_line_errors(exported, tmp_path, capfd):
     (tmp_path / "a_file").write_text("")
     blocked = tmp_path / "a_file" / "sub"
-    assert_one_line_error(main_of("vaegan_dist.sample", exported, "--out", blocked / "grid.png", capfd=capfd), 2,
+    assert_one_line_error(main_of("vaegan_dist.cli.sample", exported, "--out", blocked / "grid.png", capfd=capfd), 2,
                           "cannot write --out")
-    assert_one_line_error(main_of("vaegan_dist.eval_command", exported, "--out", blocked / "eval.json",
+    assert_one_line_error(main_of("vaegan_dist.cli.eval", exported, "--out", blocked / "eval.json",
                                   capfd=capfd), 2, "cannot write --out")
-    assert_one_line_error(main_of("vaegan_dist.export", exported, blocked, capfd=capfd), 2,
+    assert_one_line_error(main_of("vaegan_dist.cli.export", exported, blocked, capfd=capfd), 2,
                           "cannot write the export to")
     assert json.loads((exported / "config.json").read_text())  # untouched
 
@@ -206,10 +202,10 @@ def test_config_files_that_are_not_settings(tmp_path, contents, message):
     ("vaegan_dist.train", ["--gama", "3"], ["unrecognized arguments: --gama 3", "did you mean --gamma?"]),
     ("vaegan_dist.train", ["--preset", "sed"], ["invalid choice: 'sed'", "did you mean seed?"]),
     ("vaegan_dist.train", ["--lr", "fast"], ["argument --lr: invalid float value: 'fast'"]),
-    ("vaegan_dist.export", ["a", "b", "--dtype", "float8"], ["did you mean float32 or float16?"]),
-    ("vaegan_dist.sample", ["a", "--out", "x.png", "--mode", "sample"], ["did you mean samples?"]),
-    ("vaegan_dist.eval_command", ["a", "--seeed", "3"], ["did you mean --seed?"]),
-    ("vaegan_dist.report", [], ["the following arguments are required: output_dir"]),
+    ("vaegan_dist.cli.export", ["a", "b", "--dtype", "float8"], ["did you mean float32 or float16?"]),
+    ("vaegan_dist.cli.sample", ["a", "--out", "x.png", "--mode", "sample"], ["did you mean samples?"]),
+    ("vaegan_dist.cli.eval", ["a", "--seeed", "3"], ["did you mean --seed?"]),
+    ("vaegan_dist.cli.report", [], ["the following arguments are required: output_dir"]),
 ])
 def test_a_command_line_mistake_is_one_line_with_the_close_matches_and_help(module, args, fragments, capfd):
     result = main_of(module, *args, capfd=capfd)
@@ -230,14 +226,14 @@ def test_a_command_line_mistake_is_printed_by_the_first_process_only(monkeypatch
     ("sample", ["--device", "foo"], "unknown device 'foo'"),
     ("sample", ["--seed", str(2**70)], "seed 1180591620717411303424 is not in [0, 4294967295]"),
     ("sample", ["--seed", "-1"], "seed -1 is not in [0, 4294967295]"),
-    ("eval_command", ["--device", "cuda:99"], "device 'cuda:99'"),
-    ("eval_command", ["--seed", "x"], "invalid seed 'x'"),
-    ("eval_command", ["--samples", "60001"], "--samples must be at most 60000"),
+    ("eval", ["--device", "cuda:99"], "device 'cuda:99'"),
+    ("eval", ["--seed", "x"], "invalid seed 'x'"),
+    ("eval", ["--samples", "60001"], "--samples must be at most 60000"),
 ])
 def test_devices_seeds_and_sample_counts_are_checked_first(exported, tmp_path, capsys, main_module, flags, message):
     import importlib
 
-    main = importlib.import_module(f"vaegan_dist.{main_module}").main
+    main = importlib.import_module(f"vaegan_dist.cli.{main_module}").main
     with pytest.raises(SystemExit) as exit_info:
         main([str(exported), "--out", str(tmp_path / "out.png" if main_module == "sample" else "out.json"), *flags])
     err = capsys.readouterr().err
@@ -261,7 +257,7 @@ def test_eval_samples_beyond_the_training_set_are_an_error():
      "epoch_001.png is not a readable picture (UnidentifiedImageError): delete or restore it"),
 ])
 def test_report_inputs_that_are_not_a_run_s_are_one_line_errors(tmp_path, capsys, write, message):
-    from vaegan_dist.report import main
+    from vaegan_dist.cli.report import main
 
     write(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
@@ -273,7 +269,7 @@ def test_report_inputs_that_are_not_a_run_s_are_one_line_errors(tmp_path, capsys
 
 def test_report_draws_records_that_lack_a_series_with_a_gap(tmp_path):
     pytest.importorskip("matplotlib")
-    from vaegan_dist.report import write_report
+    from vaegan_dist.evaluation.report import write_report
 
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "enc_loss": 1.0}\n{"step": 2, "dec_loss": 2.0}\n')
     assert {p.name for p in write_report(tmp_path)} == {"loss_curves.png", "discriminator_outputs.png"}
@@ -282,7 +278,7 @@ def test_report_draws_records_that_lack_a_series_with_a_gap(tmp_path):
 def test_a_gz_data_file_damaged_inside_its_compressed_stream_is_a_one_line_error(tmp_path):
     import shutil
 
-    from vaegan_dist.data import BUNDLED_DIR, DataError, load_mnist
+    from vaegan_dist.data.mnist import BUNDLED_DIR, DataError, load_mnist
 
     for file in BUNDLED_DIR.glob("t10k-*.gz"):
         shutil.copy(file, tmp_path)
@@ -301,7 +297,7 @@ def test_an_export_with_non_finite_weights_or_a_config_that_is_not_text_is_refus
     import torch
     from safetensors.torch import load_file, save_file
 
-    from vaegan_dist.export import ExportError, load_networks
+    from vaegan_dist.hub.network_files import ExportError, load_networks
 
     nan = shutil.copytree(exported, tmp_path / "nan")
     weights = load_file(nan / "model.safetensors")  # the Hub format: encoder.* and decoder.* in one file

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from tests.conftest import tiny_config
-from vaegan_dist.models import Dropout, build_models, eval_mode
+from vaegan_dist.model.mlp import Dropout
+from vaegan_dist.model.networks import build_models, eval_mode
 
 
 def discriminator_after_training_forwards(spectral_norm: bool) -> nn.Module:

@@ -27,10 +27,12 @@ from tests.slurm_doubles import (
     start,
     task_exits,
 )
-from vaegan_dist.checkpoint import AVERAGE_FILES, Checkpoint, checkpoints_dir, newest_complete, verify, weights_digest
+from vaegan_dist.checkpoint.layout import checkpoints_dir
+from vaegan_dist.checkpoint.reading import Checkpoint, newest_complete, verify
+from vaegan_dist.checkpoint.tensors import AVERAGE_FILES, weights_digest
 from vaegan_dist.config import TrainConfig
 from vaegan_dist.exits import Ending
-from vaegan_dist.models import Networks, build_models, moving_averages
+from vaegan_dist.model.networks import PerNetwork, build_models, moving_averages
 
 TIMEOUT = 240
 
@@ -71,7 +73,7 @@ def assert_replicas_hold_the_saved_weights(checkpoint: Checkpoint) -> None:
     """Every process's weight digest (recorded at the save) is the digest of the weights in the files."""
     config = TrainConfig.from_dict(checkpoint.config)
     trained = build_models(config)
-    networks = dict(zip(Networks._fields, trained, strict=True))
+    networks = dict(zip(PerNetwork._fields, trained, strict=True))
     if checkpoint.has_network(AVERAGE_FILES["decoder"]):  # the moving averages are part of the digest too
         averages = moving_averages(config, trained)._asdict()
         networks |= {file: averages[name] for name, file in AVERAGE_FILES.items()}

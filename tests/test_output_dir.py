@@ -13,12 +13,12 @@ import pytest
 
 from tests.conftest import tiny_flags
 from tests.test_preemption import start_tiny_run
-from vaegan_dist import run_lock
-from vaegan_dist.checkpoint import checkpoints_dir
+from vaegan_dist.checkpoint.layout import checkpoints_dir
+from vaegan_dist.checkpoint.metrics_log import MetricsLog
+from vaegan_dist.cli.train import main
 from vaegan_dist.exits import EXIT_BAD_INPUT
-from vaegan_dist.run_lock import LockHeld, OutputLock
-from vaegan_dist.train import main
-from vaegan_dist.training_log import MetricsLog
+from vaegan_dist.training import output_lock as run_lock
+from vaegan_dist.training.output_lock import LockHeld, OutputLock
 
 
 def write_lock(directory, **holder):

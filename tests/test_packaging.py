@@ -46,7 +46,8 @@ def test_the_wheel_ships_py_typed_and_the_mnist_licence(tmp_path):
     (wheel,) = tmp_path.glob("vaegan_dist-*.whl")
     assert wheel.name.startswith(f"vaegan_dist-{vaegan_dist.__version__}-")
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert {"vaegan_dist/py.typed", "vaegan_dist/mnist/LICENSE.md", "vaegan_dist/classifier.safetensors",
-            "vaegan_dist/mnist/train-images-idx3-ubyte.gz"} <= names
-    licence = " ".join((REPO / "vaegan_dist/mnist/LICENSE.md").read_text().split())
+    assert {"vaegan_dist/py.typed", "vaegan_dist/data/mnist_idx/LICENSE.md",
+            "vaegan_dist/evaluation/classifier.safetensors", "vaegan_dist/data/mnist_idx/train-images-idx3-ubyte.gz",
+            "vaegan_dist/cli/train.py", "vaegan_dist/training/step.py"} <= names
+    licence = " ".join((REPO / "vaegan_dist/data/mnist_idx/LICENSE.md").read_text().split())
     assert "Creative Commons Attribution-Share Alike 3.0" in licence and "LeCun" in licence

@@ -14,12 +14,15 @@ import torch
 from benchmarks.baseline import with_torch_dropout
 from benchmarks.bench import executed_flops, format_table, minimal_products, step_products, targets
 from tests.conftest import REPO, tiny_config, tiny_flags
-from vaegan_dist.checkpoint import AVERAGE_FILES, Checkpoint, checkpoints_dir, newest_complete
+from vaegan_dist.checkpoint.layout import checkpoints_dir
+from vaegan_dist.checkpoint.reading import Checkpoint, newest_complete
+from vaegan_dist.checkpoint.tensors import AVERAGE_FILES
 from vaegan_dist.config import TrainConfig
-from vaegan_dist.cpu import cpu_flags, emulates_bf16, keep_freed_memory
-from vaegan_dist.losses import vaegan_losses
-from vaegan_dist.models import Dropout, Networks, build_models
-from vaegan_dist.step import adam_optimizers, routed_gradients
+from vaegan_dist.model.losses import vaegan_losses
+from vaegan_dist.model.mlp import Dropout
+from vaegan_dist.model.networks import PerNetwork, build_models
+from vaegan_dist.training.cpu import cpu_flags, emulates_bf16, keep_freed_memory
+from vaegan_dist.training.step import adam_optimizers, routed_gradients
 
 
 @pytest.mark.parametrize("preset", ["seed", "default"])  # logit and hidden-layer similarity
@@ -73,7 +76,7 @@ def test_minimal_flops_of_the_default_sizes():
         (128 * 87_029_760, 128 * 101_621_248)
 
 
-def sliced_step(networks: Networks, x, eps, z_p, config: TrainConfig) -> dict[str, list[torch.Tensor]]:
+def sliced_step(networks: PerNetwork, x, eps, z_p, config: TrainConfig) -> dict[str, list[torch.Tensor]]:
     """The routed step with each batch through each network on its own, not concatenated: autograd then
     multiplies only the rows whose gradients reach the parameters of the loss's network."""
     mu, logvar = networks.encoder(x)
@@ -87,7 +90,7 @@ def sliced_step(networks: Networks, x, eps, z_p, config: TrainConfig) -> dict[st
                           normalise_similarity=config.normalise_similarity, z=z,
                           prior_match_weight=config.prior_match_weight)
     params = {name: list(net.parameters()) for name, net in networks._asdict().items()}
-    for name, loss in zip(Networks._fields, (terms.enc_loss, terms.dec_loss, terms.dis_loss), strict=True):
+    for name, loss in zip(PerNetwork._fields, (terms.enc_loss, terms.dec_loss, terms.dis_loss), strict=True):
         loss.backward(inputs=params[name], retain_graph=True)
     return {name: [p.grad for p in ps] for name, ps in params.items()}
 
@@ -108,12 +111,12 @@ def test_minimal_products_are_what_autograd_multiplies_with_each_batch_alone(pre
     assert counter.get_total_flops() == flops(minimal_products(config, batch))
 
     torch.manual_seed(0)
-    networks = Networks(*(net.double().eval() for net in build_models(config)))  # no dropout: the same math
+    networks = PerNetwork(*(net.double().eval() for net in build_models(config)))  # no dropout: the same math
     x = torch.rand(batch, 784, dtype=torch.float64) * 2 - 1
     eps, z_p = torch.randn(2, batch, config.latent_dim, dtype=torch.float64)
     sliced = sliced_step(networks, x, eps, z_p, config)
     routed = routed_gradients(*networks, x, eps, z_p, config)
-    for name in Networks._fields:
+    for name in PerNetwork._fields:
         torch.testing.assert_close(sliced[name], routed[name])
 
 

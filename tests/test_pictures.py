@@ -9,8 +9,8 @@ import torch
 from PIL import Image, ImageSequence
 from torchvision.utils import make_grid
 
-from vaegan_dist.pictures import grid_image, save_grid
-from vaegan_dist.sample import save_gif
+from vaegan_dist.cli.sample import save_gif
+from vaegan_dist.evaluation.pictures import grid_image, save_grid
 
 
 @pytest.mark.parametrize("count", [2, 30, 64])  # (make_grid returns a single image unpadded)

@@ -12,7 +12,8 @@ import pytest
 from tests import forked
 from tests.conftest import REPO, launch, launch_command, tiny_flags
 from tests.test_resume import final_checkpoint, wait_for
-from vaegan_dist.checkpoint import checkpoints_dir, newest_complete
+from vaegan_dist.checkpoint.layout import checkpoints_dir
+from vaegan_dist.checkpoint.reading import newest_complete
 from vaegan_dist.exits import Ending
 
 
@@ -84,7 +85,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path):
 
 def test_a_second_ctrl_c_quits_at_once_saving_nothing(tmp_path, monkeypatch):
     """The first Ctrl-C asks for a save; a second one, before the step ends, quits without one."""
-    import vaegan_dist.train as train_module
+    import vaegan_dist.training.loop as train_module
 
     def endless_save(*args, **kwargs):  # stands in for a save that takes long: the second Ctrl-C lands in it
         os.kill(os.getpid(), signal.SIGINT)

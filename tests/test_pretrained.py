@@ -8,12 +8,12 @@ import yaml
 from safetensors.torch import load_file
 
 from tests.conftest import REPO
-from vaegan_dist.classifier import embed, load_classifier
-from vaegan_dist.evaluation import prior_samples
-from vaegan_dist.export import MODEL_FILE, load_networks
-from vaegan_dist.models import eval_mode
-from vaegan_dist.sample import main as sample_main
-from vaegan_dist.sample_statistics import class_histogram
+from vaegan_dist.cli.sample import main as sample_main
+from vaegan_dist.evaluation.classifier import embed, load_classifier
+from vaegan_dist.evaluation.scores import prior_samples
+from vaegan_dist.evaluation.statistics import class_histogram
+from vaegan_dist.hub.network_files import MODEL_FILE, load_networks
+from vaegan_dist.model.networks import eval_mode
 
 PRETRAINED = REPO / "pretrained"
 

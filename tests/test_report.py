@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import REPO
-from vaegan_dist.report import ReportError, read_metrics, write_report
+from vaegan_dist.evaluation.report import ReportError, read_metrics, write_report
 
 
 def fake_run(output_dir, steps=(10, 20, 30), epochs=3):
@@ -28,7 +28,7 @@ def fake_run(output_dir, steps=(10, 20, 30), epochs=3):
 
 def test_vaegan_report_draws_the_curves_and_the_gif(tmp_path):
     fake_run(tmp_path)
-    result = subprocess.run([sys.executable, "-m", "vaegan_dist.report", str(tmp_path)], capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "vaegan_dist.cli.report", str(tmp_path)], capture_output=True,
                             text=True, cwd=REPO, timeout=120)
     assert result.returncode == 0, result.stderr
     names = ["samples.gif", "loss_curves.png", "discriminator_outputs.png"]
@@ -62,7 +62,7 @@ def test_without_matplotlib_the_gif_is_still_written_and_the_error_says_what_to_
 
 def test_vaegan_report_on_a_directory_that_is_not_a_run_is_a_one_line_error(tmp_path):
     for target in (tmp_path / "absent", tmp_path):
-        result = subprocess.run([sys.executable, "-m", "vaegan_dist.report", str(target)], capture_output=True,
+        result = subprocess.run([sys.executable, "-m", "vaegan_dist.cli.report", str(target)], capture_output=True,
                                 text=True, cwd=REPO, timeout=120)
         assert result.returncode == 2
         (line,) = result.stderr.splitlines()

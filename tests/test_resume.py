@@ -21,15 +21,17 @@ import torch
 
 from tests import forked
 from tests.conftest import REPO, launch, launch_command, tiny_flags
-from vaegan_dist.checkpoint import AVERAGE_FILES, Checkpoint, checkpoints_dir, newest_complete, verify
+from vaegan_dist.checkpoint.layout import checkpoints_dir
+from vaegan_dist.checkpoint.reading import Checkpoint, newest_complete, verify
+from vaegan_dist.checkpoint.tensors import AVERAGE_FILES
 from vaegan_dist.exits import Ending
-from vaegan_dist.losses import LossTerms
-from vaegan_dist.models import Networks
+from vaegan_dist.model.losses import LossTerms
+from vaegan_dist.model.networks import PerNetwork
 
 # A global batch of 4096 makes an epoch 14 steps: a stop at step 10 falls mid-epoch, and 20 steps cross an epoch.
 # The moving averages and spectral norm's power-iteration vectors are kept, so they resume exactly too.
 FLAGS = dict(global_batch_size=4096, log_every=5, ema_decay=0.9, spectral_norm=True)
-LOSS_KEYS = [*LossTerms.names(), *(f"grad_norm_{n}" for n in Networks._fields), "skipped_steps"]
+LOSS_KEYS = [*LossTerms.names(), *(f"grad_norm_{n}" for n in PerNetwork._fields), "skipped_steps"]
 
 
 def train(output_dir, processes, max_steps, **flags):
@@ -73,7 +75,7 @@ def final_checkpoint(output_dir):
 
 
 def weights(checkpoint):
-    return {f"{name}.{key}": value for name in (*Networks._fields, *AVERAGE_FILES.values())
+    return {f"{name}.{key}": value for name in (*PerNetwork._fields, *AVERAGE_FILES.values())
             for key, value in checkpoint.network(name).items()}
 
 
@@ -200,7 +202,7 @@ def test_sigkill_at_random_moments_during_saves_never_loses_a_complete_checkpoin
         newest = newest_complete(root, report=lambda line: None)
         assert newest is not None and verify(newest) is None
         checkpoint = Checkpoint(newest)
-        assert [checkpoint.network(name) for name in Networks._fields] and checkpoint.optimizers()
+        assert [checkpoint.network(name) for name in PerNetwork._fields] and checkpoint.optimizers()
         assert checkpoint.state["position"]["step"] == int(newest.name.split("_")[1])
     finish = Checkpoint(newest).state["position"]["step"] + 2
     resumed = forked.run("vaegan_dist.train", command(finish), tmp_path / "logs")

@@ -7,12 +7,12 @@ import pytest
 import torch
 from PIL import Image
 
-from vaegan_dist.data import load_mnist
-from vaegan_dist.evaluation import prior_samples
-from vaegan_dist.export import load_networks
-from vaegan_dist.models import images_to_pixels
-from vaegan_dist.pictures import to_uint8
-from vaegan_dist.sample import main
+from vaegan_dist.cli.sample import main
+from vaegan_dist.data.mnist import load_mnist
+from vaegan_dist.evaluation.pictures import to_uint8
+from vaegan_dist.evaluation.scores import prior_samples
+from vaegan_dist.hub.network_files import load_networks
+from vaegan_dist.model.networks import images_to_pixels
 
 
 def run(exported, out, *flags):

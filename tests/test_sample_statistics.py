@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from vaegan_dist.sample_statistics import (
+from vaegan_dist.evaluation.statistics import (
     aggregate_posterior,
     class_histogram,
     frechet_distance,

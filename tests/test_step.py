@@ -4,24 +4,16 @@ from __future__ import annotations
 
 import copy
 import json
-from collections import Counter
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import vaegan_dist.step as step_module
 from tests import forked
 from tests.conftest import tiny_config, tiny_flags
-from vaegan_dist.losses import prior_mismatch
-from vaegan_dist.models import Networks, build_models
-from vaegan_dist.step import (
-    NON_FINITE_UPDATE,
-    adam_optimizers,
-    learning_rate,
-    routed_gradients,
-    train_step,
-)
+from vaegan_dist.model.losses import prior_mismatch
+from vaegan_dist.model.networks import PerNetwork, build_models
+from vaegan_dist.training.step import adam_optimizers, learning_rate, routed_gradients, train_step
 
 BATCH = 12
 
@@ -93,8 +85,8 @@ def test_routed_gradients_match_independent_formulation(similarity, generator_lo
     routed = routed_gradients(*networks, x, eps, z_p, config)
     expected = reference_gradients(*networks, x, eps, z_p, config)
 
-    assert set(routed) == set(Networks._fields)
-    for name, net in zip(Networks._fields, networks, strict=True):
+    assert set(routed) == set(PerNetwork._fields)
+    for name, net in zip(PerNetwork._fields, networks, strict=True):
         assert len(routed[name]) == len(list(net.parameters()))
         for got, want in zip(routed[name], expected[name], strict=True):
             torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
@@ -158,15 +150,10 @@ def test_routed_gradients_are_left_in_grad_and_replace_old_ones():
     for p in networks[2].parameters():
         p.grad = torch.full_like(p, 1e6)  # stale gradients must not leak into the result
     routed = routed_gradients(*networks, *make_inputs(config), config)
-    for name, net in zip(Networks._fields, networks, strict=True):
+    for name, net in zip(PerNetwork._fields, networks, strict=True):
         for p, g in zip(net.parameters(), routed[name], strict=True):
             assert p.grad is g
     assert all(g.abs().max() < 1e5 for g in routed["discriminator"])
-
-
-def adam_for(networks, config):
-    return Networks(*(torch.optim.Adam(net.parameters(), lr=config.lr, betas=(config.adam_beta1, config.adam_beta2))
-                      for net in networks))
 
 
 def state_of(networks):
@@ -185,9 +172,9 @@ def test_fp16_loss_scaling_unscales_every_network_with_the_scale_of_its_backward
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=1)
 
     torch.manual_seed(4)
-    result_plain = train_step(plain, adam_for(plain, config), x, config)
+    result_plain = train_step(plain, adam_optimizers(plain, config), x, config)
     torch.manual_seed(4)
-    result_scaled = train_step(scaled, adam_for(scaled, config), x, config, scaler)
+    result_scaled = train_step(scaled, adam_optimizers(scaled, config), x, config, scaler)
 
     assert result_plain.stepped and result_scaled.stepped
     for a, b in zip(state_of(plain), state_of(scaled), strict=True):
@@ -196,10 +183,17 @@ def test_fp16_loss_scaling_unscales_every_network_with_the_scale_of_its_backward
     assert scaler.get_scale() == 2048.0  # updated once per step, not once per optimizer
 
 
+def assert_no_step_taken(optimizers):
+    """Each optimizer is as a fresh Adam: no state, or (a skipped first step) zero moments at step 0."""
+    for optimizer in optimizers:
+        for state in optimizer.state.values():
+            assert not any(value.count_nonzero() for value in state.values()), state
+
+
 def test_fp16_overflow_skips_all_three_networks_and_backs_off_once():
     config = tiny_config(dropout=0.0)
     networks = build_models(config)
-    optimizers = adam_for(networks, config)
+    optimizers = adam_optimizers(networks, config)
     before = state_of(networks)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127, growth_interval=1)  # overflows float32 grads
 
@@ -208,14 +202,14 @@ def test_fp16_overflow_skips_all_three_networks_and_backs_off_once():
     assert not result.stepped
     assert not torch.isfinite(result.grad_norms).all()
     assert all(torch.equal(a, b) for a, b in zip(before, state_of(networks), strict=True))
-    assert all(not opt.state for opt in optimizers)  # Adam's moments untouched too
+    assert_no_step_taken(optimizers)  # Adam's moments untouched too
     assert scaler.get_scale() == 2.0**126
 
 
 def test_non_finite_batch_skips_the_step_without_a_scaler():
     config = tiny_config(dropout=0.0)
     networks = build_models(config)
-    optimizers = adam_for(networks, config)
+    optimizers = adam_optimizers(networks, config)
     before = state_of(networks)
     x = make_inputs(config, dtype=torch.float32)[0]
     x[3, 7] = float("nan")
@@ -241,106 +235,37 @@ def assert_same_states(a, b):
 
 
 def plain_step(networks, optimizers, x, config):
-    """train_step's step without any guard: the gradients (with train_step's noise draws), then every optimizer."""
+    """train_step's step written plainly: the gradients (with train_step's noise draws), then every optimizer."""
     eps = torch.randn(x.shape[0], config.latent_dim)
     routed_gradients(*networks, x, eps, torch.randn_like(eps), config)
     for optimizer in optimizers:
         optimizer.step()
 
 
-@pytest.mark.parametrize("bounds", ["measured", "stale"])
-def test_an_update_that_would_overflow_a_weight_is_undone_bitwise(bounds):
-    """Finite gradients, but an optimizer state such as a bad checkpoint could hold (a huge exp_avg, loaded after a
-    good step) makes Adam's update overflow. Given no bounds, as whoever changes the states outside the step must,
-    train_step measures them: the step is skipped on all three networks, and every weight, moment and step count is
-    bitwise what it was. Given the bounds of the step before the load, now stale, it trusts them, and the overflow
-    goes through: keeping them valid is the caller's part."""
-    config = tiny_config(dropout=0.0)
-    torch.manual_seed(5)
-    networks = build_models(config)
-    optimizers = adam_optimizers(networks, config)  # fused, as the trainer's
-    x = make_inputs(config, dtype=torch.float32)[0]
-    first = train_step(networks, optimizers, x, config)
-    assert first.stepped and first.bounds is not None
-    state = optimizers.decoder.state_dict()
-    state["state"][0]["exp_avg"] = torch.full_like(state["state"][0]["exp_avg"], 3e38)
-    optimizers.decoder.load_state_dict(state)
-    for optimizer in optimizers:
-        optimizer.param_groups[0]["lr"] = 1.0
-    weights, states = state_of(networks), optimizer_states(optimizers)
-    unguarded = copy.deepcopy((networks, optimizers))
-    plain_step(*unguarded, x, config)
-    assert not all(torch.isfinite(p).all() for p in state_of(unguarded[0]))  # what the guard prevents
-
-    result = train_step(networks, optimizers, x, config, bounds=first.bounds if bounds == "stale" else None)
-
-    assert torch.isfinite(result.grad_norms).all()
-    if bounds == "stale":
-        assert result.stepped and not all(torch.isfinite(p).all() for p in state_of(networks))
-        return
-    assert not result.stepped and result.skip_reason == NON_FINITE_UPDATE
-    assert all(torch.equal(a, b) for a, b in zip(weights, state_of(networks), strict=True))
-    assert_same_states(states, optimizer_states(optimizers))
-
-
-@pytest.mark.parametrize("implementation", ["fused", "foreach", "single_tensor"])
-def test_a_first_step_whose_update_overflows_leaves_no_optimizer_state(implementation):
-    """lr 1e39: Adam's step size overflows float32, so every update is infinite or NaN (or, in torch's single-tensor
-    Adam, an error midway through the optimizers); the optimizers stay empty."""
-    config = tiny_config(dropout=0.0, lr=1e39)
-    networks = build_models(config)
-    kind = {"fused": {"fused": True}, "foreach": {"foreach": True}, "single_tensor": {"foreach": False}}[implementation]
-    optimizers = Networks(*(torch.optim.Adam(net.parameters(), lr=config.lr, **kind) for net in networks))
-    before = state_of(networks)
-
-    result = train_step(networks, optimizers, make_inputs(config, dtype=torch.float32)[0], config)
-
-    assert not result.stepped and result.skip_reason == NON_FINITE_UPDATE
-    assert torch.isfinite(result.grad_norms).all()
-    assert all(torch.equal(a, b) for a, b in zip(before, state_of(networks), strict=True))
-    assert all(not optimizer.state for optimizer in optimizers)
-
-
-def largest(optimizer):
-    """The optimizer's largest |weight|, |exp_avg| and exp_avg_sq, exactly."""
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    return [max(float(optimizer.state[p][key].abs().max()) if key else float(p.detach().abs().max()) for p in params)
-            for key in (None, "exp_avg", "exp_avg_sq")]
-
-
-def test_the_update_guard_changes_no_number_and_its_carried_bounds_hold(monkeypatch):
-    """Steps through the guard equal unguarded steps bitwise: the fast path, and the slow one (copy, step, check)
-    where the bounds cannot rule an overflow out (lr 1e30) and the update is finite all the same. The bounds are
-    measured at the first step only, then carried on the host, and each step's bound the tensors it leaves; the
-    slow step's result has none, so that the next step measures them."""
-    calls, measure, slow = Counter(), step_module._measure, step_module.step_or_undo
-    monkeypatch.setattr(step_module, "_measure", lambda opts: calls.update(["measure"]) or measure(opts))
-    monkeypatch.setattr(step_module, "step_or_undo", lambda opts: calls.update(["slow"]) or slow(opts))
+def test_train_step_is_a_plain_adam_step_bitwise_and_a_skipped_step_changes_nothing():
+    """The fused kernel's found_inf changes no number of a step that goes through, and a skipped step (a NaN pixel)
+    leaves every weight, moment and step count as it was, so the steps after it match plain ones bitwise."""
     config = tiny_config(dropout=0.0)
     torch.manual_seed(6)
-    guarded = build_models(config)
-    plain = copy.deepcopy(guarded)
-    guarded_opts, plain_opts = adam_optimizers(guarded, config), adam_optimizers(plain, config)
-    bounds = None
-    for index, lr in enumerate([3e-4, 3e-4, 3e-4, 1e30]):
+    stepped = build_models(config)
+    plain = copy.deepcopy(stepped)
+    stepped_opts, plain_opts = adam_optimizers(stepped, config), adam_optimizers(plain, config)
+    for index in range(4):
         x = make_inputs(config, dtype=torch.float32, seed=index)[0]
-        for optimizer in (*guarded_opts, *plain_opts):
-            optimizer.param_groups[0]["lr"] = lr
+        if index == 2:
+            x[0, 0] = float("nan")
+            weights, states = state_of(stepped), optimizer_states(stepped_opts)
         torch.manual_seed(index)
-        result = train_step(guarded, guarded_opts, x, config, bounds=bounds)
-        assert result.stepped
-        bounds = result.bounds
+        result = train_step(stepped, stepped_opts, x, config)
+        assert result.stepped == (index != 2)
+        if index == 2:
+            assert all(torch.equal(a, b) for a, b in zip(weights, state_of(stepped), strict=True))
+            assert_same_states(states, optimizer_states(stepped_opts))
+            continue
         torch.manual_seed(index)
         plain_step(plain, plain_opts, x, config)
-        assert all(torch.equal(a, b) for a, b in zip(state_of(guarded), state_of(plain), strict=True)), index
-        if bounds is not None:
-            for optimizer, bound in zip(guarded_opts, bounds, strict=True):
-                bounded = zip(largest(optimizer), [bound.weight, bound.exp_avg, bound.exp_avg_sq], strict=True)
-                assert all(value <= bound for value, bound in bounded), index
-    assert calls == {"measure": 2, "slow": 1}  # the first step's; the last step's, again, then its slow path
-    assert bounds is None
-    assert_same_states(optimizer_states(guarded_opts), optimizer_states(plain_opts))
-    assert all(torch.isfinite(p).all() for p in state_of(guarded))
+        assert all(torch.equal(a, b) for a, b in zip(state_of(stepped), state_of(plain), strict=True)), index
+    assert_same_states(optimizer_states(stepped_opts), optimizer_states(plain_opts))
 
 
 def test_learning_rate_is_constant_then_falls_linearly_to_zero_at_the_last_step():

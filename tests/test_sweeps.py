@@ -20,8 +20,9 @@ from tests.slurm_doubles import (
     run,
     srun_calls,
 )
-from vaegan_dist.config import FIELD_NAMES, TrainConfig, parse_args
-from vaegan_dist.evaluation import SAMPLE_ROWS
+from vaegan_dist.cli.train import parse_args
+from vaegan_dist.config import FIELD_NAMES, TrainConfig
+from vaegan_dist.evaluation.scores import SAMPLE_ROWS
 
 SWEEP = yaml.safe_load((REPO / "launch/sweep.yaml").read_text())
 

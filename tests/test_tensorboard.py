@@ -13,8 +13,9 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tests.conftest import launch, tiny_flags
-from vaegan_dist.config import ConfigError, TrainConfig, parse_args
-from vaegan_dist.tracking import MAX_PENDING, TENSORBOARD_DIR, TensorBoardTracker, Trackers
+from vaegan_dist.cli.train import parse_args
+from vaegan_dist.config import ConfigError, TrainConfig
+from vaegan_dist.training.trackers import MAX_PENDING, TENSORBOARD_DIR, TensorBoardTracker, Trackers
 
 
 def events(directory) -> EventAccumulator:

@@ -18,9 +18,9 @@ from tests import forked
 from tests.conftest import launch, tiny_flags
 from tests.wandb_files import history, run_info
 from vaegan_dist.config import ConfigError, TrainConfig
-from vaegan_dist.console import plain_line
 from vaegan_dist.exits import Ending
-from vaegan_dist.tracking import MAX_PENDING, Tracker, resolve_mode
+from vaegan_dist.training.console import plain_line
+from vaegan_dist.training.trackers import MAX_PENDING, WandbTracker, resolve_mode
 
 FAKE_KEY = "x" * 40  # a well-formed API key that no server knows
 
@@ -124,10 +124,10 @@ class FakeRun:
         self.preempting = not self.finished
 
 
-def start_tracker(monkeypatch, tmp_path, init, timeout=5.0) -> tuple[Tracker, list[str]]:
+def start_tracker(monkeypatch, tmp_path, init, timeout=5.0) -> tuple[WandbTracker, list[str]]:
     monkeypatch.setattr(wandb, "init", init)
     warnings: list[str] = []
-    tracker = Tracker(warnings.append)
+    tracker = WandbTracker(warnings.append)
     tracker.start("online", {}, tmp_path, run_id=None, timeout=timeout)
     return tracker, warnings
 
@@ -189,7 +189,7 @@ def test_a_resumed_job_continues_its_run(monkeypatch, tmp_path):
     for job, step in enumerate((10, 20)):
         monkeypatch.setenv("WANDB_DIR", str(tmp_path / f"job{job}"))  # respected over the output directory
         (tmp_path / f"job{job}").mkdir()
-        tracker = Tracker(pytest.fail)
+        tracker = WandbTracker(pytest.fail)
         tracker.start("offline", {}, tmp_path / "output", run_id="resumed-run-1", timeout=30)
         assert tracker.run_id == "resumed-run-1"
         tracker.log({"step": step, "loss": 1 / step})

@@ -1,26 +1,21 @@
-"""Every setting of a run as one frozen dataclass, its presets, and the command line and files that fill it.
+"""Every setting of a run as one frozen dataclass, its presets, and the config files that fill it.
 
 Precedence, lowest first: the preset (``--preset``, default ``default``), the config file
-(``--config``, YAML or JSON with the field names as keys), then the flags (the field names with dashes).
+(``--config``, YAML or JSON with the field names as keys), then the flags (the field names with dashes;
+vaegan_dist.cli.train reads them).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import difflib
 import json
 import math
-import re
-import sys
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, NoReturn
+from typing import Any, Literal
 
 import yaml
-
-from vaegan_dist.exits import fail
 
 Similarity = Literal["logit", "hidden"]
 GeneratorLoss = Literal["minimax", "non_saturating"]
@@ -34,6 +29,9 @@ MAX_EVAL_SAMPLES = 60_000  # the floor uses as many training images, and MNIST h
 MAX_SEED = 2**32 - 1  # numpy's seeds (accelerate's set_seed seeds numpy too) are 32-bit
 MAX_CPU_THREADS = 1024  # far beyond any useful count; 100000 threads make the process fail to load libraries
 MAX_WANDB_TIMEOUT = 86400.0  # a day; waits longer than the platform's time_t overflow
+# Adam moves a weight by at most about lr·(1 − β1)/√(1 − β2) a step, whatever the gradient: with every network's
+# learning rate at most this, no finite run of steps takes a float32 weight near its limit.
+MAX_LR = 1.0
 
 
 class ConfigError(ValueError):
@@ -66,7 +64,7 @@ class TrainConfig:
     prior_match_weight: float = setting(10.0, "weight, in the encoder's loss, of how far the batch's codes are from "
                                         "N(0, I) in each dimension's mean and variance (holds the aggregate "
                                         "posterior near the prior)")
-    # Networks
+    # PerNetwork
     latent_dim: int = setting(20, "size of z")
     hidden_dim: int = setting(1024, "width of the encoder's and decoder's hidden layers, and the discriminator's "
                               "first (it halves per layer)")
@@ -108,9 +106,8 @@ class TrainConfig:
     on_save_error: Literal["stop", "continue"] = setting("stop", "a periodic save that fails: stop the run (exit "
                                                          "3), or warn and try again at the next")
     requeue: bool = setting(False, "after a preemption save, run `scontrol requeue $SLURM_JOB_ID`")
-    max_consecutive_skips: int = setting(100, "skipped steps in a row (non-finite gradients, or an "
-                                         "update that would make a weight non-finite) that end the run, with a "
-                                         "checkpoint (exit 4)")
+    max_consecutive_skips: int = setting(100, "skipped steps in a row (non-finite losses or gradients) that "
+                                         "end the run, with a checkpoint (exit 4)")
     # Speed
     cpu_threads: int | None = setting(None, "threads per process on the CPU (none: the cores divided among this "
                                       "machine's processes)")
@@ -146,6 +143,8 @@ class TrainConfig:
         _require("seed", 0 <= self.seed <= MAX_SEED, f"must be in [0, {MAX_SEED}]")
         _require("cpu_threads", self.cpu_threads is None or self.cpu_threads <= MAX_CPU_THREADS,
                  f"must be at most {MAX_CPU_THREADS}")
+        _require("lr", self.lr * max(1.0, self.discriminator_lr_scale) <= MAX_LR,
+                 f"times discriminator_lr_scale must be at most {MAX_LR:g} (Adam's learning rates are ~1e-4)")
         _require("wandb_timeout", self.wandb_timeout <= MAX_WANDB_TIMEOUT, f"must be at most {MAX_WANDB_TIMEOUT:g} s")
         for key in ("kl_weight", "pixel_weight", "prior_match_weight"):
             _require(key, getattr(self, key) >= 0, "must be 0 or more")
@@ -287,133 +286,3 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise ConfigError(f"config file {path} must hold a mapping of setting names to values")
     return values
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a command-line mistake is one line like every other error, `error: ...`, with the close matches
-    of a mistyped flag or choice and a pointer to --help, and exit status EXIT_BAD_INPUT; not the whole usage."""
-
-    def error(self, message: str) -> NoReturn:
-        hint = ""
-        if unknown := re.match(r"unrecognized arguments: (.*)", message):
-            flags = [word for word in unknown.group(1).split() if word.startswith("-")]
-            options = [o for o in self._option_string_actions if o.startswith("--")]
-            matches = {flag: difflib.get_close_matches(flag.split("=")[0], options, n=2) for flag in flags}
-            hint = "".join(f"; {flag}: did you mean {' or '.join(close)}?" for flag, close in matches.items() if close)
-            if len(flags) == 1 and hint:
-                hint = hint.replace(f"; {flags[0]}:", ";")
-        elif choice := re.match(r"argument (\S+): invalid choice: '?([^' ]*)'? \(choose from (.*)\)", message):
-            choices = [c.strip(" '\"") for c in choice.group(3).split(",")]
-            if close := difflib.get_close_matches(choice.group(2), choices, n=2):
-                hint = f"; did you mean {' or '.join(close)}?"
-        line = " ".join(f"{message}{hint}".split())
-        fail(f"{self.prog}: {line} ({self.prog} --help lists the flags)")
-
-
-def seed_flag(text: str) -> int:
-    """argparse type of a --seed: an int in [0, MAX_SEED]."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid seed {text!r}: give an integer") from None
-    if not 0 <= value <= MAX_SEED:
-        raise argparse.ArgumentTypeError(f"seed {value} is not in [0, {MAX_SEED}]")
-    return value
-
-
-def device_flag(text: str) -> str:
-    """argparse type of a --device: one torch knows, and that this machine has."""
-    import torch
-
-    try:
-        device = torch.device(text)
-    except (RuntimeError, ValueError):
-        raise argparse.ArgumentTypeError(f"unknown device {text!r}: use cpu or cuda (cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"device {text!r}: no CUDA GPU is available here; use --device cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise argparse.ArgumentTypeError(f"device {text!r}: this machine has {torch.cuda.device_count()} GPUs")
-    return text
-
-
-def _flag_type(hint: Any) -> dict[str, Any]:
-    """argparse keywords that parse a flag into a value of this field's type."""
-    args = typing.get_args(hint)
-    optional = type(None) in args
-    if optional:
-        hint = next(a for a in args if a is not type(None))
-    if typing.get_origin(hint) is Literal:
-        return {"choices": typing.get_args(hint)}
-    if hint is bool:
-        return {"action": argparse.BooleanOptionalAction}
-    base = hint
-
-    def parse(text: str) -> Any:
-        if optional and text.lower() in ("none", "null"):
-            return None
-        return base(text)
-
-    parse.__name__ = base.__name__  # argparse names the type in its error messages
-    return {"type": parse, "metavar": base.__name__.upper()}
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(
-        prog="train.py",
-        description="Train the VAE/GAN of Larsen et al. (2016) on MNIST with Accelerate.",
-        epilog="Defaults shown are the default preset's; --preset changes some of them.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument("--preset", choices=list(PRESETS), default=argparse.SUPPRESS,
-                        help=f"named settings to start from (default: {DEFAULT_PRESET})")
-    parser.add_argument("--config", default=argparse.SUPPRESS,
-                        help="YAML or JSON file of settings (flags override it)")
-    hints = typing.get_type_hints(TrainConfig)
-    defaults = TrainConfig()
-    for f in dataclasses.fields(TrainConfig):
-        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=argparse.SUPPRESS,
-                            help=f"{f.metadata['help']} (default: {getattr(defaults, f.name)})",
-                            **_flag_type(hints[f.name]))
-    return parser
-
-
-def agent_flag_forms(argv: list[str]) -> list[str]:
-    """The flags as the parser knows them, from the forms a W&B sweep agent writes: the field's name, underscores
-    and all, as `--key=value` (`${args}`) or `--key value` (`${args_no_equals}`); booleans with a value (True,
-    False) or alone when true (`${args_no_boolean_flags}`). So `--ema_decay=0.9` becomes `--ema-decay=0.9`,
-    `--spectral_norm=True` `--spectral-norm` and `--spectral_norm False` `--no-spectral-norm`. Values and
-    everything else pass unchanged."""
-    booleans = {f.name.replace("_", "-") for f in dataclasses.fields(TrainConfig) if f.type in ("bool", bool)}
-    words = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
-    normalised, rest = [], list(argv)
-    while rest:
-        arg = rest.pop(0)
-        name, eq, value = arg.partition("=")
-        if not name.startswith("--") or arg == "--":
-            normalised.append(arg)
-            continue
-        name = name[2:].replace("_", "-")
-        if name in booleans and not eq and rest and rest[0].lower() in words:
-            eq, value = "=", rest.pop(0)
-        if name in booleans and eq and value.lower() in words:
-            normalised.append(f"--{name}" if words[value.lower()] else f"--no-{name}")
-        else:
-            normalised.append(f"--{name}{eq}{value}")
-    return normalised
-
-
-def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    """The config the command line asks for: preset, then config file, then flags."""
-    flags = vars(build_parser().parse_args(agent_flag_forms(sys.argv[1:] if argv is None else argv)))
-    config_file = flags.pop("config", None)
-    file_values = load_config_file(config_file) if config_file else {}
-    preset = flags.pop("preset", file_values.pop("preset", DEFAULT_PRESET))
-    if not isinstance(preset, str) or preset not in PRESETS:
-        raise ConfigError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
-    config = TrainConfig.from_dict({**PRESETS[preset], **file_values, **flags}, source=f"config file {config_file}")
-    from vaegan_dist.guard import refuse_output  # it imports this module
-
-    refuse_output(config.output_dir, "--output-dir")
-    if config.data_dir is not None:  # MNIST may be downloaded into it
-        refuse_output(config.data_dir, "--data-dir")
-    return config

@@ -13,13 +13,15 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-import vaegan_dist.checkpoint as checkpoint_module
+import vaegan_dist.checkpoint.writing as checkpoint_module
 from tests.conftest import tiny_config
-from tests.test_step import adam_for
-from vaegan_dist.checkpoint import CheckpointError, Position, TrainState, save_checkpoint
+from vaegan_dist.checkpoint.layout import CheckpointError
+from vaegan_dist.checkpoint.writing import save_checkpoint
 from vaegan_dist.exits import leave
-from vaegan_dist.models import build_models
-from vaegan_dist.training_log import MetricWindow
+from vaegan_dist.model.networks import build_models
+from vaegan_dist.training.metrics import MetricWindow
+from vaegan_dist.training.state import Position, TrainState
+from vaegan_dist.training.step import adam_optimizers
 
 
 def main(out_dir: str) -> None:
@@ -27,7 +29,7 @@ def main(out_dir: str) -> None:
     config = tiny_config(output_dir=out_dir)
     torch.manual_seed(0)
     networks = build_models(config)
-    optimizers = adam_for(networks, config)
+    optimizers = adam_optimizers(networks, config)
 
     def save(step: int) -> Path:
         state = TrainState(Position(step), MetricWindow(accelerator.device))

@@ -9,7 +9,7 @@ import torch
 
 torch.use_deterministic_algorithms(True)
 
-from vaegan_dist.train import main  # noqa: E402
+from vaegan_dist.cli.train import main  # noqa: E402
 
 if __name__ == "__main__":
     main(sys.argv[1:])

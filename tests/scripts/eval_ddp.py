@@ -9,9 +9,9 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
-from vaegan_dist.evaluation import evaluate_distributed
+from vaegan_dist.evaluation.scores import evaluate_distributed
 from vaegan_dist.exits import leave
-from vaegan_dist.export import load_networks
+from vaegan_dist.hub.network_files import load_networks
 
 NUM_SAMPLES = 203  # odd: the second process's share is padded
 

@@ -17,8 +17,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from tests.conftest import tiny_config
 from tests.test_step import BATCH, make_inputs
-from vaegan_dist.models import Networks, build_models
-from vaegan_dist.step import routed_gradients
+from vaegan_dist.model.networks import PerNetwork, build_models
+from vaegan_dist.training.step import routed_gradients
 
 
 def worker(rank: int, port: int, out_dir: str) -> None:
@@ -32,11 +32,11 @@ def worker(rank: int, port: int, out_dir: str) -> None:
     results = {}
     if rank == 0:
         whole = routed_gradients(*networks, *inputs, config)
-        results.update({f"whole.{n}.{i}": g.clone() for n in Networks._fields for i, g in enumerate(whole[n])})
+        results.update({f"whole.{n}.{i}": g.clone() for n in PerNetwork._fields for i, g in enumerate(whole[n])})
     wrapped = [DistributedDataParallel(net, device_ids=[0]) for net in networks]
     half = BATCH // 2
     grads = routed_gradients(*wrapped, *(t[rank * half:(rank + 1) * half] for t in inputs), config)
-    results.update({f"ddp.{n}.{i}": g.clone() for n in Networks._fields for i, g in enumerate(grads[n])})
+    results.update({f"ddp.{n}.{i}": g.clone() for n in PerNetwork._fields for i, g in enumerate(grads[n])})
     save_file({k: v.cpu().contiguous() for k, v in results.items()}, f"{out_dir}/rank{rank}.safetensors")
     dist.barrier()
     dist.destroy_process_group()

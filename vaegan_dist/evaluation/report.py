@@ -1,7 +1,7 @@
 """Pictures of a run from its output directory: loss curves from metrics.jsonl and a GIF of the samples.
 
-Written at the end of training, and on demand by `vaegan-report OUTPUT_DIR` (or `python -m
-vaegan_dist.report OUTPUT_DIR`), which works on a run still in progress too:
+Written at the end of training, and on demand by `vaegan-report OUTPUT_DIR`, which works on a run still in
+progress too:
 
 - loss_curves.png: the losses of the three networks against the global step
 - discriminator_outputs.png: the means of D(x), D(x̃) and D(x_p)
@@ -12,14 +12,12 @@ The curves need matplotlib, an optional extra: pip install 'vaegan-dist[report]'
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from vaegan_dist.config import ArgumentParser
-from vaegan_dist.exits import fail
+from vaegan_dist.checkpoint.metrics_log import METRICS_FILE, MetricsFileError, read_records
 
 CURVES = {  # file: (title, y label, {metrics key: legend label})
     "loss_curves.png": ("Losses", "loss", {"enc_loss": "encoder", "dec_loss": "decoder",
@@ -35,29 +33,14 @@ class ReportError(RuntimeError):
     """A picture cannot be drawn. The message says what is missing and what to do."""
 
 
-def read_metrics(path: Path) -> list[dict[str, float]]:
+def training_records(path: Path) -> list[dict[str, float]]:
     """The training records of metrics.jsonl (not the evaluations) by step; where a resumed run logged a step
     again, its last record."""
     try:
-        lines = path.read_text().splitlines()
-    except OSError as err:
-        raise ReportError(f"cannot read {path} ({err.strerror}): give the output directory of a run") from None
-    except UnicodeDecodeError:
-        raise ReportError(f"{path} is not text: it is not a run's metrics.jsonl") from None
-    by_step = {}
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            if number == len(lines):  # the line a running or killed job was writing
-                continue
-            raise ReportError(f"{path} line {number} is not JSON: fix or delete that line") from None
-        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
-            raise ReportError(f"{path} line {number} is not a record with a step: fix or delete that line")
-        if not any(key.startswith("eval/") for key in record):
-            by_step[record["step"]] = record
+        records = read_records(path)
+    except MetricsFileError as err:
+        raise ReportError(str(err)) from None
+    by_step = {record["step"]: record for record in records if not any(key.startswith("eval/") for key in record)}
     return [by_step[step] for step in sorted(by_step)]
 
 
@@ -108,30 +91,7 @@ def write_samples_gif(output_dir: Path) -> Path | None:
 def write_report(output_dir: Path) -> list[Path]:
     """The GIF, then the loss curves; the files written. Raises ReportError when the curves cannot be drawn."""
     gif = write_samples_gif(output_dir)
-    records = read_metrics(output_dir / "metrics.jsonl")
+    records = training_records(output_dir / METRICS_FILE)
     if not records:
-        raise ReportError(f"{output_dir / 'metrics.jsonl'} has no records yet")
+        raise ReportError(f"{output_dir / METRICS_FILE} has no records yet")
     return [*([gif] if gif else []), *write_loss_curves(records, output_dir)]
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = ArgumentParser(prog="vaegan-report", description=__doc__.splitlines()[0])
-    parser.add_argument("output_dir", type=Path, help="a run's --output-dir")
-    output_dir = parser.parse_args(argv).output_dir
-    if not output_dir.is_dir():
-        fail(f"{output_dir} is not a directory: give the output directory of a run")
-    from vaegan_dist.guard import OutputError, refuse_output
-
-    try:
-        refuse_output(output_dir, "the output directory")
-        paths = write_report(output_dir)
-    except (ReportError, OutputError) as err:
-        fail(str(err))
-    except OSError as err:
-        fail(f"cannot write the pictures into {output_dir} ({err.strerror or err}): make it writable")
-    for path in paths:
-        print(path)
-
-
-if __name__ == "__main__":
-    main()

@@ -27,14 +27,10 @@ import torch
 from accelerate import Accelerator
 from torch import Tensor, nn
 
-from vaegan_dist.classifier import Classifier, accuracy, embed, load_classifier
-from vaegan_dist.config import (
-    MIN_EVAL_SAMPLES,
-    TrainConfig,
-)
-from vaegan_dist.data import load_mnist
-from vaegan_dist.models import eval_mode, images_to_pixels
-from vaegan_dist.sample_statistics import (
+from vaegan_dist.config import MIN_EVAL_SAMPLES, TrainConfig
+from vaegan_dist.data.mnist import load_mnist
+from vaegan_dist.evaluation.classifier import Classifier, accuracy, embed, load_classifier
+from vaegan_dist.evaluation.statistics import (
     aggregate_posterior,
     class_histogram,
     frechet_distance,
@@ -43,6 +39,7 @@ from vaegan_dist.sample_statistics import (
     knn_radii,
     precision_recall,
 )
+from vaegan_dist.model.networks import eval_mode, images_to_pixels
 
 DEFAULT_SAMPLES = 10_000
 BATCH = 1000

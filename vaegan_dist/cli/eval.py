@@ -10,13 +10,14 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from vaegan_dist.classifier import NUM_CLASSES
-from vaegan_dist.config import MAX_EVAL_SAMPLES, MIN_EVAL_SAMPLES, ArgumentParser, device_flag, seed_flag
-from vaegan_dist.data import DataError
-from vaegan_dist.evaluation import DEFAULT_SAMPLES, LATENT_ROWS, RECON_ROWS, SAMPLE_ROWS, Reference, evaluate
+from vaegan_dist.checkpoint.output_paths import OutputError, refuse_output
+from vaegan_dist.cli.args import ArgumentParser, add_weights_flag, device_flag, seed_flag
+from vaegan_dist.config import MAX_EVAL_SAMPLES, MIN_EVAL_SAMPLES
+from vaegan_dist.data.mnist import DataError
+from vaegan_dist.evaluation.classifier import NUM_CLASSES
+from vaegan_dist.evaluation.scores import DEFAULT_SAMPLES, LATENT_ROWS, RECON_ROWS, SAMPLE_ROWS, Reference, evaluate
 from vaegan_dist.exits import fail
-from vaegan_dist.export import ExportError, add_weights_flag, load_networks
-from vaegan_dist.guard import OutputError, refuse_output
+from vaegan_dist.hub.network_files import ExportError, load_networks
 
 
 def histogram_text(scores: dict[str, float], prefix: str = "") -> str:

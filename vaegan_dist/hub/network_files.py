@@ -13,48 +13,28 @@ this package; the README's script does that with torch and safetensors alone.
 
 from __future__ import annotations
 
-import argparse
-import copy
 import json
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
-from torch import nn
 
-from vaegan_dist.checkpoint import AVERAGE_FILES, checkpoints_dir, newest_complete
-from vaegan_dist.config import ArgumentParser, ConfigError, TrainConfig
-from vaegan_dist.exits import fail
-from vaegan_dist.guard import OutputError, refuse_output
-from vaegan_dist.models import Decoder, Encoder, build_models
+from vaegan_dist.checkpoint.layout import WEIGHTS, checkpoints_dir
+from vaegan_dist.checkpoint.reading import newest_complete
+from vaegan_dist.checkpoint.tensors import AVERAGE_FILES
+from vaegan_dist.config import ConfigError, TrainConfig
+from vaegan_dist.model.mlp import Decoder, Encoder
+from vaegan_dist.model.networks import build_models
 
 CONFIG_FILE = "config.json"
 NETWORK_FILES = {"encoder": "encoder.safetensors", "decoder": "decoder.safetensors"}  # checkpoints, old exports
 MODEL_FILE = "model.safetensors"  # exports: both networks, keys prefixed with "encoder." and "decoder."
 CARD_FILE = "README.md"
-WEIGHTS = ("ema", "raw")  # which networks to read: their moving averages where the directory has them, or the trained
 
 
 class ExportError(RuntimeError):
     """A directory that does not hold loadable networks. The message names the file and what to do."""
-
-
-def export_networks(encoder: nn.Module, decoder: nn.Module, config: TrainConfig, directory: str | Path,
-                    dtype: torch.dtype = torch.float16, card: dict[str, Any] | None = None) -> Path:
-    """Writes what VAEGAN.save_pretrained writes, weights cast to dtype, into directory: config.json,
-    model.safetensors and the model card README.md (card: its license, metrics, source and command)."""
-    from vaegan_dist.hub import VAEGAN  # hub builds on this module
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / CARD_FILE).unlink(missing_ok=True)  # save_pretrained keeps an existing card
-    copies = [copy.deepcopy(network).to("cpu", dtype) for network in (encoder, decoder)]
-    model = VAEGAN.from_networks(config, *copies)
-    model.card_extras = dict(card or {})
-    model.save_pretrained(directory)
-    return directory
 
 
 def network_directory(directory: str | Path) -> Path:
@@ -119,42 +99,3 @@ def averages_in(directory: Path, weights: str) -> list[str]:
 def averages_note(names: list[str]) -> str:
     """' (the moving averages of the encoder and the decoder)', or of one of them, or nothing."""
     return f" (the moving average{'s' * (len(names) > 1)} of the {' and the '.join(names)})" if names else ""
-
-
-def add_weights_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--weights", choices=WEIGHTS, default="ema", help="ema (default): the encoder's and the "
-                        "decoder's moving averages, where the run kept them (--ema-decay); raw: the trained ones")
-
-
-def main(argv: list[str] | None = None) -> None:
-    """vaegan-export SOURCE OUT: the encoder and decoder of a checkpoint (or a run's newest) as an export in the
-    Hugging Face format (VAEGAN.from_pretrained reads it; vaegan-sample and vaegan-eval too), with a model card."""
-    parser = ArgumentParser(prog="vaegan-export", description=main.__doc__)
-    parser.add_argument("source", help="a checkpoint directory, or a run's output directory (its newest checkpoint)")
-    parser.add_argument("out", help="the export directory to write")
-    parser.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="the weights' type")
-    parser.add_argument("--license", default="other", help="the model card's license (a Hub license id, e.g. "
-                        "mit or apache-2.0; default other: see the repository)")
-    add_weights_flag(parser)
-    args = parser.parse_args(argv)
-    from vaegan_dist.hub import run_metrics
-
-    try:
-        refuse_output(args.out, "the export directory", (args.source, network_directory(args.source)), directory=True)
-        config, encoder, decoder = load_networks(args.source, weights=args.weights)
-        source = network_directory(args.source)
-        averaged = averages_note(averages_in(source, args.weights))
-        card = {"license": args.license, "metrics": run_metrics(source),
-                "source": f"Exported by `vaegan-export` from `{source.name}`"
-                          + averaged}
-        export_networks(encoder, decoder, config, args.out, getattr(torch, args.dtype), card)
-    except (ExportError, OutputError) as err:
-        fail(str(err))
-    except OSError as err:
-        fail(f"cannot write the export to {args.out} ({err.strerror or err}): choose a writable directory")
-    print(f"exported the encoder and decoder of {source} to {args.out}"
-          + averaged)
-
-
-if __name__ == "__main__":
-    main()

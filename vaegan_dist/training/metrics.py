@@ -1,23 +1,18 @@
-"""What training reports as it goes: the metrics window averaged into each logged record, metrics.jsonl, and
-the checks read off the records (a collapsed discriminator)."""
+"""What training reports as it goes: the metrics window averaged into each logged record, and the checks read off
+the records (a collapsed discriminator). The records go to metrics.jsonl (vaegan_dist.checkpoint.metrics_log)."""
 
 from __future__ import annotations
 
-import errno
-import json
-import os
 import resource
 import time
-from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from torch import Tensor
 
-from vaegan_dist.losses import LossTerms
-from vaegan_dist.models import Networks
-from vaegan_dist.step import StepResult
+from vaegan_dist.model.losses import LossTerms
+from vaegan_dist.model.networks import PerNetwork
+from vaegan_dist.training.step import StepResult
 
 # A discriminator whose mean outputs on real and reconstructed images both sit within COLLAPSE_MARGIN of 0 or 1
 # for COLLAPSE_RECORDS logged records in a row has stopped giving the other networks a useful signal.
@@ -25,67 +20,12 @@ COLLAPSE_MARGIN = 0.01
 COLLAPSE_RECORDS = 10
 
 
-class MetricsLog:
-    """metrics.jsonl: one JSON object per logged step (and per evaluation), written by the main process only.
-
-    A record is written whole or not at all: a failed write (a full disk) is cut back off the file, costs one
-    warning, and the log goes on with the next record.
-    """
-
-    def __init__(self, path: Path, enabled: bool, warn: Callable[[str], None]) -> None:
-        self.path = path
-        self.enabled = enabled
-        self._warn = warn
-        self._warned = False
-
-    def resume_at(self, step: int) -> None:
-        """Cuts the log back to the records of steps up to `step` (where the run resumes; 0 for a fresh start),
-        dropping what a crashed run logged past its checkpoint and any torn last line."""
-        if not self.enabled or not self.path.exists():
-            return
-        kept = []
-        for line in self.path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict) and record.get("step", 0) <= step:
-                kept.append(line + "\n")
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(kept))
-        os.replace(tmp, self.path)
-
-    def write(self, record: dict[str, float | int]) -> None:
-        if not self.enabled:
-            return
-        try:
-            self._append((json.dumps(record) + "\n").encode())
-        except OSError as err:
-            if not self._warned:
-                self._warn(f"cannot write to {self.path} ({err.strerror}): records are missing from it until "
-                           "writing works again; training goes on")
-            self._warned = True
-
-    def _append(self, line: bytes) -> None:
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            size = os.fstat(fd).st_size
-            try:
-                if os.write(fd, line) != len(line):
-                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            except OSError:
-                os.ftruncate(fd, size)  # no torn line for readers, nor for the next record to follow
-                raise
-        finally:
-            os.close(fd)
-
-
 class MetricWindow:
     """This process's sums of every loss and gradient norm since the last logged step."""
 
     def __init__(self, device: torch.device) -> None:
         self.terms = torch.zeros(len(LossTerms.names()), device=device)
-        self.norms = torch.zeros(len(Networks._fields), device=device)
+        self.norms = torch.zeros(len(PerNetwork._fields), device=device)
         self.steps = 0
         self.started = time.perf_counter()
 
@@ -113,7 +53,7 @@ class MetricWindow:
         norms = accelerator.reduce(self.norms, reduction="mean") / self.steps
         elapsed = time.perf_counter() - self.started
         record = {**dict(zip(LossTerms.names(), terms.tolist(), strict=True)),
-                  **{f"grad_norm_{name}": value for name, value in zip(Networks._fields, norms.tolist(), strict=True)},
+                  **{f"grad_norm_{name}": norm for name, norm in zip(PerNetwork._fields, norms.tolist(), strict=True)},
                   "images_per_s": self.steps * global_batch / elapsed, "step_time_s": elapsed / self.steps}
         if reset:
             self.terms.zero_()

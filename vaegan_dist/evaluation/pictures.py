@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from vaegan_dist.models import eval_mode
+from vaegan_dist.model.networks import eval_mode
 
 PADDING = 2
 

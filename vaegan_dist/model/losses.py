@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vaegan_dist.models import IMAGE_PIXELS
+from vaegan_dist.model.mlp import IMAGE_PIXELS
 
 
 @dataclass(frozen=True)

@@ -4,17 +4,15 @@ At batch 128 the seed networks' step is tens of microseconds of math on a recent
 launches (one forward pass, three routed backward passes, three fused Adam updates): in eager mode the step is
 bound by the CPU launching them. A CUDA graph replays all of them with one launch.
 
-What is captured, exactly as train_step runs it:
+What is captured is train_step's own step_on_device, which reads nothing back from the device:
   noise       eps and z_p drawn inside the graph from the device's default CUDA generator (graph-safe: each
               replay reads the generator's seed and offset at replay time and advances the offset)
   forward     one pass (routed_gradients), from a static input buffer that each call copies the batch into
   backward    the three routed passes; the gradients live in the graph's private memory pool
-  verdict     each network's gradient norm and whether all are finite, on the device; the optimizers'
-              `found_inf` is 1 when any is not (no host synchronisation inside the step)
+  verdict     each network's gradient norm and whether all are finite, on the device: the optimizers'
+              `found_inf`, 1 when any is not
   update      the three fused Adam steps, capturable, with their learning rates in device tensors (refilled
-              only when the schedule changes them). torch's _fused_adam passes `found_inf` to the kernel, which
-              leaves weights and moments untouched when it is 1, and subtracts it from the step counts it has
-              just incremented: a skipped step leaves every network and optimizer state as it was, as in eager.
+              only when the schedule changes them); the kernel skips a step whose `found_inf` is 1, as in eager.
 The result (losses, gradient norms, stepped) is copied out of the graph's static outputs; reading `stepped`
 synchronises once per step, as the eager step does.
 
@@ -23,8 +21,7 @@ Capture happens at the first call: a few warm-up steps on a side stream (their u
 then the capture itself, which runs nothing. So the first replay draws the same noise and dropout masks as the
 first eager step would, and the CUDA generator's state after N replays is the one that N eager steps leave:
 checkpoints save it and a resumed run restores it before capturing again, so a stop and resume is bitwise the
-unbroken run on the same machine. (Only a run whose every step was skipped differs: its optimizers hold zero
-moments at step 0 where eager ones hold none.)
+unbroken run on the same machine.
 
 Not supported, each a one-line error before anything runs (check_launch_free): a CPU, several processes (DDP's
 gradient hooks and NCCL calls), fp16 (the GradScaler's scale changes between steps on the host), --compile
@@ -38,12 +35,11 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.nn.utils import get_total_norm
 
 from vaegan_dist.config import ConfigError, TrainConfig
-from vaegan_dist.losses import LossTerms
-from vaegan_dist.models import Networks
-from vaegan_dist.step import NON_FINITE_GRADIENTS, StepResult, routed_gradients
+from vaegan_dist.model.losses import LossTerms
+from vaegan_dist.model.networks import PerNetwork
+from vaegan_dist.training.step import StepResult, step_on_device
 
 WARMUP_STEPS = 3
 
@@ -67,7 +63,7 @@ class GraphedStep:
         self.warmup_steps = warmup_steps
         self.graph: torch.cuda.CUDAGraph | None = None
 
-    def __call__(self, networks: Networks, optimizers: Networks, x: Tensor, config: TrainConfig,
+    def __call__(self, networks: PerNetwork, optimizers: PerNetwork, x: Tensor, config: TrainConfig,
                  scaler: torch.amp.GradScaler | None = None) -> StepResult:
         if scaler is not None:
             raise ConfigError("setting 'cuda_graphs' does not support fp16's loss scaling: use --mixed-precision "
@@ -83,44 +79,31 @@ class GraphedStep:
         count = len(LossTerms.names())
         terms = LossTerms(*out[:count].unbind())
         stepped = bool(out[-1])
-        return StepResult(terms, out[count:count + len(Networks._fields)], stepped,
-                          None if stepped else NON_FINITE_GRADIENTS)
+        return StepResult(terms, out[count:count + len(PerNetwork._fields)], stepped)
 
-    def set_learning_rates(self, optimizers: Networks) -> None:
+    def set_learning_rates(self, optimizers: PerNetwork) -> None:
         for index, optimizer in enumerate(optimizers):
             lr = float(optimizer.param_groups[0]["lr"])
             if lr != self.lr_values[index]:
                 self.lrs[index].fill_(lr)
                 self.lr_values[index] = lr
 
-    def step(self, networks: Networks, optimizers: Networks, config: TrainConfig, skip: bool) -> None:
-        """The step on the static buffers; skip: compute everything but leave the weights as they are."""
-        eps = torch.randn(self.x.shape[0], config.latent_dim, device=self.x.device)
-        z_p = torch.randn_like(eps)
-        grads = routed_gradients(*networks, self.x, eps, z_p, config)
-        norms = torch.stack([get_total_norm(grads[name]) for name in Networks._fields])
-        finite = torch.isfinite(norms).all()
-        if skip:
-            self.found_inf.fill_(1.0)
-        else:
-            self.found_inf.copy_(finite.logical_not())
-        for optimizer in optimizers:
-            optimizer.step()
-        self.out.copy_(torch.cat([grads.terms.stacked(), norms.float(), finite.float().reshape(1)]))
+    def step(self, networks: PerNetwork, optimizers: PerNetwork, config: TrainConfig, skip: bool) -> None:
+        """train_step's step_on_device on the static buffers; skip: compute everything but leave the weights."""
+        terms, norms, finite = step_on_device(networks, optimizers, self.x, config, force_skip=skip)
+        self.out.copy_(torch.cat([terms.stacked(), norms.float(), finite.float().reshape(1)]))
 
-    def capture(self, networks: Networks, optimizers: Networks, x: Tensor, config: TrainConfig) -> None:
+    def capture(self, networks: PerNetwork, optimizers: PerNetwork, x: Tensor, config: TrainConfig) -> None:
         device = x.device
         self.x = torch.empty_like(x)
         self.x.copy_(x)
-        self.found_inf = torch.zeros((), dtype=torch.float32, device=device)
-        self.out = torch.zeros(len(LossTerms.names()) + len(Networks._fields) + 1, device=device)
+        self.out = torch.zeros(len(LossTerms.names()) + len(PerNetwork._fields) + 1, device=device)
         self.lr_values = [float(opt.param_groups[0]["lr"]) for opt in optimizers]
         self.lrs = [torch.tensor(lr, dtype=torch.float32, device=device) for lr in self.lr_values]
         rng = torch.cuda.get_rng_state(device)
         buffers = [b.detach().clone() for net in networks for b in net.buffers()]
         for optimizer, lr in zip(optimizers, self.lrs, strict=True):
             optimizer.param_groups[0]["lr"] = lr
-            optimizer.found_inf = self.found_inf  # read by Adam.step, handed to the fused kernel
             optimizer._warned_capturable_if_run_uncaptured = True  # the warm-up runs uncaptured on purpose
         try:
             side = torch.cuda.Stream(device)
@@ -136,7 +119,6 @@ class GraphedStep:
         finally:
             for optimizer, lr in zip(optimizers, self.lr_values, strict=True):
                 optimizer.param_groups[0]["lr"] = lr  # checkpoints keep plain numbers
-                del optimizer.found_inf
         with torch.no_grad():
             for saved, buffer in zip(buffers, (b for net in networks for b in net.buffers()), strict=True):
                 buffer.copy_(saved)

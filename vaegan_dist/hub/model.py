@@ -14,8 +14,7 @@ of 784 pixels in [-1, 1] (the decoder ends in tanh), and the methods convert at 
 
 from __future__ import annotations
 
-import json
-import shlex
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -24,51 +23,9 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData, PyTorchModelHu
 from torch import Tensor, nn
 
 from vaegan_dist.config import ConfigError, TrainConfig
-from vaegan_dist.export import MODEL_FILE, load_networks
-from vaegan_dist.models import IMAGE_PIXELS, Decoder, Encoder
-
-LICENSE = "other"  # the repository names no license; vaegan-export --license sets the card's
-TAGS = ["vae-gan", "vae", "gan", "mnist", "image-generation", "pytorch"]
-# (metric key in metrics.jsonl without "eval/", the card's metric type and name)
-CARD_METRICS = [("fid", "fid", "classifier-FID (lower is better)"), ("kid", "kid", "KID"),
-                ("precision", "precision", "precision"), ("recall", "recall", "recall"),
-                ("inception_score", "inception_score", "inception score"),
-                ("recon_mse", "mse", "reconstruction MSE"), ("recon_accuracy", "accuracy",
-                                                            "reconstruction accuracy")]
-
-MODEL_CARD = """---
-{{ card_data }}
----
-
-# VAE/GAN on MNIST
-
-The encoder and decoder of a VAE/GAN (Larsen et al., 2016, [arXiv:1512.09300](https://arxiv.org/abs/1512.09300))
-trained on MNIST with vaegan-dist. `config.json` holds every setting of the run,
-`model.safetensors` the weights ({{ dtype }}).
-
-## Use
-
-```python
-from vaegan_dist import VAEGAN
-
-model = VAEGAN.from_pretrained("{{ repo_id | default('path/to/this/directory', true) }}")
-digits = model.sample(16)            # (16, 1, 28, 28) floats in [0, 1]
-mu, logvar = model.encode(digits)    # q(z | x), z of size {{ latent_dim }}
-again = model.reconstruct(digits)
-```
-
-## Training
-
-{{ source }}. The command that trains these settings:
-
-```bash
-{{ command }}
-```
-
-## Evaluation
-
-{{ metrics_text }}
-"""
+from vaegan_dist.hub.card import CARD_METRICS, LICENSE, MODEL_CARD, TAGS, metrics_text, training_command
+from vaegan_dist.hub.network_files import CARD_FILE, MODEL_FILE, load_networks
+from vaegan_dist.model.mlp import IMAGE_PIXELS, Decoder, Encoder
 
 
 class VAEGAN(nn.Module, PyTorchModelHubMixin, library_name="vaegan-dist", license=LICENSE, tags=TAGS,
@@ -175,47 +132,15 @@ class VAEGAN(nn.Module, PyTorchModelHubMixin, library_name="vaegan-dist", licens
                                        dtype=dtype, latent_dim=self.latent_dim, **extras)
 
 
-def training_command(config: TrainConfig) -> str:
-    """`python train.py` with the flags that give config's settings over the default preset's (output_dir and
-    data_dir left out: they were the training machine's)."""
-    defaults = TrainConfig().to_dict()
-    words = ["python", "train.py"]
-    for key, value in config.to_dict().items():
-        if value == defaults[key] or key in ("output_dir", "data_dir"):
-            continue
-        flag = f"--{key.replace('_', '-')}"
-        if isinstance(value, bool):
-            words.append(flag if value else f"--no-{key.replace('_', '-')}")
-        else:
-            words += [flag, "none" if value is None else str(value)]
-    return shlex.join(words)
-
-
-def metrics_text(metrics: dict[str, float]) -> str:
-    if not metrics:
-        return "No evaluation was recorded with these weights: run `vaegan-eval DIR` on them."
-    step = f" at step {int(metrics['step'])}" if "step" in metrics else ""
-    rows = [f"| {name} | {float(metrics[key]):.4g} |" for key, _, name in CARD_METRICS if key in metrics]
-    return ("vaegan-dist's classifier-based evaluation on the MNIST test set" + step + " (the run's "
-            "metrics.jsonl):\n\n| metric | value |\n| --- | --- |\n" + "\n".join(rows))
-
-
-def run_metrics(source: Path) -> dict[str, float]:
-    """The last evaluation in the metrics.jsonl of the run that source (a checkpoint or a run's output directory)
-    belongs to, not later than the checkpoint's step; {} when there is none."""
-    run_dir = source if (source / "metrics.jsonl").is_file() else source.parent.parent
-    step = int(source.name.removeprefix("step_")) if source.name.startswith("step_") else None
-    try:
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    except OSError:
-        return {}
-    found: dict[str, float] = {}
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if "eval/fid" in record and (step is None or record.get("step", 0) <= step):
-            found = {"step": record.get("step", 0),
-                     **{k.removeprefix("eval/"): v for k, v in record.items() if k.startswith("eval/")}}
-    return found
+def export_networks(encoder: nn.Module, decoder: nn.Module, config: TrainConfig, directory: str | Path,
+                    dtype: torch.dtype = torch.float16, card: dict[str, Any] | None = None) -> Path:
+    """Writes what VAEGAN.save_pretrained writes, weights cast to dtype, into directory: config.json,
+    model.safetensors and the model card README.md (card: its license, metrics, source and command)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / CARD_FILE).unlink(missing_ok=True)  # save_pretrained keeps an existing card
+    copies = [copy.deepcopy(network).to("cpu", dtype) for network in (encoder, decoder)]
+    model = VAEGAN.from_networks(config, *copies)
+    model.card_extras = dict(card or {})
+    model.save_pretrained(directory)
+    return directory

@@ -21,14 +21,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from vaegan_dist.config import ArgumentParser, device_flag, seed_flag
-from vaegan_dist.data import DataError, load_mnist
-from vaegan_dist.evaluation import prior_samples
+from vaegan_dist.checkpoint.output_paths import OutputError, refuse_output
+from vaegan_dist.cli.args import ArgumentParser, add_weights_flag, device_flag, seed_flag
+from vaegan_dist.data.mnist import DataError, load_mnist
+from vaegan_dist.evaluation.pictures import grid_image, reconstruction_pairs, save_grid, to_uint8
+from vaegan_dist.evaluation.scores import prior_samples
 from vaegan_dist.exits import fail
-from vaegan_dist.export import ExportError, add_weights_flag, load_networks
-from vaegan_dist.guard import OutputError, refuse_output
-from vaegan_dist.models import IMAGE_PIXELS, eval_mode, images_to_pixels
-from vaegan_dist.pictures import grid_image, reconstruction_pairs, save_grid, to_uint8
+from vaegan_dist.hub.network_files import ExportError, load_networks
+from vaegan_dist.model.mlp import IMAGE_PIXELS
+from vaegan_dist.model.networks import eval_mode, images_to_pixels
 
 MODES = {"samples": 64, "reconstruct": 32, "interpolate": 8}  # mode: default count
 FORMATS = {"samples": (".png", ".npy"), "reconstruct": (".png", ".npy"), "interpolate": (".png", ".npy", ".gif")}

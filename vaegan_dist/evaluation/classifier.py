@@ -3,7 +3,7 @@
 Inception features suit MNIST poorly and their weights would have to be downloaded, so the package ships
 its own network, trained deterministically from the bundled MNIST (fixed seeds, deterministic algorithms):
 
-    python -m vaegan_dist.classifier --out vaegan_dist/classifier.safetensors
+    python -m vaegan_dist.evaluation.classifier --out vaegan_dist/evaluation/classifier.safetensors
 
 trains it for 5 epochs with Adam on one CPU thread (2.1 minutes on a shared 2-core machine; the same bytes
 on every run) and writes float16 weights (193 KB) with 99.03% accuracy on the 10k test images. The features
@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from vaegan_dist.data import DataError, load_mnist
-from vaegan_dist.models import images_to_pixels
+from vaegan_dist.data.mnist import DataError, load_mnist
+from vaegan_dist.model.networks import images_to_pixels
 
 WEIGHTS = Path(__file__).parent / "classifier.safetensors"
 FEATURE_DIM = 128
@@ -68,8 +68,8 @@ def load_classifier(device: torch.device | str = "cpu", path: Path = WEIGHTS) ->
     """The shipped classifier, in float32 and eval mode, with its parameters frozen."""
     if not path.is_file():
         raise DataError(f"the classifier weights {path} are missing: restore them from the repository "
-                                "(git checkout -- vaegan_dist/classifier.safetensors) or retrain them with "
-                                "python -m vaegan_dist.classifier")
+                                "(git checkout -- vaegan_dist/evaluation/classifier.safetensors) or retrain them with "
+                                "python -m vaegan_dist.evaluation.classifier")
     with torch.device("meta"):  # no random initialisation: loading draws nothing from the global RNG
         classifier = Classifier()
     weights = {name: t.to(device, torch.float32) for name, t in load_file(path).items()}
@@ -116,7 +116,7 @@ def accuracy(classifier: Classifier, pixels: Tensor, labels: Tensor) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m vaegan_dist.classifier",
+    parser = argparse.ArgumentParser(prog="python -m vaegan_dist.evaluation.classifier",
                                      description="Train the evaluation classifier on the bundled MNIST.")
     parser.add_argument("--out", type=Path, default=WEIGHTS, help="where to write the float16 safetensors")
     parser.add_argument("--epochs", type=int, default=5)

@@ -1,6 +1,6 @@
-"""Weights & Biases logging that can never stop training.
+"""Weights & Biases and TensorBoard logging that can never stop training.
 
-The main process alone makes a Tracker, so a job of any size is one W&B run. `wandb.init` runs on a thread
+The main process alone makes a WandbTracker, so a job of any size is one W&B run. `wandb.init` runs on a thread
 that is waited for at most `wandb_timeout` seconds; logging hands its values to a worker thread through a
 queue, so a W&B service that hangs later costs the training step nothing. Any failure is one warning, after
 which the run goes on with its local logs (metrics.jsonl, the PNG grids). wandb is imported only when used.
@@ -60,29 +60,54 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def warn_once(warn: Callable[[str], None]) -> Callable[[str], None]:
-    """`warn`, for the first message only."""
-    said = []
+class QueuedWorker:
+    """A daemon thread that hands each queued dict to `handle`, then calls `close` after `finish`: the training step
+    only puts values on a queue, so a tracker that hangs or blocks costs it nothing. Past MAX_PENDING waiting, new
+    values are dropped with one warning. The first exception of `handle` or `close` is one warning (`on_error`
+    words it), after which the worker only drains the queue."""
 
-    def say(message: str) -> None:
-        if not said:
-            said.append(message)
-            warn(message)
+    def __init__(self, name: str, handle: Callable[[dict[str, Any]], None], close: Callable[[], None],
+                 on_error: Callable[[BaseException], None], warn: Callable[[str], None]) -> None:
+        self.name = name
+        self.failed = False
+        self._handle, self._close, self._on_error, self._warn = handle, close, on_error, warn
+        self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._work, name=f"{name}-log", daemon=True)
+        self._warned_full = False
 
-    return say
+    def start(self) -> None:
+        self._thread.start()
+
+    def put(self, values: dict[str, Any]) -> None:
+        if self._queue.qsize() < MAX_PENDING:
+            self._queue.put(values)
+        elif not self._warned_full:
+            self._warned_full = True
+            self._warn(f"{self.name} is not keeping up: {MAX_PENDING} logs are waiting, newer ones are dropped until "
+                       "it catches up (metrics.jsonl has them all)")
+
+    def finish(self, timeout: float) -> bool:
+        """Handles what is queued, then closes; False if that took more than `timeout` seconds."""
+        self._queue.put(None)
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def _work(self) -> None:
+        while (values := self._queue.get()) is not None:
+            if not self.failed:
+                self._attempt(self._handle, values)
+        self._attempt(self._close)
+
+    def _attempt(self, action: Callable[..., None], *args: Any) -> None:
+        try:
+            action(*args)
+        except Exception as err:  # a tracker never stops training
+            if not self.failed:
+                self.failed = True
+                self._on_error(err)
 
 
-def queue_without_blocking(pending: queue.Queue, values: dict[str, Any], name: str,
-                           warn_once: Callable[[str], None]) -> None:
-    """Queues values for a tracker's worker thread; past MAX_PENDING waiting, drops them, with one warning."""
-    if pending.qsize() >= MAX_PENDING:
-        warn_once(f"{name} is not keeping up: {MAX_PENDING} logs are waiting, newer ones are dropped until it "
-                  "catches up (metrics.jsonl has them all)")
-        return
-    pending.put(values)
-
-
-class Tracker:
+class WandbTracker:
     """The W&B run of a training job. Made on the main process only; its methods never raise.
 
     Until `start` succeeds (and on every other process) it logs nothing: `active` is False, `run_id` None.
@@ -94,15 +119,12 @@ class Tracker:
         self._warn = warn
         self._run: Any = None
         self._timeout = 0.0
-        self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue()
-        self._worker = threading.Thread(target=self._work, name="wandb-log", daemon=True)
-        self._failed = False
-        self._warn_full = warn_once(warn)
         self._exit_code = 0
+        self._worker = QueuedWorker("W&B", self._log, self._close, self._failed, warn)
 
     @property
     def active(self) -> bool:
-        return self._run is not None and not self._failed
+        return self._run is not None and not self._worker.failed
 
     @property
     def run_id(self) -> str | None:
@@ -121,27 +143,9 @@ class Tracker:
         if self.mode == "disabled":
             return
         self._timeout = timeout
-        result: dict[str, Any] = {}
-
-        def init() -> None:
-            try:
-                import wandb
-
-                wandb.setup(settings=wandb.Settings(silent=True))  # this module says what W&B does
-                result["run"] = wandb.init(
-                    mode=self.mode, project=os.environ.get("WANDB_PROJECT", DEFAULT_PROJECT),
-                    dir=os.environ.get("WANDB_DIR", str(output_dir)), config=config, id=run_id,
-                    resume="allow" if run_id else None,
-                    # console off: wandb's capture of stdout would pass every print through its service.
-                    settings=wandb.Settings(init_timeout=timeout, finish_timeout=timeout, console="off"))
-            except Exception as err:  # wandb raises many kinds; none may stop training
-                result["error"] = err
-
-        # A daemon thread: one that never returns does not hold up the process's exit. (If it ever returns a
-        # run after the timeout, wandb's exit hook finishes that run.)
-        thread = threading.Thread(target=init, name="wandb-init", daemon=True)
-        thread.start()
-        thread.join(timeout)
+        result = init_within(timeout, mode=self.mode, project=os.environ.get("WANDB_PROJECT", DEFAULT_PROJECT),
+                             dir=os.environ.get("WANDB_DIR", str(output_dir)), config=config, id=run_id,
+                             resume="allow" if run_id else None)
         if "run" not in result:
             reason = (_first_line(result["error"]) if "error" in result
                       else f"no answer within {timeout:g} s (--wandb-timeout)")
@@ -151,44 +155,39 @@ class Tracker:
         self._run = result["run"]
         # run.url would warn in an offline run; its directory is what `wandb sync` uploads.
         self.location = self._run.url if self.mode == "online" else str(Path(self._run.dir).parent)
+        self._worker.put({})  # first, on the worker: plot everything against the trainer's "step"
         self._worker.start()
 
     def log(self, values: dict[str, Any]) -> None:
         """Queues `values` (with "step") for W&B; uint8 arrays (H, W[, 3]) become images. Never blocks."""
         if self.active:
-            queue_without_blocking(self._queue, values, "W&B", self._warn_full)
+            self._worker.put(values)
 
     def finish(self, exit_code: int = 0) -> None:
         """Sends what is queued and closes the run, waiting at most the timeout given to `start`."""
         if self._run is None:
             return
         self._exit_code = exit_code
-        self._queue.put(None)
-        self._worker.join(self._timeout)
-        if self._worker.is_alive():
+        if self._worker.finish(self._timeout):
+            self._run = None
+        else:
             self._warn(f"W&B did not finish within {self._timeout:g} s; its files are in "
                        f"{Path(self._run.dir).parent} (`wandb sync` uploads them)")
-        else:
-            self._run = None
 
-    def _work(self) -> None:
-        """The worker thread: logs each queued dict, then finishes the run at the None that `finish` sends."""
+    def _log(self, values: dict[str, Any]) -> None:
         import wandb
 
-        try:
+        if not values:
             self._run.define_metric("step")
             self._run.define_metric("*", step_metric="step")
-        except Exception as err:
-            self._fail(err)
-        while (values := self._queue.get()) is not None:
-            if self._failed:
-                continue
-            try:
-                # wandb.Image takes float arrays to be 0..255 already: only uint8 arrays are passed.
-                self._run.log({key: wandb.Image(value) if isinstance(value, np.ndarray) else value
-                               for key, value in values.items()})
-            except Exception as err:
-                self._fail(err)
+            return
+        # wandb.Image takes float arrays to be 0..255 already: only uint8 arrays are passed.
+        self._run.log({key: wandb.Image(value) if isinstance(value, np.ndarray) else value
+                       for key, value in values.items()})
+
+    def _close(self) -> None:
+        import wandb
+
         try:
             if self._exit_code == Ending.PREEMPTED:
                 # saved and stopped to be run again: a W&B sweep hands a run marked so out again (same id, same
@@ -201,12 +200,33 @@ class Tracker:
         except Exception as err:
             self._warn(f"W&B could not finish the run ({_first_line(err)})")
 
-    def _fail(self, err: BaseException) -> None:
-        self._failed = True
+    def _failed(self, err: BaseException) -> None:
         self._warn(f"W&B logging failed ({_first_line(err)}); training goes on with local logs only")
 
 
-TRACKERS = ("wandb", "tensorboard")
+def init_within(timeout: float, **init: Any) -> dict[str, Any]:
+    """{"run": wandb.init(**init)}, or {"error": ...}, or {} when it did not return within `timeout` seconds."""
+    result: dict[str, Any] = {}
+
+    def init_run() -> None:
+        try:
+            import wandb
+
+            wandb.setup(settings=wandb.Settings(silent=True))  # this module says what W&B does
+            # console off: wandb's capture of stdout would pass every print through its service.
+            result["run"] = wandb.init(**init, settings=wandb.Settings(init_timeout=timeout, finish_timeout=timeout,
+                                                                       console="off"))
+        except Exception as err:  # wandb raises many kinds; none may stop training
+            result["error"] = err
+
+    # A daemon thread: one that never returns does not hold up the process's exit. (If it ever returns a
+    # run after the timeout, wandb's exit hook finishes that run.)
+    thread = threading.Thread(target=init_run, name="wandb-init", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return result
+
+
 TENSORBOARD_DIR = "tensorboard"
 
 
@@ -214,24 +234,20 @@ class TensorBoardTracker:
     """TensorBoard event files in <output_dir>/tensorboard: the records W&B gets (scalars against the trainer's
     "step", the sample and reconstruction grids as images). Made on the main process only; never raises.
 
-    SummaryWriter writes its event file on a thread of its own, but it encodes each image (PNG) in the caller's
-    thread and blocks the caller when its small queue is full, so here, as in Tracker, the training step only
-    puts the values on a queue (dropping them when MAX_PENDING are waiting) and a worker thread calls the writer.
-    A write that fails (a full disk, a lost mount) is one warning; TensorBoard logging stops, training goes on.
+    SummaryWriter encodes each image (PNG) in the caller's thread and blocks the caller when its small queue is
+    full, so here, as for W&B, a QueuedWorker calls the writer. A write that fails (a full disk, a lost mount) is
+    one warning; TensorBoard logging stops, training goes on.
     """
 
     def __init__(self, warn: Callable[[str], None]) -> None:
         self.location = "off"
         self._warn = warn
         self._writer: Any = None
-        self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue()
-        self._worker = threading.Thread(target=self._work, name="tensorboard-log", daemon=True)
-        self._failed = False
-        self._warn_full = warn_once(warn)
+        self._worker = QueuedWorker("TensorBoard", self._log, self._close, self._failed, warn)
 
     @property
     def active(self) -> bool:
-        return self._writer is not None and not self._failed
+        return self._writer is not None and not self._worker.failed
 
     def start(self, output_dir: Path) -> None:
         directory = Path(output_dir) / TENSORBOARD_DIR
@@ -252,53 +268,39 @@ class TensorBoardTracker:
     def log(self, values: dict[str, Any]) -> None:
         """Queues `values` (with "step"); numbers become scalars, uint8 arrays (H, W[, 3]) images. Never blocks."""
         if self.active:
-            queue_without_blocking(self._queue, values, "TensorBoard", self._warn_full)
+            self._worker.put(values)
 
     def finish(self, exit_code: int = 0, timeout: float = 30.0) -> None:
         """Writes what is queued and closes the event file, waiting at most `timeout` seconds."""
         if self._writer is None:
             return
-        self._queue.put(None)
-        self._worker.join(timeout)
-        if self._worker.is_alive():
+        if not self._worker.finish(timeout):
             self._warn(f"TensorBoard did not finish writing within {timeout:g} s")
         self._writer = None
 
-    def _work(self) -> None:
-        writer = self._writer
-        while (values := self._queue.get()) is not None:
-            if self._failed:
-                continue
-            try:
-                step = int(values["step"])
-                for key, value in values.items():
-                    if key == "step":
-                        continue
-                    if isinstance(value, np.ndarray):
-                        writer.add_image(key, value, step, dataformats="HWC" if value.ndim == 3 else "HW")
-                    elif isinstance(value, int | float | np.number) and not isinstance(value, bool):
-                        writer.add_scalar(key, value, step)
-                writer.flush()  # a write error (disk full) shows here, on this thread
-            except Exception as err:
-                self._fail(err)
-        try:
-            writer.close()
-        except Exception as err:
-            if not self._failed:
-                self._fail(err)
+    def _log(self, values: dict[str, Any]) -> None:
+        step = int(values["step"])
+        for key, value in values.items():
+            if isinstance(value, np.ndarray):
+                self._writer.add_image(key, value, step, dataformats="HWC" if value.ndim == 3 else "HW")
+            elif key != "step" and isinstance(value, int | float | np.number) and not isinstance(value, bool):
+                self._writer.add_scalar(key, value, step)
+        self._writer.flush()  # a write error (disk full) shows here, on the worker's thread
 
-    def _fail(self, err: BaseException) -> None:
-        self._failed = True
+    def _close(self) -> None:
+        self._writer.close()
+
+    def _failed(self, err: BaseException) -> None:
         self._warn(f"TensorBoard logging failed ({_first_line(err)}); training goes on without it")
 
 
 class Trackers:
-    """The trackers --tracker asks for, behind Tracker's interface: what train.py calls goes to each of them.
+    """The trackers --tracker asks for, behind WandbTracker's interface: what the loop calls goes to each of them.
     mode, run_id are W&B's (disabled and None without it); location names where each one writes."""
 
     def __init__(self, names: str, warn: Callable[[str], None]) -> None:
         chosen = [] if names == "none" else names.split(",")
-        self.wandb = Tracker(warn) if "wandb" in chosen else None
+        self.wandb = WandbTracker(warn) if "wandb" in chosen else None
         self.tensorboard = TensorBoardTracker(warn) if "tensorboard" in chosen else None
         self._timeout = 30.0
 

@@ -8,15 +8,10 @@ writes anything. No torch: vaegan-report stays light.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
+from vaegan_dist.checkpoint.layout import CHECKPOINTS, LATEST, MARKER, STEP_DIR
 from vaegan_dist.config import ConfigError
-
-# The layout of vaegan_dist.checkpoint, repeated so that this module imports nothing heavy (a test checks they agree).
-CHECKPOINTS = "checkpoints"
-MARKER = "COMPLETE"
-STEP_DIR = re.compile(r"^(\.tmp-)?step_\d+$")
 
 
 class OutputError(ConfigError):
@@ -42,7 +37,7 @@ def checkpoint_holding(path: str | Path) -> Path | None:
 
 def _holds_checkpoints(folder: Path) -> bool:
     try:
-        return (folder / "latest").is_file() or any(STEP_DIR.match(p.name) for p in folder.iterdir())
+        return (folder / LATEST).is_file() or any(STEP_DIR.match(p.name) for p in folder.iterdir())
     except OSError:  # not a directory, or unreadable: then nothing of ours is in it
         return False
 

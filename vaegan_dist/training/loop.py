@@ -1,0 +1,211 @@
+"""The training loop. `train` reads as the run goes: set the run up (vaegan_dist.training.setup: its output
+directory, the checkpoint it resumes, the networks, the data, the state restored) and announce it; then the loop,
+whose every step is
+
+    lr → step → log → W&B grids → stop? → evaluate → epoch pictures → checkpoint
+
+and the end that the loop's outcome (finished, diverged, preempted) calls for, whose value is the exit code.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from accelerate import Accelerator
+from torch import Tensor
+
+from vaegan_dist.checkpoint.layout import CheckpointError
+from vaegan_dist.checkpoint.writing import save_checkpoint
+from vaegan_dist.config import TrainConfig
+from vaegan_dist.data.sharding import ShardedBatches
+from vaegan_dist.evaluation.pictures import grid_image, grid_pixels, save_epoch_grids
+from vaegan_dist.evaluation.report import ReportError, write_report
+from vaegan_dist.evaluation.scores import evaluate_distributed, evaluation_line
+from vaegan_dist.exits import Ending
+from vaegan_dist.model.networks import (
+    images_to_pixels,
+    update_averages,
+)
+from vaegan_dist.training.console import Console
+from vaegan_dist.training.cpu import configure_cpu
+from vaegan_dist.training.cuda_graphs import check_launch_free
+from vaegan_dist.training.metrics import CollapseWatch, peak_memory_mb
+from vaegan_dist.training.preemption import PreemptionWatch, requeue_slurm_job
+from vaegan_dist.training.setup import Run, announce, output_dir_held, start
+from vaegan_dist.training.state import Position, TrainState
+from vaegan_dist.training.step import StepResult, learning_rate, train_step
+
+# ---------------------------------------------------------------------------------------------- one step and
+# the periodic actions around it
+
+def batches_from(shards: ShardedBatches, start: Position, last_step: int) -> Iterator[tuple[Tensor, int, Position]]:
+    """Each batch from `start` to the run's last step, with its epoch and the position after it: an epoch's
+    last batch leads to the next epoch's start."""
+    step, epoch, images_seen = start.step, start.epoch, start.images_seen
+    while step < last_step:
+        for batch in shards.batches(epoch, images_seen):
+            step, images_seen = step + 1, images_seen + shards.global_batch
+            epoch_ended = shards.steps_per_epoch(images_seen) == 0
+            yield batch, epoch, Position(step, epoch + 1, 0) if epoch_ended else Position(step, epoch, images_seen)
+            if step == last_step:
+                return
+        epoch, images_seen = epoch + 1, 0
+
+
+def step_networks(run: Run, batch: Tensor, step: int) -> StepResult:
+    """Step `step` (counting from 0) of all three networks at the scheduled learning rate, then the average."""
+    lr = learning_rate(run.config, step, run.last_step)
+    for name, optimizer in run.optimizers._asdict().items():
+        optimizer.param_groups[0]["lr"] = lr * run.config.network_lr_scale(name)
+    step_fn = run.graphed_step or train_step
+    result = step_fn(run.networks, run.optimizers, images_to_pixels(batch), run.config, run.accelerator.scaler)
+    if run.averages is not None and result.stepped:
+        update_averages(run.averages, run.modules, run.config.ema_decay, step + 1)
+    return result
+
+
+def due(run: Run, step: int, every: int | None) -> bool:
+    """Whether a periodic action runs after `step`: every `every` steps (never when None), and at the last."""
+    return step == run.last_step or (every is not None and step % every == 0)
+
+
+def log_record(run: Run, state: TrainState, epoch: int, collapse: CollapseWatch) -> None:
+    """One record of the window's means to metrics.jsonl, W&B and the console."""
+    step = state.position.step
+    # A run's last record off the log_every grid keeps its window open: the checkpoint carries it, so a
+    # resumed run logs exactly what an uninterrupted run would have.
+    record = {"step": step, "epoch": epoch, "skipped_steps": state.skipped_steps,
+              **state.window.record(run.accelerator, run.shards.global_batch, reset=step % run.config.log_every == 0),
+              **{f"lr_{name}": opt.param_groups[0]["lr"] for name, opt in run.optimizers._asdict().items()},
+              "peak_memory_mb": peak_memory_mb(run.accelerator.device)}
+    run.metrics.write(record)
+    run.tracker.log(record)
+    run.console.show(record)
+    if warning := collapse.warning(record):
+        run.console.warn(warning)
+
+
+def send_grids(run: Run, step: int) -> None:
+    """The sample and reconstruction grids to W&B."""
+    pixels = grid_pixels(*run.autoencoder, run.fixed_z, run.test_x)
+    run.tracker.log({"step": step, **{name: np.asarray(grid_image(p)) for name, p in pixels.items()}})
+
+
+def evaluate_now(run: Run, state: TrainState, epoch: int) -> None:
+    """The sample-quality evaluation, logged like a record; a failure costs a warning, never the run."""
+    started, step = time.perf_counter(), state.position.step
+    try:
+        scores = evaluate_distributed(run.accelerator, *run.autoencoder, run.config,
+                                      run.config.eval_samples, run.reference)
+    except Exception as err:
+        run.console.warn(f"the evaluation at step {step} failed ({type(err).__name__}: {err}); training continues")
+    else:
+        if run.accelerator.is_main_process:
+            evaluation = {"step": step, "epoch": epoch, **{f"eval/{k}": v for k, v in scores.items()}}
+            run.metrics.write(evaluation)
+            run.tracker.log(evaluation)
+            run.console.info(evaluation_line(step, scores))
+    state.window.started += time.perf_counter() - started  # not training time
+
+
+def save_pictures(run: Run, tag: str) -> None:
+    if run.accelerator.is_main_process:
+        save_epoch_grids(*run.autoencoder, run.fixed_z, run.test_x, run.output_dir, tag)
+
+
+def save(run: Run, state: TrainState) -> Path:
+    path = save_checkpoint(run.accelerator, run.output_dir, run.config, run.modules, run.optimizers, state,
+                           run.averages)
+    run.console.info(f"checkpoint: {path}")
+    return path
+
+
+def save_periodically(run: Run, state: TrainState) -> None:
+    try:
+        save(run, state)
+    except CheckpointError as err:
+        if run.config.on_save_error == "stop":
+            raise
+        run.console.warn(f"{err}. Training continues (--on-save-error continue); the previous checkpoint is kept "
+                         "and the next save tries again.")
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+
+def train_loop(run: Run, state: TrainState, watch: PreemptionWatch) -> Ending:
+    """Steps to the run's last step (FINISHED), or until a stop signal (PREEMPTED; INTERRUPTED for Ctrl-C) or
+    max_consecutive_skips skipped steps in a row (DIVERGED)."""
+    config, collapse, consecutive_skips = run.config, CollapseWatch(), 0
+    run.console.start_progress(run.last_step, state.position.step,
+                               epochs=-(-run.last_step // run.shards.steps_per_epoch()))
+    for batch, epoch, position in batches_from(run.shards, state.position, run.last_step):
+        result = step_networks(run, batch, state.position.step)
+        state.position, state.skipped_steps = position, state.skipped_steps + (not result.stepped)
+        state.window.add(result)
+        consecutive_skips = 0 if result.stepped else consecutive_skips + 1
+        step = position.step
+        if due(run, step, config.log_every):
+            log_record(run, state, epoch, collapse)
+        if run.tracker.active and due(run, step, config.image_every):
+            send_grids(run, step)
+        run.console.advance(step, epoch)
+        if consecutive_skips == config.max_consecutive_skips:
+            return Ending.DIVERGED
+        if stop_signal := watch.requested(run.accelerator):
+            ending = Ending.INTERRUPTED if stop_signal == signal.SIGINT else Ending.PREEMPTED
+            run.console.info(f"stopped by {stop_signal.name} at step {step}: exit code {ending.value}; run the same "
+                             "command again to resume")
+            return ending
+        if run.reference is not None and due(run, step, config.eval_every):
+            evaluate_now(run, state, epoch)
+        if position.epoch > epoch:
+            save_pictures(run, f"epoch_{epoch + 1:03d}")
+        if step % config.save_every == 0 and step != run.last_step:
+            save_periodically(run, state)
+    return Ending.FINISHED
+
+
+# ---------------------------------------------------------------------------------------------- the end
+
+def finish(run: Run, state: TrainState, ending: Ending, ran: bool) -> Ending:
+    """Saves what the ending calls for (nothing when no step ran), tells the user, and returns the ending."""
+    console, position = run.console, state.position
+    if ending is Ending.FINISHED and ran and position.images_seen:  # a mid-epoch end gets pictures of its own
+        save_pictures(run, f"step_{position.step:07d}")
+    path = save(run, state) if ran or ending is not Ending.FINISHED else None
+    console.stop_progress()
+    if ending is Ending.FINISHED and run.accelerator.is_main_process:
+        try:
+            write_report(run.output_dir)
+        except ReportError as err:
+            console.info(f"report: {err}")
+    run.tracker.finish(ending)
+    if ending is Ending.DIVERGED:
+        console.error(f"the run diverged: {run.config.max_consecutive_skips} steps in a row were skipped (non-finite "
+                      f"losses or gradients); each left the weights and Adam's moments as they were. {path} holds "
+                      "the last good weights; resume from it with a lower --lr (or --gamma), or start over.")
+    elif ending is Ending.PREEMPTED and run.config.requeue and run.accelerator.is_main_process:
+        console.info(requeue_slurm_job())
+    elif ending is Ending.FINISHED:
+        console.info(f"done: {position.step} steps, {state.skipped_steps} skipped; outputs in {run.output_dir}")
+    return ending
+
+
+def train(config: TrainConfig, accelerator: Accelerator, console: Console | None = None) -> Ending:
+    """Trains to the run's end, a stop signal (saves first) or divergence (saves the last good weights).
+    `console` shows the run (by default, a new one for this process)."""
+    check_launch_free(config, accelerator)
+    if accelerator.device.type == "cpu":
+        configure_cpu(config.cpu_threads)
+    console = console or Console(accelerator.is_main_process, accelerator.process_index)
+    with output_dir_held(config, accelerator):
+        run, state = start(config, accelerator, console)
+        announce(run, state)
+        first_step = state.position.step
+        with PreemptionWatch(console.info) as watch:  # kept through the last save: a late signal waits for it
+            ending = train_loop(run, state, watch)
+            return finish(run, state, ending, ran=state.position.step > first_step)
