@@ -79,7 +79,6 @@ DAMAGE = {  # name: (file, how, what the one line says)
     "world size a float": ("state.json", put("world_size", 1.0), "'world_size' is 1.0, not int"),
     "negative step": ("state.json", position(step=-2), "is not three counts >= 0"),
     "step of another checkpoint": ("state.json", position(step=7), "step 7 is not the directory's"),
-    "more images than an epoch": ("state.json", position(images_seen=70000), "inconsistent"),
     "more epochs than steps": ("state.json", position(epoch=5), "inconsistent"),
     "step a bool": ("state.json", position(step=True), "not three counts"),
     "more skips than steps": ("state.json", put("skipped_steps", 3), "skipped_steps 3 or world_size 1 is impossible"),
@@ -172,3 +171,13 @@ def test_a_spectral_norm_checkpoint_verifies_and_resumes(tmp_path, accelerator):
     newest = sorted(checkpoints_dir(tmp_path).glob("step_*"))[-1]
     assert verify(newest) is None
     assert train(tiny_config(output_dir=str(tmp_path), **{**settings, "max_steps": 3}), accelerator) == 0
+
+
+def test_a_checkpoint_further_into_an_epoch_than_the_data_has_images_is_refused_on_resume(run, accelerator):
+    """The checkpoint does not know the data set; the run that resumes it does."""
+    newer = sorted(checkpoints_dir(run).glob("step_*"))[-1]
+    edit_state(newer, position(images_seen=70000))
+    reseal(newer)
+    assert verify(newer) is None
+    with pytest.raises(CheckpointError, match="stands 70000 images into an epoch of a data set of 60000"):
+        train(tiny_config(output_dir=str(run), **{**TINY_RUN, "max_steps": 3}), accelerator)

@@ -209,4 +209,4 @@ def test_console_scripts_resolve_and_the_classifier_ships_as_package_data():
     for target in scripts.values():
         module, function = target.split(":")
         assert callable(getattr(import_module(module), function))
-    assert re.search(r'^vaegan_dist = \[.*"classifier\.safetensors".*\]$', pyproject, flags=re.MULTILINE)
+    assert re.search(r'^vaegan_dist = \[.*"evaluation/classifier\.safetensors".*\]$', pyproject, flags=re.MULTILINE)

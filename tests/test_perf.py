@@ -153,7 +153,7 @@ def test_fused_adam_steps_as_adam_does():
 
 def test_cpu_setup_flushes_denormals_on_every_thread_of_the_pool():
     # In a fresh process, as train.py runs it: 2²² elements are split over both threads.
-    code = ("import torch; from vaegan_dist.cpu import configure_cpu; configure_cpu(2); "
+    code = ("import torch; from vaegan_dist.training.cpu import configure_cpu; configure_cpu(2); "
             "tiny = torch.full((1 << 22,), 1e-39); "
             "print(torch.get_num_threads(), torch.count_nonzero(tiny * 1.0).item())")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)

@@ -86,6 +86,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path):
 def test_a_second_ctrl_c_quits_at_once_saving_nothing(tmp_path, monkeypatch):
     """The first Ctrl-C asks for a save; a second one, before the step ends, quits without one."""
     import vaegan_dist.training.loop as train_module
+    from vaegan_dist.cli.train import main
 
     def endless_save(*args, **kwargs):  # stands in for a save that takes long: the second Ctrl-C lands in it
         os.kill(os.getpid(), signal.SIGINT)
@@ -96,7 +97,7 @@ def test_a_second_ctrl_c_quits_at_once_saving_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(train_module.PreemptionWatch, "requested", lambda self, accelerator: (
         os.kill(os.getpid(), signal.SIGINT) or self.received))
     with pytest.raises(SystemExit) as stopped:
-        train_module.main(tiny_flags(max_steps=5, output_dir=tmp_path / "run"))
+        main(tiny_flags(max_steps=5, output_dir=tmp_path / "run"))
     assert stopped.value.code == Ending.INTERRUPTED
     assert not checkpoints_dir(tmp_path / "run").exists() and not (tmp_path / "run" / ".lock").exists()
     assert signal.getsignal(signal.SIGINT) is before  # pytest's own Ctrl-C is back

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import REPO
-from vaegan_dist.evaluation.report import ReportError, read_metrics, write_report
+from vaegan_dist.evaluation.report import ReportError, training_records, write_report
 
 
 def fake_run(output_dir, steps=(10, 20, 30), epochs=3):
@@ -46,10 +46,10 @@ def test_a_resumed_runs_repeated_steps_count_once_and_a_torn_last_line_is_skippe
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 5, "x": 1}\n{"step": 10, "x": 2}\n{"step": 10, "x": 3}\n{"step": 15, "x": 4}\n'
                     '{"step": 5, "x": 5}\n{"step": 20, "x"')
-    assert read_metrics(path) == [{"step": 5, "x": 5}, {"step": 10, "x": 3}, {"step": 15, "x": 4}]
+    assert training_records(path) == [{"step": 5, "x": 5}, {"step": 10, "x": 3}, {"step": 15, "x": 4}]
     path.write_text('{"step": 5}\nnot json\n{"step": 10}\n')
     with pytest.raises(ReportError, match="line 2 is not JSON"):
-        read_metrics(path)
+        training_records(path)
 
 
 def test_without_matplotlib_the_gif_is_still_written_and_the_error_says_what_to_install(tmp_path, monkeypatch):
@@ -72,4 +72,4 @@ def test_vaegan_report_on_a_directory_that_is_not_a_run_is_a_one_line_error(tmp_
 def test_evaluation_records_are_not_curve_points(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 5, "enc_loss": 1.0}\n{"step": 5, "epoch": 0, "eval/fid": 9.0}\n')
-    assert read_metrics(path) == [{"step": 5, "enc_loss": 1.0}]
+    assert training_records(path) == [{"step": 5, "enc_loss": 1.0}]
