@@ -62,8 +62,8 @@ def test_unloadable_directories_get_one_line_errors(exported, tmp_path):
 
 
 def readme_script() -> str:
-    """The README's Python block that reads pretrained/model.safetensors."""
-    blocks = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), flags=re.DOTALL)
+    """The documentation's Python block that reads pretrained/model.safetensors (docs/evaluation.md)."""
+    blocks = re.findall(r"```python\n(.*?)```", (REPO / "docs" / "evaluation.md").read_text(), flags=re.DOTALL)
     (script,) = [block for block in blocks if "pretrained/model.safetensors" in block]
     return script
 

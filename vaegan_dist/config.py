@@ -54,7 +54,7 @@ class TrainConfig:
                                      "layer (the paper)")
     generator_loss: GeneratorLoss = setting("non_saturating", "the decoder's GAN term: minimax (−dis_loss, the "
                                             "design) or non_saturating")
-    # The autoencoder's terms (the design: 1, 0, off, 0); see README, "What one step computes"
+    # The autoencoder's terms (the design: 1, 0, off, 0); see docs/architecture.md, "What one step computes"
     kl_weight: float = setting(10.0, "multiplies the KL divergence, which the design divides by B·784 (784 weighs "
                                "each image's KL in full)")
     pixel_weight: float = setting(10.0, "weight of mean((x̃ − x)²) on [-1, 1] pixels in the encoder's and the "
@@ -216,12 +216,12 @@ PRESETS: dict[str, dict[str, Any]] = {
                   encoder_dropout=None, decoder_dropout=None, discriminator_dropout=None,
                   lr=1e-4, adam_beta1=0.9, adam_beta2=0.999, ema_decay=0.0, batch_size=128, **DESIGN_TERMS),
     # Trains legible digits once gradients are routed correctly: hidden-layer similarity, non-saturating
-    # decoder loss, γ = 1, Adam(2e-4, β1 = 0.5), batch 128, no dropout in the encoder and decoder (see README).
+    # decoder loss, γ = 1, Adam(2e-4, β1 = 0.5), batch 128, no dropout in the encoder and decoder (docs/settings.md).
     "starting_point": dict(lr=2e-4, ema_decay=0.0, batch_size=128, **DESIGN_TERMS),
-    # The default up to version 0.3: the starting point with lr 3e-4 and batch 64, sampled from the moving
-    # averages. Good samples (classifier-FID 4.69), but an encoder that does not autoencode (README, Results).
+    # The starting point with lr 3e-4 and batch 64, sampled from the moving averages: good samples
+    # (classifier-FID 4.69), but an encoder that does not autoencode (docs/results.md).
     "samples_first": dict(DESIGN_TERMS),
-    # samples_first with the autoencoder's terms (issue #20): the KL weighed 10× the design's, a pixel term
+    # samples_first with the autoencoder's terms: the KL weighed 10× the design's, a pixel term
     # 10·mean((x̃ − x)²) beside the learned similarity, rec normalised by mean(Dis_l(x)²), and the batch's codes
     # held to N(0, I)'s mean and variance (10·mismatch): as good samples, and faithful reconstructions.
     "default": {},

@@ -8,7 +8,7 @@ decoder's alone): readers take them by default (weights "ema") and the trained n
 export holds the one pair it was made with.
 
 Only torch, safetensors and json are involved, never pickle. The decoder is simple enough to run without
-this package; the README's script does that with torch and safetensors alone.
+this package; docs/evaluation.md's script does that with torch and safetensors alone.
 """
 
 from __future__ import annotations
