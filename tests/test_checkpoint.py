@@ -29,7 +29,7 @@ def accelerator():
 
 
 def trained(config, seed=0):
-    """PerNetwork and Adam optimizers after one step, so the optimizers have state."""
+    """Networks and Adam optimizers after one step, so the optimizers have state."""
     torch.manual_seed(seed)
     networks = build_models(config)
     optimizers = adam_optimizers(networks, config)

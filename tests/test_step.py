@@ -26,37 +26,46 @@ def make_inputs(config, dtype=torch.float64, seed=0):
     return x, eps, z_p
 
 
-def reference_gradients(encoder, decoder, discriminator, x, eps, z_p, config):
+def reference_gradients(encoder, decoder, discriminator, x, eps, z_p, config, batched=False):
     """Each network's gradient by plain autograd.grad on its own loss, written out from the paper.
 
-    Separate forward passes per network, and the discriminator sees detached fakes: nothing is shared.
+    Separate forward passes per network's loss, and the discriminator sees detached fakes. Without `batched`, each
+    batch (x, x̃, x_p; z, z_p) also goes through each network alone; with it, they go together as in the step, which
+    batch norm needs (its statistics are the batch's).
     """
-    def dis_l(images):
-        features = discriminator.body(images)
-        return discriminator.out(features) if config.similarity == "logit" else features
+    def each(network, *batches):
+        if not batched:
+            return [network(batch) for batch in batches]
+        return list(network(torch.cat(batches)).split(BATCH))
 
-    def D(images):
-        return discriminator.out(discriminator.body(images))
+    def discriminate(x_tilde, x_p):
+        """(the logits, and Dis_l of x̃ and x)."""
+        features = each(discriminator.body, x, x_tilde, x_p)
+        logits = [discriminator.out(f) for f in features] if not batched else list(
+            discriminator.out(torch.cat(features)).split(BATCH))
+        dis_l = logits if config.similarity == "logit" else features
+        return logits, dis_l[1], dis_l[0]
 
     ones, zeros = torch.ones(BATCH, 1, dtype=x.dtype), torch.zeros(BATCH, 1, dtype=x.dtype)
     bce = F.binary_cross_entropy_with_logits
 
     def losses(x_tilde, x_p, mu, logvar):
-        dis = bce(D(x_tilde), zeros) + bce(D(x_p), zeros) + bce(D(x), ones)
-        rec = ((dis_l(x_tilde) - dis_l(x)) ** 2).mean()
+        (d_x, d_x_tilde, d_x_p), dis_l_x_tilde, dis_l_x = discriminate(x_tilde, x_p)
+        dis = bce(d_x_tilde, zeros) + bce(d_x_p, zeros) + bce(d_x, ones)
+        rec = ((dis_l_x_tilde - dis_l_x) ** 2).mean()
         if config.normalise_similarity:
-            rec = rec / (dis_l(x) ** 2).mean().detach()
+            rec = rec / (dis_l_x ** 2).mean().detach()
         pixel = config.pixel_weight * ((x_tilde - x) ** 2).mean()
         kld = -0.5 * (1 + logvar - mu**2 - logvar.exp()).sum() / (BATCH * 784)
         if config.generator_loss == "minimax":
             dec = config.gamma * rec - dis
         else:
-            dec = config.gamma * rec + bce(D(x_tilde), ones) + bce(D(x_p), ones)
+            dec = config.gamma * rec + bce(d_x_tilde, ones) + bce(d_x_p, ones)
         return dis, dec + pixel, config.kl_weight * kld + config.beta * rec + pixel
 
     mu, logvar = encoder(x)
     z = mu + eps * torch.exp(0.5 * logvar)
-    _, dec_loss, enc_loss = losses(decoder(z), decoder(z_p), mu, logvar)
+    _, dec_loss, enc_loss = losses(*each(decoder, z, z_p), mu, logvar)
     mismatch = z.mean(dim=0) ** 2 + (torch.var(z, dim=0, correction=0) - 1) ** 2  # the batch against N(0, I)
     enc_loss = enc_loss + config.prior_match_weight * mismatch.mean()
     g_enc = torch.autograd.grad(enc_loss, list(encoder.parameters()), retain_graph=True)
@@ -64,7 +73,7 @@ def reference_gradients(encoder, decoder, discriminator, x, eps, z_p, config):
 
     with torch.no_grad():
         mu, logvar = encoder(x)
-        x_tilde, x_p = decoder(mu + eps * torch.exp(0.5 * logvar)), decoder(z_p)
+        x_tilde, x_p = each(decoder, mu + eps * torch.exp(0.5 * logvar), z_p)
     dis_loss, _, _ = losses(x_tilde, x_p, mu, logvar)
     g_dis = torch.autograd.grad(dis_loss, list(discriminator.parameters()))
     return {"encoder": g_enc, "decoder": g_dec, "discriminator": g_dis}

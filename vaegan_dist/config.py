@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
+Architecture = Literal["mlp", "conv"]
 Similarity = Literal["logit", "hidden"]
 GeneratorLoss = Literal["minimax", "non_saturating"]
 MixedPrecision = Literal["no", "bf16", "fp16"]
@@ -64,12 +65,15 @@ class TrainConfig:
     prior_match_weight: float = setting(10.0, "weight, in the encoder's loss, of how far the batch's codes are from "
                                         "N(0, I) in each dimension's mean and variance (holds the aggregate "
                                         "posterior near the prior)")
-    # PerNetwork
+    # Networks
+    architecture: Architecture = setting("mlp", "mlp: the design's fully connected networks (hidden_dim, depth, "
+                                         "dropout); conv: the paper's convolutional ones with batch norm (conv_width)")
     latent_dim: int = setting(20, "size of z")
-    hidden_dim: int = setting(1024, "width of the encoder's and decoder's hidden layers, and the discriminator's "
-                              "first (it halves per layer)")
-    depth: int = setting(3, "hidden layers in each network")
-    dropout: float = setting(0.1, "dropout before every linear layer, where no per-network value replaces it")
+    hidden_dim: int = setting(1024, "mlp: width of the encoder's and decoder's hidden layers, and the "
+                              "discriminator's first (it halves per layer)")
+    depth: int = setting(3, "mlp: hidden layers in each network")
+    conv_width: float = setting(1.0, "conv: channels and units as a multiple of the paper's (0.25 trains on a CPU)")
+    dropout: float = setting(0.1, "mlp: dropout before every linear layer, where no per-network value replaces it")
     encoder_dropout: float | None = setting(0.0, "the encoder's dropout (none: --dropout)")
     decoder_dropout: float | None = setting(0.0, "the decoder's dropout (none: --dropout)")
     discriminator_dropout: float | None = setting(None, "the discriminator's dropout (none: --dropout)")
@@ -136,7 +140,7 @@ class TrainConfig:
         for key in ("global_batch_size", "max_steps", "keep_every", "cpu_threads", "eval_every"):
             value = getattr(self, key)
             _require(key, value is None or value > 0, "must be positive (or none)")
-        for key in ("gamma", "beta", "lr", "discriminator_lr_scale", "wandb_timeout"):
+        for key in ("gamma", "beta", "lr", "discriminator_lr_scale", "wandb_timeout", "conv_width"):
             _require(key, getattr(self, key) > 0, "must be positive")
         for key in ("output_dir", "resume", "data_dir"):
             _require(key, getattr(self, key) != "", "cannot be empty (none: leave it out)")

@@ -25,7 +25,8 @@ from torch import Tensor, nn
 from vaegan_dist.config import ConfigError, TrainConfig
 from vaegan_dist.hub.card import CARD_METRICS, LICENSE, MODEL_CARD, TAGS, metrics_text, training_command
 from vaegan_dist.hub.network_files import CARD_FILE, MODEL_FILE, load_networks
-from vaegan_dist.model.mlp import IMAGE_PIXELS, Decoder, Encoder
+from vaegan_dist.model.mlp import IMAGE_PIXELS
+from vaegan_dist.model.networks import build_models
 
 
 class VAEGAN(nn.Module, PyTorchModelHubMixin, library_name="vaegan-dist", license=LICENSE, tags=TAGS,
@@ -40,12 +41,10 @@ class VAEGAN(nn.Module, PyTorchModelHubMixin, library_name="vaegan-dist", licens
             raise ValueError(f"VAEGAN config: {err}") from None
         self._hub_mixin_config = self.config.to_dict()  # what save_pretrained writes to config.json
         self.card_extras: dict[str, Any] = {}  # what the model card says of the training (vaegan-export fills it)
-        c = self.config
-        self.encoder = Encoder(c.hidden_dim, c.depth, c.latent_dim, c.network_dropout("encoder"))
-        self.decoder = Decoder(c.hidden_dim, c.depth, c.latent_dim, c.network_dropout("decoder"))
+        self.encoder, self.decoder, _ = build_models(self.config)
 
     @classmethod
-    def from_networks(cls, config: TrainConfig, encoder: Encoder, decoder: Decoder) -> VAEGAN:
+    def from_networks(cls, config: TrainConfig, encoder: nn.Module, decoder: nn.Module) -> VAEGAN:
         """A model holding these networks (not copies), in their mode and dtype."""
         with torch.device("meta"):  # nothing random is drawn for weights about to be replaced
             model = cls(config)

@@ -19,12 +19,12 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
+from torch import nn
 
 from vaegan_dist.checkpoint.layout import WEIGHTS, checkpoints_dir
 from vaegan_dist.checkpoint.reading import newest_complete
 from vaegan_dist.checkpoint.tensors import AVERAGE_FILES
 from vaegan_dist.config import ConfigError, TrainConfig
-from vaegan_dist.model.mlp import Decoder, Encoder
 from vaegan_dist.model.networks import build_models
 
 CONFIG_FILE = "config.json"
@@ -51,7 +51,7 @@ def network_directory(directory: str | Path) -> Path:
 
 
 def load_networks(directory: str | Path, device: torch.device | str = "cpu",
-                  weights: str = "ema") -> tuple[TrainConfig, Encoder, Decoder]:
+                  weights: str = "ema") -> tuple[TrainConfig, nn.Module, nn.Module]:
     """(config, encoder, decoder) from an export or checkpoint directory, or a run's output directory (its newest
     intact checkpoint), in float32 and eval mode on device. weights "ema" reads the moving averages where the
     directory has them, "raw" the trained networks."""

@@ -11,7 +11,10 @@ import torch
 from torch import Tensor, nn
 
 from vaegan_dist.config import TrainConfig
+from vaegan_dist.model.conv import ConvDecoder, ConvDiscriminator, ConvEncoder, ConvShape
 from vaegan_dist.model.mlp import IMAGE_PIXELS, Decoder, Discriminator, Encoder
+
+IMAGE_SHAPE = (1, 28, 28)  # MNIST's, the images every network takes as rows of IMAGE_PIXELS
 
 
 class PerNetwork(NamedTuple):
@@ -25,6 +28,10 @@ class PerNetwork(NamedTuple):
 
 def build_models(config: TrainConfig) -> PerNetwork:
     """The encoder, decoder and discriminator as the config describes them, freshly initialised."""
+    if config.architecture == "conv":
+        shape = ConvShape(IMAGE_SHAPE, config.conv_width)
+        return PerNetwork(ConvEncoder(shape, config.latent_dim), ConvDecoder(shape, config.latent_dim),
+                          ConvDiscriminator(shape, config.similarity, config.spectral_norm))
     return PerNetwork(
         Encoder(config.hidden_dim, config.depth, config.latent_dim, config.network_dropout("encoder")),
         Decoder(config.hidden_dim, config.depth, config.latent_dim, config.network_dropout("decoder")),
@@ -70,11 +77,15 @@ def moving_averages(config: TrainConfig, networks: PerNetwork) -> Autoencoder:
 def update_averages(averages: Autoencoder, networks: PerNetwork, decay: float, step: int) -> None:
     """average ← d·average + (1 − d)·network for the encoder and the decoder, with d = min(decay, (1 + step) /
     (10 + step)): the early weights, soon meaningless, leave the averages quickly. Both follow the same
-    schedule, so that the averaged decoder decodes what the averaged encoder encodes."""
+    schedule, so that the averaged decoder decodes what the averaged encoder encodes. Buffers (batch norm's
+    running statistics) are not averaged but copied: they describe the trained networks' activations."""
     d = min(decay, (1 + step) / (10 + step))
     averaged = [p for name in Autoencoder._fields for p in getattr(averages, name).parameters()]
     trained = [p for name in Autoencoder._fields for p in getattr(networks, name).parameters()]
     torch._foreach_lerp_(averaged, trained, 1 - d)
+    for name in Autoencoder._fields:
+        for average, buffer in zip(getattr(averages, name).buffers(), getattr(networks, name).buffers(), strict=True):
+            average.copy_(buffer)
 
 
 def images_to_pixels(images: Tensor) -> Tensor:

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import torch
 from accelerate import Accelerator
 from torch import Tensor
 
@@ -95,9 +96,21 @@ def send_grids(run: Run, step: int) -> None:
     run.tracker.log({"step": step, **{name: np.asarray(grid_image(p)) for name, p in pixels.items()}})
 
 
+def share_running_statistics(run: Run) -> None:
+    """Batch norm's running statistics as the main process has them, on every process. Each process updates its
+    own from its own batches, and DDP hands the main process's out only at each network's next forward: a
+    checkpoint (which checks that the replicas agree) and an evaluation (each process embeds its share) read them
+    before that. Networks without buffers send nothing."""
+    if run.accelerator.num_processes > 1:
+        for module in (*run.modules, *(run.averages or ())):
+            for buffer in module.buffers():
+                torch.distributed.broadcast(buffer, 0)
+
+
 def evaluate_now(run: Run, state: TrainState, epoch: int) -> None:
     """The sample-quality evaluation, logged like a record; a failure costs a warning, never the run."""
     started, step = time.perf_counter(), state.position.step
+    share_running_statistics(run)
     try:
         scores = evaluate_distributed(run.accelerator, *run.autoencoder, run.config,
                                       run.config.eval_samples, run.reference)
@@ -118,6 +131,7 @@ def save_pictures(run: Run, tag: str) -> None:
 
 
 def save(run: Run, state: TrainState) -> Path:
+    share_running_statistics(run)
     path = save_checkpoint(run.accelerator, run.output_dir, run.config, run.modules, run.optimizers, state,
                            run.averages)
     run.console.info(f"checkpoint: {path}")

@@ -1,0 +1,122 @@
+"""The paper's convolutional networks (--architecture conv): their layers, the routing in float64 with batch norm,
+batch norm's running statistics through moving averages, checkpoints (one and two processes), resume and export."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from tests.conftest import launch, tiny_config, tiny_flags
+from tests.test_step import make_inputs, reference_gradients
+from vaegan_dist import VAEGAN
+from vaegan_dist.checkpoint.layout import checkpoints_dir
+from vaegan_dist.checkpoint.reading import Checkpoint, newest_complete, verify
+from vaegan_dist.hub.model import export_networks
+from vaegan_dist.model.conv import ConvDecoder, ConvDiscriminator, ConvEncoder, ConvShape
+from vaegan_dist.model.networks import PerNetwork, build_models, moving_averages, update_averages
+from vaegan_dist.training.loop import train
+from vaegan_dist.training.step import routed_gradients
+
+CONV = dict(architecture="conv", conv_width=0.0625, latent_dim=4)
+
+
+def layers(module, kind):
+    return [m for m in module.modules() if isinstance(m, kind)]
+
+
+@pytest.mark.parametrize(("image_shape", "middle"), [((1, 28, 28), 192), ((3, 32, 32), 192), ((3, 64, 64), 256)])
+def test_the_networks_are_the_papers_for_each_image_size(image_shape, middle):
+    shape = ConvShape(image_shape, width=1.0)
+    encoder, decoder = ConvEncoder(shape, 128), ConvDecoder(shape, 128)
+    discriminator = ConvDiscriminator(shape, "hidden")
+    assert [c.out_channels for c in layers(encoder, nn.Conv2d)] == [64, 128, 256]
+    assert [c.out_channels for c in layers(decoder, nn.ConvTranspose2d)] == [middle, 128, 32]
+    assert [c.out_channels for c in layers(discriminator, nn.Conv2d)] == [32, 128, middle, 256]
+    assert [linear.out_features for linear in layers(encoder, nn.Linear)] == [1024, 128, 128]
+    assert [linear.out_features for linear in layers(discriminator, nn.Linear)] == [512, 1]
+    assert all(c.kernel_size == (5, 5) for c in layers(discriminator, nn.Conv2d | nn.ConvTranspose2d))
+    pixels = image_shape[0] * image_shape[1] * image_shape[2]
+    x = torch.rand(2, pixels) * 2 - 1
+    mu, logvar = encoder(x)
+    assert mu.shape == logvar.shape == (2, 128)
+    assert decoder(mu).shape == (2, pixels) and decoder(mu).abs().max() <= 1
+    logit, features = discriminator(x, with_similarity=True)
+    side = -(-image_shape[1] // 8)
+    assert logit.shape == (2, 1) and features.shape == (2, 256 * side * side)  # Dis_l: the third strided block
+
+
+@pytest.mark.parametrize("similarity", ["logit", "hidden"])
+def test_routed_gradients_match_an_independent_formulation_with_batch_norm(similarity):
+    """Batch norm makes each image's output depend on its batch: the reference sees the batches the step does
+    ([z; z_p] in the decoder, [x; x̃; x_p] in the discriminator), in separate graphs per network's loss."""
+    config = tiny_config(**CONV, similarity=similarity, generator_loss="minimax", pixel_weight=2.0,
+                         prior_match_weight=1.0)
+    torch.manual_seed(3)
+    networks = [net.double() for net in build_models(config)]
+    x, eps, z_p = make_inputs(config)
+    routed = routed_gradients(*networks, x, eps, z_p, config)
+    expected = reference_gradients(*networks, x, eps, z_p, config, batched=True)
+    for name, net in zip(PerNetwork._fields, networks, strict=True):
+        assert any(isinstance(m, nn.BatchNorm2d) for m in net.modules())
+        for got, want in zip(routed[name], expected[name], strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+        assert max(want.abs().max() for want in expected[name]) > 0
+
+
+def test_the_averages_take_the_running_statistics_of_the_trained_networks():
+    config = tiny_config(**CONV)
+    networks = build_models(config)
+    averages = moving_averages(config, networks)
+    networks.encoder(torch.rand(8, 784))  # train mode: the running statistics move
+    update_averages(averages, networks, 0.999, step=100)
+    for name in ("encoder", "decoder"):
+        for average, trained in zip(getattr(averages, name).buffers(), getattr(networks, name).buffers(), strict=True):
+            assert torch.equal(average, trained)
+
+
+@pytest.fixture(scope="module")
+def conv_run(tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("conv") / "run"
+    config = tiny_config(**CONV, max_steps=4, save_every=2, ema_decay=0.9, output_dir=str(output_dir))
+    assert train(config, Accelerator(cpu=True)) == 0
+    return config, output_dir
+
+
+def test_a_conv_run_resumes_bitwise_with_its_running_statistics(conv_run, tmp_path):
+    config, straight = conv_run
+    broken = shutil.copytree(straight, tmp_path / "broken")
+    shutil.rmtree(checkpoints_dir(broken) / "step_0000004")
+    (checkpoints_dir(broken) / "latest").write_text("step_0000002\n")
+    assert train(config.__class__.from_dict({**config.to_dict(), "output_dir": str(broken)}),
+                 Accelerator(cpu=True)) == 0
+    last, resumed = (Checkpoint(newest_complete(checkpoints_dir(d), report=pytest.fail)) for d in (straight, broken))
+    assert verify(resumed.path) is None
+    for name in ("encoder", "decoder", "discriminator", "encoder_ema", "decoder_ema"):
+        saved = last.network(name)
+        assert any("running_mean" in key for key in saved)
+        assert all(torch.equal(saved[key], value) for key, value in resumed.network(name).items()), name
+
+
+def test_a_conv_export_loads_in_eval_mode_with_its_running_statistics(conv_run, tmp_path):
+    _, output_dir = conv_run
+    model = VAEGAN.from_pretrained(output_dir)  # the newest checkpoint's moving averages
+    assert not model.training and model.config.architecture == "conv"
+    export_networks(model.encoder, model.decoder, model.config, tmp_path / "export")
+    again = VAEGAN.from_pretrained(tmp_path / "export")
+    digits = model.sample(3, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(again.reconstruct(digits), model.reconstruct(digits), rtol=0, atol=2e-2)  # float16
+
+
+def test_two_processes_save_replicas_that_agree_running_statistics_included(tmp_path):
+    """Each process updates batch norm's running statistics from its own half of the batch: the save takes the
+    main process's on every process, so the replicas' digests agree."""
+    result = launch(tiny_flags(**CONV, max_steps=3, save_every=2, ema_decay=0.9, output_dir=tmp_path),
+                    num_processes=2)
+    assert result.returncode == 0, result.stderr[-4000:]
+    saved = [Checkpoint(path) for path in sorted(checkpoints_dir(tmp_path).glob("step_*"))]
+    assert [c.state["position"]["step"] for c in saved] == [2, 3]
+    assert all(verify(c.path) is None and len(set(c.state["replica_digests"])) == 1 for c in saved)

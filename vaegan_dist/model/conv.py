@@ -1,0 +1,122 @@
+"""The paper's convolutional networks (Larsen et al. 2016; the authors' `img64x64` and `img32x32`), at `width`
+times the paper's channel and unit counts. Like the fully connected networks they take and give images as rows
+of C·H·W pixels in [-1, 1], and reshape inside.
+
+For images of side s (divisible by 8; 28 is decoded at 32 and its centre cropped), 5×5 kernels throughout:
+  encoder        3 × [conv stride 2 → BN → ReLU]: 64, 128, 256 channels (s/8 × s/8 maps); FC 1024 → BN → ReLU;
+                 μ and log σ² (linear)
+  decoder        FC to 256 × s/8 × s/8 → BN → ReLU; 3 × [transposed conv stride 2 → BN → ReLU]: 256, 128, 32
+                 channels; conv to the image's channels; tanh
+  discriminator  conv 32 → ReLU; 3 × [conv stride 2 → BN → ReLU]: 128, 256, 256 channels, the last block's
+                 output being Dis_l, the learned similarity (the authors' recon_depth 9); FC 512 → BN → ReLU;
+                 FC 1, the logit
+Images of side 32 or less take the 32×32 variant: 192 where the 64×64 one has 256 in the middle layers (the
+decoder's first and the discriminator's second block). No dropout, as in the paper; the convolutions before a
+batch norm have no bias. Batch norm: see docs/architecture.md, "Batch norm".
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch import Tensor, nn
+
+KERNEL = 5
+ENCODER_UNITS, DISCRIMINATOR_UNITS = 1024, 512
+
+
+def channels(count: int, width: float) -> int:
+    return max(1, round(count * width))
+
+
+def down(fan_in: int, fan_out: int) -> list[nn.Module]:
+    """5×5 conv, stride 2 ('same' padding: the side halves, rounded up) → BN → ReLU."""
+    return [nn.Conv2d(fan_in, fan_out, KERNEL, stride=2, padding=KERNEL // 2, bias=False), nn.BatchNorm2d(fan_out),
+            nn.ReLU()]
+
+
+def up(fan_in: int, fan_out: int) -> list[nn.Module]:
+    """5×5 transposed conv, stride 2 (the side doubles) → BN → ReLU."""
+    return [nn.ConvTranspose2d(fan_in, fan_out, KERNEL, stride=2, padding=KERNEL // 2, output_padding=1, bias=False),
+            nn.BatchNorm2d(fan_out), nn.ReLU()]
+
+
+def dense(fan_in: int, fan_out: int) -> list[nn.Module]:
+    return [nn.Linear(fan_in, fan_out, bias=False), nn.BatchNorm1d(fan_out), nn.ReLU()]
+
+
+class ConvShape:
+    """The sizes of the networks for images (C, s, s) at a width: the decoded side, the maps' side, the channels."""
+
+    def __init__(self, image_shape: tuple[int, int, int], width: float) -> None:
+        self.image_shape = image_shape
+        self.image_channels, side, _ = image_shape
+        self.decoded_side = 8 * math.ceil(side / 8)
+        self.map_side = self.decoded_side // 8
+        middle = 192 if self.decoded_side <= 32 else 256
+        self.encoder = [channels(c, width) for c in (64, 128, 256)]
+        self.decoder = [channels(c, width) for c in (256, middle, 128, 32)]  # the first: the FC layer's maps
+        self.discriminator = [channels(c, width) for c in (32, 128, middle, 256)]
+        self.encoder_units = channels(ENCODER_UNITS, width)
+        self.discriminator_units = channels(DISCRIMINATOR_UNITS, width)
+
+    def flat(self, maps: int) -> int:
+        return maps * self.map_side * self.map_side
+
+
+class ConvEncoder(nn.Module):
+    def __init__(self, shape: ConvShape, latent_dim: int) -> None:
+        super().__init__()
+        c = [shape.image_channels, *shape.encoder]
+        self.body = nn.Sequential(nn.Unflatten(1, shape.image_shape), *down(c[0], c[1]), *down(c[1], c[2]),
+                                  *down(c[2], c[3]), nn.Flatten(), *dense(shape.flat(c[3]), shape.encoder_units))
+        self.mu = nn.Linear(shape.encoder_units, latent_dim)
+        self.logvar = nn.Linear(shape.encoder_units, latent_dim)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(μ, log σ²) of q(z | x) for images x of shape (B, C·H·W)."""
+        h = self.body(x)
+        return self.mu(h), self.logvar(h)
+
+
+class ConvDecoder(nn.Module):
+    def __init__(self, shape: ConvShape, latent_dim: int) -> None:
+        super().__init__()
+        c = shape.decoder
+        crop = (shape.decoded_side - shape.image_shape[1]) // 2
+        self.body = nn.Sequential(*dense(latent_dim, shape.flat(c[0])),
+                                  nn.Unflatten(1, (c[0], shape.map_side, shape.map_side)),
+                                  *up(c[0], c[1]), *up(c[1], c[2]), *up(c[2], c[3]))
+        self.out = nn.Sequential(nn.Conv2d(c[3], shape.image_channels, KERNEL, padding=KERNEL // 2),
+                                 nn.ZeroPad2d(-crop), nn.Tanh(), nn.Flatten())
+
+    def forward(self, z: Tensor) -> Tensor:
+        """Images of shape (B, C·H·W) in [-1, 1]."""
+        return self.out(self.body(z))
+
+
+class ConvDiscriminator(nn.Module):
+    def __init__(self, shape: ConvShape, similarity: str, spectral_norm: bool = False) -> None:
+        super().__init__()
+        c = [shape.image_channels, *shape.discriminator]
+        self.body = nn.Sequential(nn.Unflatten(1, shape.image_shape),
+                                  nn.Conv2d(c[0], c[1], KERNEL, padding=KERNEL // 2), nn.ReLU(),
+                                  *down(c[1], c[2]), *down(c[2], c[3]), *down(c[3], c[4]), nn.Flatten())
+        self.out = nn.Sequential(*dense(shape.flat(c[4]), shape.discriminator_units),
+                                 nn.Linear(shape.discriminator_units, 1))
+        self.similarity_kind = similarity
+        if spectral_norm:
+            for layer in [m for m in self.modules() if isinstance(m, nn.Conv2d | nn.Linear)]:
+                nn.utils.parametrizations.spectral_norm(layer)
+
+    def forward(self, x: Tensor, with_similarity: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """The logit of "x is real", shape (B, 1); with_similarity also returns Dis_l(x) from the same pass."""
+        features = self.body(x)
+        logit = self.out(features)
+        if not with_similarity:
+            return logit
+        return logit, (logit if self.similarity_kind == "logit" else features)
+
+    def similarity(self, x: Tensor) -> Tensor:
+        """Dis_l(x): the logit (the design) or the third strided block's maps, flattened (the paper)."""
+        return self.forward(x, with_similarity=True)[1]
