@@ -25,7 +25,7 @@ def test_samples_npy_holds_the_decoders_digits_as_uint8(exported, tmp_path):
     assert first.shape == (10, 28, 28) and first.dtype == np.uint8
     config, _, decoder = load_networks(exported)
     with torch.no_grad():
-        expected = to_uint8(decoder(prior_samples(10, config.latent_dim, seed=3)))
+        expected = to_uint8(decoder(prior_samples(10, config.latent_dim, seed=3)), config.image_shape)
     np.testing.assert_array_equal(first, expected)
     again = np.load(run(exported, tmp_path / "b.npy", "--count", "10", "--seed", "3"))
     other = np.load(run(exported, tmp_path / "c.npy", "--count", "10", "--seed", "4"))
@@ -35,7 +35,7 @@ def test_samples_npy_holds_the_decoders_digits_as_uint8(exported, tmp_path):
 
 def test_uint8_images_put_minus_one_at_black_and_one_at_white():
     pixels = torch.tensor([[-1.0] * 392 + [1.0] * 392])
-    images = to_uint8(pixels)
+    images = to_uint8(pixels, (1, 28, 28))
     assert images.shape == (1, 28, 28)
     assert images[0, 0, 0] == 0 and images[0, -1, -1] == 255
 
@@ -54,7 +54,7 @@ def test_reconstruct_pairs_real_test_digits_with_their_reconstructions(exported,
     _, encoder, decoder = load_networks(exported)
     with torch.no_grad():
         reconstructions = decoder(encoder(images_to_pixels(test_images[chosen]))[0])
-    np.testing.assert_array_equal(pairs[:, 1], to_uint8(reconstructions))
+    np.testing.assert_array_equal(pairs[:, 1], to_uint8(reconstructions, (1, 28, 28)))
     with Image.open(run(exported, tmp_path / "r.png", "--mode", "reconstruct", "--count", "8")) as image:
         assert image.size == (8 * 30 + 2, 2 * 30 + 2)
 
@@ -66,7 +66,7 @@ def test_interpolate_walks_from_one_reconstruction_to_another(exported, tmp_path
     chosen = torch.randperm(len(test_images), generator=torch.Generator().manual_seed(0))[:6]
     _, encoder, decoder = load_networks(exported)
     with torch.no_grad():
-        ends = to_uint8(decoder(encoder(images_to_pixels(test_images[chosen]))[0]))
+        ends = to_uint8(decoder(encoder(images_to_pixels(test_images[chosen]))[0]), (1, 28, 28))
     np.testing.assert_array_equal(walks[:, 0], ends[:3])
     np.testing.assert_array_equal(walks[:, -1], ends[3:])
     with Image.open(run(exported, tmp_path / "w.gif", "--mode", "interpolate", "--count", "4", "--steps", "5")) as gif:
@@ -80,7 +80,7 @@ def test_interpolate_walks_from_one_reconstruction_to_another(exported, tmp_path
     (["--out", "x.gif"], "--mode samples writes .png or .npy files, not .gif"),
     (["--out", "x.jpg", "--mode", "interpolate"], "--mode interpolate writes .png, .npy or .gif files, not .jpg"),
     (["--out", "x.png", "--count", "0"], "--count must be at least 1"),
-    (["--out", "x.png", "--mode", "interpolate", "--count", "6000"], "--count 6000 needs 12000 distinct test digits"),
+    (["--out", "x.png", "--mode", "interpolate", "--count", "6000"], "--count 6000 needs 12000 distinct test images"),
 ])
 def test_bad_requests_exit_2_with_one_line(exported, tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit) as exit_info:
@@ -95,3 +95,33 @@ def test_a_directory_without_networks_exits_2(tmp_path, capsys):
         main([str(tmp_path), "--out", str(tmp_path / "x.png")])
     assert exit_info.value.code == 2
     assert "holds no config.json" in capsys.readouterr().err
+
+
+def test_attribute_adds_the_mean_code_difference_of_a_digit_to_images_of_other_digits(exported, tmp_path):
+    rows = np.load(run(exported, tmp_path / "a.npy", "--mode", "attribute", "--attribute", "3", "--count", "4"))
+    assert rows.shape == (4, 3, 28, 28)
+    test_images, labels = load_mnist(None, "test")
+    _, encoder, decoder = load_networks(exported)
+    pixels = images_to_pixels(test_images)
+    with torch.no_grad():
+        mu = encoder(pixels)[0]
+        vector = mu[labels == 3].mean(dim=0) - mu[labels != 3].mean(dim=0)
+        others = torch.nonzero(labels != 3).squeeze(1)
+        shown = others[torch.randperm(len(others), generator=torch.Generator().manual_seed(0))[:4]]
+        expected = to_uint8(decoder(mu[shown] + vector), (1, 28, 28))
+    np.testing.assert_array_equal(rows[:, 0], test_images[shown].numpy())
+    np.testing.assert_array_equal(rows[:, 2], expected)
+    with Image.open(run(exported, tmp_path / "a.png", "--mode", "attribute", "--attribute", "3")) as grid:
+        assert grid.size == (3 * 30 + 2, 8 * 30 + 2)  # an image, its reconstruction, with the attribute: a row each
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--mode", "attribute"], "--attribute goes with --mode attribute"),
+    (["--attribute", "3"], "--attribute goes with --mode attribute"),
+    (["--mode", "attribute", "--attribute", "smiling"], "on MNIST an attribute is a digit, 0 to 9"),
+])
+def test_attribute_mistakes_are_one_line(exported, tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as error:
+        run(exported, tmp_path / "a.png", *flags)
+    err = capsys.readouterr().err
+    assert error.value.code == 2 and message in err and len(err.strip().splitlines()) == 1

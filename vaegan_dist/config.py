@@ -18,6 +18,7 @@ from typing import Any, Literal
 import yaml
 
 Architecture = Literal["mlp", "conv"]
+Dataset = Literal["mnist", "folder"]
 Similarity = Literal["logit", "hidden"]
 GeneratorLoss = Literal["minimax", "non_saturating"]
 MixedPrecision = Literal["no", "bf16", "fp16"]
@@ -27,6 +28,8 @@ GradientAllreduce = Literal["fp32", "bf16"]
 
 MIN_EVAL_SAMPLES = 4  # precision and recall need k + 1 = 4 samples
 MAX_EVAL_SAMPLES = 60_000  # the floor uses as many training images, and MNIST has 60000
+MNIST_SIZE = 28
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 1024
 MAX_SEED = 2**32 - 1  # numpy's seeds (accelerate's set_seed seeds numpy too) are 32-bit
 MAX_CPU_THREADS = 1024  # far beyond any useful count; 100000 threads make the process fail to load libraries
 MAX_WANDB_TIMEOUT = 86400.0  # a day; waits longer than the platform's time_t overflow
@@ -98,7 +101,14 @@ class TrainConfig:
     seed: int = setting(0, "seeds the initial weights, the data order and the noise")
     mixed_precision: MixedPrecision | None = setting(None, "no, bf16 or fp16 (none: what accelerate launch was "
                                                      "told, else no)")
-    data_dir: str | None = setting(None, "a directory with the four MNIST IDX files (none: the bundled copy)")
+    dataset: Dataset = setting("mnist", "mnist: the bundled MNIST, or the four IDX files in --data-dir; folder: every "
+                               "PNG and JPEG image under --data-dir, at any depth")
+    data_dir: str | None = setting(None, "mnist: a directory with the four IDX files (none: the bundled copy); "
+                                   "folder: the image folder")
+    image_size: int | None = setting(None, "side of the square images the networks take (none: MNIST's 28); a "
+                                     "folder's images are centre-cropped to squares and resized to it")
+    channels: int | None = setting(None, "1 (grey) or 3 (colour) (none: the data's own: 1 for MNIST, 3 for a "
+                                   "folder)")
     # Outputs, checkpoints and resuming
     output_dir: str = setting("outputs", "where everything goes")
     log_every: int = setting(50, "steps between records in metrics.jsonl, W&B and the console")
@@ -168,8 +178,36 @@ class TrainConfig:
         _require("tracker", self.tracker == "none" or (set(parts) <= {"wandb", "tensorboard"}
                                                      and len(set(parts)) == len(parts)),
                  f"is {self.tracker!r}: choose wandb, tensorboard, both as wandb,tensorboard, or none")
+        self._check_images()
         _require("hidden_dim", self.hidden_dim >> (self.depth - 1) >= 1,
                  f"is too small for depth {self.depth}: the discriminator halves it per layer")
+
+    def _check_images(self) -> None:
+        _require("image_size", self.image_size is None or MIN_IMAGE_SIZE <= self.image_size <= MAX_IMAGE_SIZE,
+                 f"must be from {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE} (or none)")
+        _require("channels", self.channels in (None, 1, 3), "must be 1, 3 or none")
+        if self.dataset == "mnist":
+            _require("image_size", self.image_size in (None, 28), "must be 28 (or none) for MNIST")
+            _require("channels", self.channels in (None, 1), "must be 1 (or none) for MNIST")
+        else:
+            _require("data_dir", self.data_dir is not None, f"must name the image folder for --dataset {self.dataset}")
+            _require("image_size", self.image_size is not None, f"must be given for --dataset {self.dataset}: the side "
+                     "its images are cropped and resized to (e.g. 64)")
+        _require("image_size", self.architecture != "conv" or self.image_shape[1] % 2 == 0,
+                 f"is {self.image_shape[1]}: the conv networks take an even side")
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(channels, side, side) of the images the networks take: the settings, else MNIST's 1×28×28 (a folder's
+        images have 3 channels unless told)."""
+        side = self.image_size or MNIST_SIZE
+        return (self.channels or (1 if self.dataset == "mnist" else 3), side, side)
+
+    @property
+    def image_pixels(self) -> int:
+        """C·H·W: the length of the rows of pixels the networks take and give."""
+        channels, height, width = self.image_shape
+        return channels * height * width
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> TrainConfig:

@@ -10,7 +10,8 @@ from vaegan_dist.config import TrainConfig
 
 # Settings that shape the networks' parameters or the data order: a resume that changes them is an error.
 # (spectral_norm: the discriminator's weights become parametrizations, with power-iteration vectors.)
-ARCHITECTURE_KEYS = ("architecture", "latent_dim", "hidden_dim", "depth", "conv_width", "seed", "spectral_norm")
+ARCHITECTURE_KEYS = ("architecture", "latent_dim", "hidden_dim", "depth", "conv_width", "seed", "spectral_norm",
+                     "dataset", "image_size", "channels")
 # Settings that say how to run, not what to train: they change on resume without comment.
 RUN_KEYS = ("resume", "output_dir", "data_dir", "max_steps", "save_every", "keep_last", "keep_every",
             "log_every", "requeue", "cpu_threads", "mixed_precision", "on_save_error", "max_consecutive_skips",

@@ -64,6 +64,9 @@ def main(argv: list[str] | None = None) -> None:
         fail(f"cannot write --out {args.out} ({err.strerror or err}): choose a writable path")
     try:
         config, encoder, decoder = load_networks(args.directory, args.device, args.weights)
+        if config.dataset != "mnist":
+            raise DataError(f"{args.directory} was trained on --dataset {config.dataset}, and vaegan-eval's metrics "
+                            "use an MNIST classifier: sample it with vaegan-sample instead")
         scores = evaluate(encoder, decoder, config, args.samples, Reference(args.device), args.seed)
     except (ExportError, DataError) as err:
         fail(str(err))

@@ -24,7 +24,7 @@ IDX_UBYTE = 0x08  # the IDX type code for unsigned bytes
 
 
 class DataError(RuntimeError):
-    """MNIST cannot be loaded. The message names the file and the fix."""
+    """Images cannot be loaded (MNIST's files, a folder's). The message names the file and the fix."""
 
 
 def _find(data_dir: Path, name: str) -> Path | None:

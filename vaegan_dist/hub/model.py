@@ -1,15 +1,16 @@
 """`VAEGAN`: the trained encoder and decoder as one model the Hugging Face way.
 
     model = VAEGAN.from_pretrained("pretrained")      # or an export, a checkpoint, a run directory, a Hub repo id
-    digits = model.sample(16)                         # (16, 1, 28, 28) in [0, 1]
-    mu, logvar = model.encode(digits)                 # images as torchvision's ToTensor gives them
+    images = model.sample(16)                         # (16, C, H, W) in [0, 1]: (16, 1, 28, 28) on MNIST
+    mu, logvar = model.encode(images)                 # images as torchvision's ToTensor gives them
     model.save_pretrained("my-model")                 # config.json + model.safetensors + README.md (model card)
     model.push_to_hub("user/vaegan-mnist")            # the same files, one commit on the Hub
 
 The format is huggingface_hub's PyTorchModelHubMixin's: `config.json` (the run's TrainConfig, as JSON) and
 `model.safetensors` (the keys `encoder.*` and `decoder.*` of the two networks), with a model card whose YAML
-metadata the Hub reads. Images are float tensors (N, 1, 28, 28) in [0, 1]; the networks themselves work on rows
-of 784 pixels in [-1, 1] (the decoder ends in tanh), and the methods convert at the boundary.
+metadata the Hub reads. Images are float tensors (N, C, H, W) in [0, 1], config.image_shape; the networks
+themselves work on rows of C·H·W pixels in [-1, 1] (the decoder ends in tanh), and the methods convert at the
+boundary.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from torch import Tensor, nn
 from vaegan_dist.config import ConfigError, TrainConfig
 from vaegan_dist.hub.card import CARD_METRICS, LICENSE, MODEL_CARD, TAGS, metrics_text, training_command
 from vaegan_dist.hub.network_files import CARD_FILE, MODEL_FILE, load_networks
-from vaegan_dist.model.mlp import IMAGE_PIXELS
 from vaegan_dist.model.networks import build_models
 
 
@@ -60,17 +60,17 @@ class VAEGAN(nn.Module, PyTorchModelHubMixin, library_name="vaegan-dist", licens
         return weight.device, weight.dtype
 
     def encode(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """(μ, log σ²) of q(z | x), each (N, latent_dim), for images (N, 1, 28, 28) in [0, 1]."""
+        """(μ, log σ²) of q(z | x), each (N, latent_dim), for images (N, C, H, W) in [0, 1]."""
         device, dtype = self._device_dtype()
-        rows = images.reshape(images.shape[0], IMAGE_PIXELS).to(device, dtype) * 2 - 1
+        rows = images.reshape(images.shape[0], self.config.image_pixels).to(device, dtype) * 2 - 1
         mu, logvar = self.encoder(rows)
         return mu.float(), logvar.float()
 
     def decode(self, z: Tensor) -> Tensor:
-        """Images (N, 1, 28, 28) in [0, 1] for codes z (N, latent_dim)."""
+        """Images (N, C, H, W) in [0, 1] for codes z (N, latent_dim)."""
         device, dtype = self._device_dtype()
         rows = self.decoder(z.to(device, dtype)).float()
-        return ((rows + 1) / 2).clamp_(0, 1).reshape(z.shape[0], 1, 28, 28)
+        return ((rows + 1) / 2).clamp_(0, 1).reshape(z.shape[0], *self.config.image_shape)
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """n images decoded from z ~ N(0, I), drawn with generator (on its device) when given."""
@@ -78,7 +78,7 @@ class VAEGAN(nn.Module, PyTorchModelHubMixin, library_name="vaegan-dist", licens
         return self.decode(torch.randn(n, self.latent_dim, generator=generator, device=device))
 
     def reconstruct(self, images: Tensor) -> Tensor:
-        """Dec(μ(x)): the reconstructions, (N, 1, 28, 28) in [0, 1], of images (N, 1, 28, 28) in [0, 1]."""
+        """Dec(μ(x)): the reconstructions, (N, C, H, W) in [0, 1], of images (N, C, H, W) in [0, 1]."""
         return self.decode(self.encode(images)[0])
 
     def forward(self, images: Tensor) -> Tensor:

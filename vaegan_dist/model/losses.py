@@ -7,14 +7,14 @@ Notation: x real images, x̃ = Dec(z) with z ~ q(z | x), x_p = Dec(z_p) with z_p
   pixel    = mean((x̃ − x)²)                                    (on [-1, 1] pixels)
   dec_loss = γ·rec + λ_pix·pixel − dis_loss                       (minimax, the design)
            = γ·rec + λ_pix·pixel + BCE(D(x̃), 1) + BCE(D(x_p), 1)  (non_saturating)
-  kld      = −½·Σ(1 + log σ² − μ² − σ²) / (B·784)
+  kld      = −½·Σ(1 + log σ² − μ² − σ²) / (B·P)       (P: pixels per image, C·H·W; 784 on MNIST)
   mismatch = mean over dims d of m_d² + (v_d − 1)², m_d and v_d the mean and variance of z_d over the batch
   enc_loss = λ_KL·kld + β·rec + λ_pix·pixel + λ_prior·mismatch
 with λ_KL = kl_weight (1 in the design), λ_pix = pixel_weight and λ_prior = prior_match_weight (0 in the design);
 sg is stop-gradient. mismatch is 0 when the batch's codes have the prior's first two moments: where the KL holds
 each image's posterior near N(0, I), it holds the aggregate posterior, what the decoder sees, near what samples
 draw from.
-λ_KL = 784 weighs each image's KL in full against the per-pixel means; λ_KL = 1 with λ_pix = 1/(2s²) alone is
+λ_KL = P weighs each image's KL in full against the per-pixel means; λ_KL = 1 with λ_pix = 1/(2s²) alone is
 a Gaussian VAE with pixel variance s² (on [-1, 1] pixels).
 """
 
@@ -25,8 +25,6 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-from vaegan_dist.model.mlp import IMAGE_PIXELS
 
 
 @dataclass(frozen=True)
@@ -66,9 +64,9 @@ def upcast(t: Tensor) -> Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-def kl_divergence(mu: Tensor, logvar: Tensor) -> Tensor:
-    """KL(q(z | x) ‖ N(0, I)) summed over the batch, divided by B·784 as in the design."""
-    return -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp()) / (mu.shape[0] * IMAGE_PIXELS)
+def kl_divergence(mu: Tensor, logvar: Tensor, image_pixels: int) -> Tensor:
+    """KL(q(z | x) ‖ N(0, I)) summed over the batch, divided by B·P (P pixels per image) as in the design."""
+    return -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp()) / (mu.shape[0] * image_pixels)
 
 
 def prior_mismatch(z: Tensor) -> Tensor:
@@ -113,7 +111,7 @@ def vaegan_losses(
     gamma: float,
     beta: float,
     generator_loss: str,
-    pixels: tuple[Tensor, Tensor] | None = None,
+    pixels: tuple[Tensor, Tensor],
     kl_weight: float = 1.0,
     pixel_weight: float = 0.0,
     normalise_similarity: bool = False,
@@ -122,9 +120,9 @@ def vaegan_losses(
 ) -> LossTerms:
     """All losses from the networks' outputs.
 
-    logits: D's logits for (x, x̃, x_p); similarity: Dis_l for (x, x̃); pixels: (x, x̃), needed when
-    pixel_weight > 0 (without them the pixel term is logged as 0); z: the codes x̃ was decoded from, needed when
-    prior_match_weight > 0 (likewise). The defaults are the design.
+    logits: D's logits for (x, x̃, x_p); similarity: Dis_l for (x, x̃); pixels: (x, x̃), rows of C·H·W pixels;
+    z: the codes x̃ was decoded from, needed when prior_match_weight > 0 (without it the mismatch is logged as 0).
+    The defaults are the design.
     """
     logit_x, logit_x_tilde, logit_x_p = (upcast(t) for t in logits)
     dis_l_x, dis_l_x_tilde = (upcast(t) for t in similarity)
@@ -133,10 +131,10 @@ def vaegan_losses(
     dis_loss = dis_recon + dis_prior + dis_real
     gen_loss = generator_term(logit_x_tilde, logit_x_p, dis_loss, generator_loss)
     rec = similarity_error(dis_l_x_tilde, dis_l_x, normalise_similarity)
-    kld = kl_divergence(upcast(mu), upcast(logvar))
-    if (pixels is None and pixel_weight) or (z is None and prior_match_weight):
-        raise ValueError("pixel_weight > 0 needs pixels=(x, x̃), and prior_match_weight > 0 needs z")
-    pixel = rec.new_zeros(()) if pixels is None else pixel_error(upcast(pixels[1]), upcast(pixels[0]))
+    kld = kl_divergence(upcast(mu), upcast(logvar), pixels[0].shape[1])
+    if z is None and prior_match_weight:
+        raise ValueError("prior_match_weight > 0 needs z")
+    pixel = pixel_error(upcast(pixels[1]), upcast(pixels[0]))
     mismatch = rec.new_zeros(()) if z is None else prior_mismatch(upcast(z))
     enc_loss = kld + beta * rec if kl_weight == 1 else kl_weight * kld + beta * rec
     dec_loss = gamma * rec + gen_loss

@@ -1,6 +1,7 @@
-"""The three networks of the VAE/GAN: fully connected, with Dropout before every linear layer.
+"""The three networks of the VAE/GAN: fully connected, with Dropout before every linear layer, on rows of P
+pixels (C·H·W; 784 on MNIST).
 
-With the default sizes (hidden_dim 1024, depth 3, latent_dim 20) they are the project's design:
+With the default sizes (hidden_dim 1024, depth 3, latent_dim 20) on MNIST they are the project's design:
   encoder        784→1024→1024→1024 → 20 (μ) and 20 (log σ²)
   decoder        20→1024→1024→1024→784, tanh
   discriminator  784→1024→512→256→1, logit (the sigmoid belongs in the loss)
@@ -13,8 +14,6 @@ import itertools
 
 import torch
 from torch import Tensor, nn
-
-IMAGE_PIXELS = 28 * 28
 
 
 class Dropout(nn.Dropout):
@@ -44,35 +43,35 @@ def mlp(widths: list[int], dropout: float) -> nn.Sequential:
 
 
 class Encoder(nn.Module):
-    def __init__(self, hidden_dim: int, depth: int, latent_dim: int, dropout: float) -> None:
+    def __init__(self, image_pixels: int, hidden_dim: int, depth: int, latent_dim: int, dropout: float) -> None:
         super().__init__()
-        self.body = mlp([IMAGE_PIXELS] + [hidden_dim] * depth, dropout)
+        self.body = mlp([image_pixels] + [hidden_dim] * depth, dropout)
         self.head_dropout = Dropout(dropout)
         self.mu = nn.Linear(hidden_dim, latent_dim)
         self.logvar = nn.Linear(hidden_dim, latent_dim)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """(μ, log σ²) of q(z | x) for images x of shape (B, 784)."""
+        """(μ, log σ²) of q(z | x) for images x of shape (B, P)."""
         h = self.head_dropout(self.body(x))
         return self.mu(h), self.logvar(h)
 
 
 class Decoder(nn.Module):
-    def __init__(self, hidden_dim: int, depth: int, latent_dim: int, dropout: float) -> None:
+    def __init__(self, image_pixels: int, hidden_dim: int, depth: int, latent_dim: int, dropout: float) -> None:
         super().__init__()
         self.body = mlp([latent_dim] + [hidden_dim] * depth, dropout)
-        self.out = nn.Sequential(Dropout(dropout), nn.Linear(hidden_dim, IMAGE_PIXELS), nn.Tanh())
+        self.out = nn.Sequential(Dropout(dropout), nn.Linear(hidden_dim, image_pixels), nn.Tanh())
 
     def forward(self, z: Tensor) -> Tensor:
-        """Images of shape (B, 784) in [-1, 1]."""
+        """Images of shape (B, P) in [-1, 1]."""
         return self.out(self.body(z))
 
 
 class Discriminator(nn.Module):
-    def __init__(self, hidden_dim: int, depth: int, dropout: float, similarity: str,
+    def __init__(self, image_pixels: int, hidden_dim: int, depth: int, dropout: float, similarity: str,
                  spectral_norm: bool = False) -> None:
         super().__init__()
-        self.body = mlp([IMAGE_PIXELS] + [hidden_dim >> i for i in range(depth)], dropout)
+        self.body = mlp([image_pixels] + [hidden_dim >> i for i in range(depth)], dropout)
         self.out = nn.Sequential(Dropout(dropout), nn.Linear(hidden_dim >> (depth - 1), 1))
         self.similarity_kind = similarity
         if spectral_norm:

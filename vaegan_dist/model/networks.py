@@ -12,9 +12,7 @@ from torch import Tensor, nn
 
 from vaegan_dist.config import TrainConfig
 from vaegan_dist.model.conv import ConvDecoder, ConvDiscriminator, ConvEncoder, ConvShape
-from vaegan_dist.model.mlp import IMAGE_PIXELS, Decoder, Discriminator, Encoder
-
-IMAGE_SHAPE = (1, 28, 28)  # MNIST's, the images every network takes as rows of IMAGE_PIXELS
+from vaegan_dist.model.mlp import Decoder, Discriminator, Encoder
 
 
 class PerNetwork(NamedTuple):
@@ -29,13 +27,15 @@ class PerNetwork(NamedTuple):
 def build_models(config: TrainConfig) -> PerNetwork:
     """The encoder, decoder and discriminator as the config describes them, freshly initialised."""
     if config.architecture == "conv":
-        shape = ConvShape(IMAGE_SHAPE, config.conv_width)
+        shape = ConvShape(config.image_shape, config.conv_width)
         return PerNetwork(ConvEncoder(shape, config.latent_dim), ConvDecoder(shape, config.latent_dim),
                           ConvDiscriminator(shape, config.similarity, config.spectral_norm))
     return PerNetwork(
-        Encoder(config.hidden_dim, config.depth, config.latent_dim, config.network_dropout("encoder")),
-        Decoder(config.hidden_dim, config.depth, config.latent_dim, config.network_dropout("decoder")),
-        Discriminator(config.hidden_dim, config.depth, config.network_dropout("discriminator"),
+        Encoder(config.image_pixels, config.hidden_dim, config.depth, config.latent_dim,
+                config.network_dropout("encoder")),
+        Decoder(config.image_pixels, config.hidden_dim, config.depth, config.latent_dim,
+                config.network_dropout("decoder")),
+        Discriminator(config.image_pixels, config.hidden_dim, config.depth, config.network_dropout("discriminator"),
                       config.similarity, config.spectral_norm),
     )
 
@@ -89,8 +89,8 @@ def update_averages(averages: Autoencoder, networks: PerNetwork, decay: float, s
 
 
 def images_to_pixels(images: Tensor) -> Tensor:
-    """uint8 images of any shape (B, ...) to float rows of shape (B, 784) in [-1, 1], matching tanh."""
-    return images.reshape(images.shape[0], IMAGE_PIXELS).float().div_(127.5).sub_(1.0)
+    """uint8 images (B, C, H, W) or (B, H, W) to float rows (B, C·H·W) in [-1, 1], matching tanh."""
+    return images.reshape(images.shape[0], -1).float().div_(127.5).sub_(1.0)
 
 
 @contextmanager

@@ -93,7 +93,8 @@ def log_record(run: Run, state: TrainState, epoch: int, collapse: CollapseWatch)
 def send_grids(run: Run, step: int) -> None:
     """The sample and reconstruction grids to W&B."""
     pixels = grid_pixels(*run.autoencoder, run.fixed_z, run.test_x)
-    run.tracker.log({"step": step, **{name: np.asarray(grid_image(p)) for name, p in pixels.items()}})
+    shape = run.config.image_shape
+    run.tracker.log({"step": step, **{name: np.asarray(grid_image(p, shape)) for name, p in pixels.items()}})
 
 
 def share_running_statistics(run: Run) -> None:
@@ -127,7 +128,7 @@ def evaluate_now(run: Run, state: TrainState, epoch: int) -> None:
 
 def save_pictures(run: Run, tag: str) -> None:
     if run.accelerator.is_main_process:
-        save_epoch_grids(*run.autoencoder, run.fixed_z, run.test_x, run.output_dir, tag)
+        save_epoch_grids(*run.autoencoder, run.fixed_z, run.test_x, run.config.image_shape, run.output_dir, tag)
 
 
 def save(run: Run, state: TrainState) -> Path:

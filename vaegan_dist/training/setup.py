@@ -20,7 +20,8 @@ from vaegan_dist.checkpoint.policy import config_changes
 from vaegan_dist.checkpoint.reading import Checkpoint, resolve_resume
 from vaegan_dist.checkpoint.tensors import load_optimizer_tensors
 from vaegan_dist.config import ConfigError, TrainConfig
-from vaegan_dist.data.mnist import DataError, load_mnist
+from vaegan_dist.data.images import load_images
+from vaegan_dist.data.mnist import DataError
 from vaegan_dist.data.sharding import ShardedBatches, derived_seed
 from vaegan_dist.evaluation.scores import Reference
 from vaegan_dist.model.networks import (
@@ -143,11 +144,11 @@ def build_networks(config: TrainConfig, accelerator: Accelerator) -> tuple[PerNe
 
 
 def load_data(config: TrainConfig, accelerator: Accelerator) -> tuple[ShardedBatches, Tensor, Tensor]:
-    """This process's shard of the training set on its device, and the fixed codes and test digits of the
-    picture grids."""
+    """This process's shard of the training set on its device, and the fixed codes and test images of the
+    picture grids. A folder is decoded once per node, by its first process, while the others wait."""
     batch_size = config.per_process_batch(accelerator.num_processes)
-    train_images, _ = load_mnist(config.data_dir, "train")
-    test_images, _ = load_mnist(config.data_dir, "test")
+    with accelerator.local_main_process_first():
+        train_images, test_images = load_images(config, "train"), load_images(config, "test")
     shards = ShardedBatches(train_images.to(accelerator.device), batch_size, accelerator.num_processes,
                             accelerator.process_index, config.seed)
     if shards.steps_per_epoch() == 0:
@@ -160,6 +161,10 @@ def load_data(config: TrainConfig, accelerator: Accelerator) -> tuple[ShardedBat
 
 def evaluation_reference(config: TrainConfig, device: torch.device, console: Console) -> Reference | None:
     if not config.eval_samples:
+        return None
+    if config.dataset != "mnist":
+        console.warn(f"evaluation is off for this run: its metrics use an MNIST classifier, and --dataset "
+                     f"{config.dataset} has other images (use --eval-samples 0 to silence this)")
         return None
     try:
         return Reference(device)
