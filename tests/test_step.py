@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -11,9 +12,15 @@ import torch.nn.functional as F
 
 from tests import forked
 from tests.conftest import tiny_config, tiny_flags
-from vaegan_dist.model.losses import prior_mismatch
+from vaegan_dist.model.losses import LossTerms, prior_mismatch
 from vaegan_dist.model.networks import PerNetwork, build_models
-from vaegan_dist.training.step import adam_optimizers, learning_rate, routed_gradients, train_step
+from vaegan_dist.training.step import (
+    adam_optimizers,
+    equilibrium_rests,
+    learning_rate,
+    routed_gradients,
+    train_step,
+)
 
 BATCH = 12
 
@@ -295,3 +302,35 @@ def test_the_training_loop_applies_the_schedule_and_the_discriminator_scale(tmp_
     for name, scale in (("encoder", 1), ("decoder", 1), ("discriminator", 3)):
         lrs = {r["step"]: r[f"lr_{name}"] for r in records if f"lr_{name}" in r}
         assert lrs == pytest.approx({5: scale * 1e-3, 10: scale * 1e-3 / 5}), name
+
+
+def losses_with(real: float, recon: float, prior: float) -> LossTerms:
+    zero = {name: torch.tensor(0.0) for name in LossTerms.names()}
+    return dataclasses.replace(LossTerms(**zero), dis_real_loss=torch.tensor(real),
+                               dis_recon_loss=torch.tensor(recon), dis_prior_loss=torch.tensor(prior))
+
+
+@pytest.mark.parametrize(("costs", "rests"), [
+    ((0.5, 0.5, 0.5), (False, False)),  # within 0.68 ± 0.35: everyone steps
+    ((0.2, 0.5, 0.5), (False, True)),  # D too good on real images: it rests
+    ((0.5, 0.1, 0.1), (False, True)),  # ... or on generated ones (their mean)
+    ((1.2, 0.5, 0.5), (True, False)),  # D far behind: the decoder rests
+    ((0.2, 1.3, 1.3), (False, False)),  # both would: neither does
+])
+def test_the_equilibrium_rule_rests_the_network_that_is_too_far_ahead(costs, rests):
+    got = equilibrium_rests(losses_with(*costs), tiny_config(gan_margin=0.35))
+    assert (bool(got.encoder), bool(got.decoder), bool(got.discriminator)) == (False, *rests)
+    assert not any(equilibrium_rests(losses_with(*costs), tiny_config()))  # the design: no margin
+
+
+def test_a_resting_discriminator_keeps_its_weights_and_adam_state_while_the_others_step():
+    config = tiny_config(dropout=0.0, gan_margin=0.5, gan_equilibrium=10.0)  # every cost is below 9.5: D rests
+    torch.manual_seed(7)
+    networks = build_models(config)
+    optimizers = adam_optimizers(networks, config)
+    before = [p.detach().clone() for p in networks.discriminator.parameters()]
+    decoder_before = [p.detach().clone() for p in networks.decoder.parameters()]
+    assert train_step(networks, optimizers, make_inputs(config, dtype=torch.float32)[0], config).stepped
+    assert all(torch.equal(a, b) for a, b in zip(before, networks.discriminator.parameters(), strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(decoder_before, networks.decoder.parameters(), strict=True))
+    assert_no_step_taken([optimizers.discriminator])

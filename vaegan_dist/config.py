@@ -58,6 +58,10 @@ class TrainConfig:
                                      "layer (the paper)")
     generator_loss: GeneratorLoss = setting("non_saturating", "the decoder's GAN term: minimax (−dis_loss, the "
                                             "design) or non_saturating")
+    gan_margin: float | None = setting(None, "the paper's equilibrium rule: the discriminator rests while its cost "
+                                       "on real or generated images is below gan_equilibrium − this, the decoder while "
+                                       "above + this (none: every network steps, the design; the paper: 0.35)")
+    gan_equilibrium: float = setting(0.68, "the discriminator's cost that --gan-margin holds it near (the paper's)")
     # The autoencoder's terms (the design: 1, 0, off, 0); see docs/architecture.md, "What one step computes"
     kl_weight: float = setting(10.0, "multiplies the KL divergence, which the design divides by B·784 (784 weighs "
                                "each image's KL in full)")
@@ -150,7 +154,7 @@ class TrainConfig:
         for key in ("global_batch_size", "max_steps", "keep_every", "cpu_threads", "eval_every"):
             value = getattr(self, key)
             _require(key, value is None or value > 0, "must be positive (or none)")
-        for key in ("gamma", "beta", "lr", "discriminator_lr_scale", "wandb_timeout", "conv_width"):
+        for key in ("gamma", "beta", "lr", "discriminator_lr_scale", "wandb_timeout", "conv_width", "gan_equilibrium"):
             _require(key, getattr(self, key) > 0, "must be positive")
         for key in ("output_dir", "resume", "data_dir"):
             _require(key, getattr(self, key) != "", "cannot be empty (none: leave it out)")
@@ -160,6 +164,7 @@ class TrainConfig:
         _require("lr", self.lr * max(1.0, self.discriminator_lr_scale) <= MAX_LR,
                  f"times discriminator_lr_scale must be at most {MAX_LR:g} (Adam's learning rates are ~1e-4)")
         _require("wandb_timeout", self.wandb_timeout <= MAX_WANDB_TIMEOUT, f"must be at most {MAX_WANDB_TIMEOUT:g} s")
+        _require("gan_margin", self.gan_margin is None or self.gan_margin >= 0, "must be 0 or more (or none)")
         for key in ("kl_weight", "pixel_weight", "prior_match_weight"):
             _require(key, getattr(self, key) >= 0, "must be 0 or more")
         for key in ("adam_beta1", "adam_beta2", "ema_decay", "lr_decay_start"):

@@ -114,8 +114,9 @@ def step_on_device(
     0-d bool tensor). --cuda-graphs captures exactly this.
 
     (1) Noise from the global RNG, (2) the three routed gradients, (3) unscaled (fp16), (4) their norms, (5) three
-    fused Adam steps, which the kernel skips when `found_inf` is 1 (a norm is not finite): weights and moments stay
-    as they were and the step count is put back. force_skip skips whatever the gradients (a captured step's warm-up).
+    fused Adam steps, which the kernel skips when `found_inf` is 1 (a norm is not finite, or, with --gan-margin,
+    the network rests: equilibrium_rests): weights and moments stay as they were and the step count is put back.
+    force_skip skips whatever the gradients (a captured step's warm-up).
     With fp16, every network is unscaled by the scale its loss was multiplied with, and the scale is updated once
     afterwards (Accelerate's AcceleratedOptimizer.step would update the shared scaler after each optimizer, so the
     next one would be unscaled with a changed scale: it is not used).
@@ -128,9 +129,10 @@ def step_on_device(
             scaler.unscale_(optimizer)
     grad_norms = torch.stack([get_total_norm(grads[name]) for name in PerNetwork._fields])
     finite = torch.isfinite(grad_norms).all()
-    found_inf = finite.logical_not().float() if not force_skip else torch.ones((), device=x.device)
-    for optimizer in optimizers:
-        optimizer.found_inf = found_inf  # read by Adam.step, handed to the fused kernel
+    skip = finite.logical_not() if not force_skip else torch.ones((), dtype=torch.bool, device=x.device)
+    rests = equilibrium_rests(grads.terms, config)
+    for optimizer, rest in zip(optimizers, rests, strict=True):
+        optimizer.found_inf = (skip | rest).float()  # read by Adam.step, handed to the fused kernel
         try:
             optimizer.step()
         finally:
@@ -138,6 +140,22 @@ def step_on_device(
     if scaler is not None:
         scaler.update()
     return grads.terms, grad_norms, finite
+
+
+def equilibrium_rests(terms: LossTerms, config: TrainConfig) -> PerNetwork:
+    """Which networks rest this step, as 0-d bool tensors (never the encoder): with --gan-margin m, the paper's
+    equilibrium rule (the authors' aegan.py, equilibrium e). With the discriminator's cost on real images,
+    BCE(D(x), 1), and on generated ones, the mean of BCE(D(x̃), 0) and BCE(D(x_p), 0): the discriminator rests
+    while either is below e − m (it is too far ahead), the decoder while either is above e + m; if both would,
+    neither does. Without a margin (the design) no network rests."""
+    never = torch.zeros((), dtype=torch.bool, device=terms.dis_loss.device)
+    if config.gan_margin is None:
+        return PerNetwork(never, never, never)
+    low, high = config.gan_equilibrium - config.gan_margin, config.gan_equilibrium + config.gan_margin
+    costs = torch.stack([terms.dis_real_loss, (terms.dis_recon_loss + terms.dis_prior_loss) / 2]).detach()
+    decoder, discriminator = (costs > high).any(), (costs < low).any()
+    both = decoder & discriminator
+    return PerNetwork(never, decoder & ~both, discriminator & ~both)
 
 
 def train_step(networks: PerNetwork, optimizers: PerNetwork, x: Tensor, config: TrainConfig,
