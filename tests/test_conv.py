@@ -16,7 +16,7 @@ from vaegan_dist import VAEGAN
 from vaegan_dist.checkpoint.layout import checkpoints_dir
 from vaegan_dist.checkpoint.reading import Checkpoint, newest_complete, verify
 from vaegan_dist.hub.model import export_networks
-from vaegan_dist.model.conv import ConvDecoder, ConvDiscriminator, ConvEncoder, ConvShape
+from vaegan_dist.model.conv import ConvDecoder, ConvEncoder, ConvShape, conv_discriminator
 from vaegan_dist.model.networks import PerNetwork, build_models, moving_averages, update_averages
 from vaegan_dist.training.loop import train
 from vaegan_dist.training.step import routed_gradients
@@ -32,7 +32,7 @@ def layers(module, kind):
 def test_the_networks_are_the_papers_for_each_image_size(image_shape, middle):
     shape = ConvShape(image_shape, width=1.0)
     encoder, decoder = ConvEncoder(shape, 128), ConvDecoder(shape, 128)
-    discriminator = ConvDiscriminator(shape, "hidden")
+    discriminator = conv_discriminator(shape, "hidden")
     assert [c.out_channels for c in layers(encoder, nn.Conv2d)] == [64, 128, 256]
     assert [c.out_channels for c in layers(decoder, nn.ConvTranspose2d)] == [middle, 128, 32]
     assert [c.out_channels for c in layers(discriminator, nn.Conv2d)] == [32, 128, middle, 256]

@@ -21,6 +21,8 @@ import math
 
 from torch import Tensor, nn
 
+from vaegan_dist.model.discriminator import Discriminator
+
 KERNEL = 5
 ENCODER_UNITS, DISCRIMINATOR_UNITS = 1024, 512
 
@@ -95,28 +97,10 @@ class ConvDecoder(nn.Module):
         return self.out(self.body(z))
 
 
-class ConvDiscriminator(nn.Module):
-    def __init__(self, shape: ConvShape, similarity: str, spectral_norm: bool = False) -> None:
-        super().__init__()
-        c = [shape.image_channels, *shape.discriminator]
-        self.body = nn.Sequential(nn.Unflatten(1, shape.image_shape),
-                                  nn.Conv2d(c[0], c[1], KERNEL, padding=KERNEL // 2), nn.ReLU(),
-                                  *down(c[1], c[2]), *down(c[2], c[3]), *down(c[3], c[4]), nn.Flatten())
-        self.out = nn.Sequential(*dense(shape.flat(c[4]), shape.discriminator_units),
-                                 nn.Linear(shape.discriminator_units, 1))
-        self.similarity_kind = similarity
-        if spectral_norm:
-            for layer in [m for m in self.modules() if isinstance(m, nn.Conv2d | nn.Linear)]:
-                nn.utils.parametrizations.spectral_norm(layer)
-
-    def forward(self, x: Tensor, with_similarity: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-        """The logit of "x is real", shape (B, 1); with_similarity also returns Dis_l(x) from the same pass."""
-        features = self.body(x)
-        logit = self.out(features)
-        if not with_similarity:
-            return logit
-        return logit, (logit if self.similarity_kind == "logit" else features)
-
-    def similarity(self, x: Tensor) -> Tensor:
-        """Dis_l(x): the logit (the design) or the third strided block's maps, flattened (the paper)."""
-        return self.forward(x, with_similarity=True)[1]
+def conv_discriminator(shape: ConvShape, similarity: str, spectral_norm: bool = False) -> Discriminator:
+    """Dis_l 'hidden' is the third strided block's maps, flattened (the authors' recon_depth 9)."""
+    c = [shape.image_channels, *shape.discriminator]
+    body = nn.Sequential(nn.Unflatten(1, shape.image_shape), nn.Conv2d(c[0], c[1], KERNEL, padding=KERNEL // 2),
+                         nn.ReLU(), *down(c[1], c[2]), *down(c[2], c[3]), *down(c[3], c[4]), nn.Flatten())
+    out = nn.Sequential(*dense(shape.flat(c[4]), shape.discriminator_units), nn.Linear(shape.discriminator_units, 1))
+    return Discriminator(body, out, similarity, spectral_norm)

@@ -15,6 +15,8 @@ import itertools
 import torch
 from torch import Tensor, nn
 
+from vaegan_dist.model.discriminator import Discriminator
+
 
 class Dropout(nn.Dropout):
     """nn.Dropout with a cheaper mask on the CPU; GPUs keep PyTorch's fused kernel.
@@ -67,27 +69,9 @@ class Decoder(nn.Module):
         return self.out(self.body(z))
 
 
-class Discriminator(nn.Module):
-    def __init__(self, image_pixels: int, hidden_dim: int, depth: int, dropout: float, similarity: str,
-                 spectral_norm: bool = False) -> None:
-        super().__init__()
-        self.body = mlp([image_pixels] + [hidden_dim >> i for i in range(depth)], dropout)
-        self.out = nn.Sequential(Dropout(dropout), nn.Linear(hidden_dim >> (depth - 1), 1))
-        self.similarity_kind = similarity
-        if spectral_norm:
-            # Each weight divided by its largest singular value (one power iteration per training forward):
-            # D is 1-Lipschitz, so neither its logit nor Dis_l, the similarity's features, can grow without bound.
-            for layer in [m for m in self.modules() if isinstance(m, nn.Linear)]:
-                nn.utils.parametrizations.spectral_norm(layer)
-
-    def forward(self, x: Tensor, with_similarity: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-        """The logit of "x is real", shape (B, 1); with_similarity also returns Dis_l(x) from the same pass."""
-        features = self.body(x)
-        logit = self.out(features)
-        if not with_similarity:
-            return logit
-        return logit, (logit if self.similarity_kind == "logit" else features)
-
-    def similarity(self, x: Tensor) -> Tensor:
-        """Dis_l(x), the learned similarity: the logit (the design) or the last hidden layer (the paper)."""
-        return self.forward(x, with_similarity=True)[1]
+def mlp_discriminator(image_pixels: int, hidden_dim: int, depth: int, dropout: float, similarity: str,
+                      spectral_norm: bool = False) -> Discriminator:
+    """Layers halving from hidden_dim; Dis_l 'hidden' is the last hidden layer."""
+    return Discriminator(mlp([image_pixels] + [hidden_dim >> i for i in range(depth)], dropout),
+                         nn.Sequential(Dropout(dropout), nn.Linear(hidden_dim >> (depth - 1), 1)),
+                         similarity, spectral_norm)

@@ -11,8 +11,8 @@ import torch
 from torch import Tensor, nn
 
 from vaegan_dist.config import TrainConfig
-from vaegan_dist.model.conv import ConvDecoder, ConvDiscriminator, ConvEncoder, ConvShape
-from vaegan_dist.model.mlp import Decoder, Discriminator, Encoder
+from vaegan_dist.model.conv import ConvDecoder, ConvEncoder, ConvShape, conv_discriminator
+from vaegan_dist.model.mlp import Decoder, Encoder, mlp_discriminator
 
 
 class PerNetwork(NamedTuple):
@@ -29,14 +29,14 @@ def build_models(config: TrainConfig) -> PerNetwork:
     if config.architecture == "conv":
         shape = ConvShape(config.image_shape, config.conv_width)
         return PerNetwork(ConvEncoder(shape, config.latent_dim), ConvDecoder(shape, config.latent_dim),
-                          ConvDiscriminator(shape, config.similarity, config.spectral_norm))
+                          conv_discriminator(shape, config.similarity, config.spectral_norm))
     return PerNetwork(
         Encoder(config.image_pixels, config.hidden_dim, config.depth, config.latent_dim,
                 config.network_dropout("encoder")),
         Decoder(config.image_pixels, config.hidden_dim, config.depth, config.latent_dim,
                 config.network_dropout("decoder")),
-        Discriminator(config.image_pixels, config.hidden_dim, config.depth, config.network_dropout("discriminator"),
-                      config.similarity, config.spectral_norm),
+        mlp_discriminator(config.image_pixels, config.hidden_dim, config.depth,
+                          config.network_dropout("discriminator"), config.similarity, config.spectral_norm),
     )
 
 
