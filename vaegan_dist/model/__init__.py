@@ -1,0 +1,1 @@
+"""The networks and their losses, pure torch: what one step computes."""

@@ -1,0 +1,1 @@
+"""The run: setup, the loop, the step, and what surrounds it (trackers, console, signals, locks, CPU)."""
