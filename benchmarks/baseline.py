@@ -17,6 +17,7 @@ import argparse
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -54,25 +55,11 @@ def bce(logits: torch.Tensor, target: float) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, target))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=60, help="steps in all, the first window being warm-up")
-    parser.add_argument("--window", type=int, default=10, help="steps per timed window")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--preset", default="seed")
-    parser.add_argument("--hidden-dim", type=int, default=1024)
-    parser.add_argument("--depth", type=int, default=3)
-    parser.add_argument("--latent-dim", type=int, default=20)
-    args = parser.parse_args()
-    config = TrainConfig.preset(args.preset, hidden_dim=args.hidden_dim, depth=args.depth,
-                                latent_dim=args.latent_dim)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-    torch.manual_seed(0)
-    encoder, decoder, discriminator = (with_torch_dropout(net).to(device) for net in build_models(config))
-    networks = (encoder, decoder, discriminator)
-    optimizers = [torch.optim.Adam(net.parameters(), lr=config.lr, betas=(config.adam_beta1, config.adam_beta2))
-                  for net in networks]
+def plain_step(networks: tuple[nn.Module, nn.Module, nn.Module], optimizers: list[torch.optim.Optimizer],
+               config: TrainConfig) -> Callable[[torch.Tensor], None]:
+    """The step as a user writes it: five discriminator calls, each network's gradient from its own loss alone by
+    torch.autograd.grad, then each Adam; x is a batch of pixel rows in [-1, 1]."""
+    encoder, decoder, discriminator = networks
 
     def train_step(x: torch.Tensor) -> None:
         mu, logvar = encoder(x)
@@ -95,6 +82,31 @@ def main() -> None:
             for p, g in zip(net.parameters(), net_grads, strict=True):
                 p.grad = g
             optimizer.step()
+
+    return train_step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=60, help="steps in all, the first window being warm-up")
+    parser.add_argument("--window", type=int, default=10, help="steps per timed window")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--preset", default="seed")
+    parser.add_argument("--hidden-dim", type=int, default=1024)
+    parser.add_argument("--depth", type=int, default=3)
+    parser.add_argument("--latent-dim", type=int, default=20)
+    args = parser.parse_args()
+    config = TrainConfig.preset(args.preset, hidden_dim=args.hidden_dim, depth=args.depth,
+                                latent_dim=args.latent_dim)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    torch.manual_seed(0)
+    encoder, decoder, discriminator = (with_torch_dropout(net).to(device) for net in build_models(config))
+    networks = (encoder, decoder, discriminator)
+    optimizers = [torch.optim.Adam(net.parameters(), lr=config.lr, betas=(config.adam_beta1, config.adam_beta2))
+                  for net in networks]
+
+    train_step = plain_step(networks, optimizers, config)
 
     with tempfile.TemporaryDirectory() as root:
         loader = DataLoader(bundled_mnist(Path(root)), batch_size=args.batch_size, shuffle=True, drop_last=True)

@@ -130,7 +130,7 @@ def test_global_batch_must_split_over_processes():
 def test_presets_only_name_real_settings():
     for name, values in PRESETS.items():
         assert set(values) <= FIELD_NAMES, name
-        TrainConfig.preset(name)
+        TrainConfig.preset(name, **({"data_dir": "images"} if values.get("dataset") == "folder" else {}))
 
 
 def test_help_lists_every_setting_with_its_default():

@@ -1,5 +1,6 @@
 """The paper's convolutional networks (--architecture conv): their layers, the routing in float64 with batch norm,
-batch norm's running statistics through moving averages, checkpoints (one and two processes), resume and export."""
+batch norm's running statistics through moving averages, checkpoints, resume and export (two processes:
+tests/test_folder.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from tests.conftest import launch, tiny_config, tiny_flags
+from tests.conftest import tiny_config
 from tests.test_step import make_inputs, reference_gradients
 from vaegan_dist import VAEGAN
 from vaegan_dist.checkpoint.layout import checkpoints_dir
@@ -109,14 +110,3 @@ def test_a_conv_export_loads_in_eval_mode_with_its_running_statistics(conv_run, 
     again = VAEGAN.from_pretrained(tmp_path / "export")
     digits = model.sample(3, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(again.reconstruct(digits), model.reconstruct(digits), rtol=0, atol=2e-2)  # float16
-
-
-def test_two_processes_save_replicas_that_agree_running_statistics_included(tmp_path):
-    """Each process updates batch norm's running statistics from its own half of the batch: the save takes the
-    main process's on every process, so the replicas' digests agree."""
-    result = launch(tiny_flags(**CONV, max_steps=3, save_every=2, ema_decay=0.9, output_dir=tmp_path),
-                    num_processes=2)
-    assert result.returncode == 0, result.stderr[-4000:]
-    saved = [Checkpoint(path) for path in sorted(checkpoints_dir(tmp_path).glob("step_*"))]
-    assert [c.state["position"]["step"] for c in saved] == [2, 3]
-    assert all(verify(c.path) is None and len(set(c.state["replica_digests"])) == 1 for c in saved)

@@ -17,6 +17,7 @@ from vaegan_dist.checkpoint.layout import checkpoints_dir
 from vaegan_dist.checkpoint.reading import Checkpoint, verify
 from vaegan_dist.cli.eval import main as eval_main
 from vaegan_dist.cli.sample import main as sample_main
+from vaegan_dist.config import TrainConfig
 from vaegan_dist.data import folder as folder_module
 from vaegan_dist.data.folder import TEST_EVERY, load_folder, split_files
 from vaegan_dist.data.mnist import DataError
@@ -123,10 +124,22 @@ def test_conv_networks_train_on_a_folder_in_colour_and_export(images, tmp_path, 
     assert error.value.code == 2 and "use an MNIST classifier" in capsys.readouterr().err
 
 
-def test_two_processes_decode_the_folder_once_and_train_on_it(images, tmp_path, cache_dir):
-    result = launch(tiny_flags(**FOLDER, data_dir=images, max_steps=2, output_dir=tmp_path / "run"),
+def test_two_processes_decode_the_folder_once_and_save_replicas_that_agree(images, tmp_path, cache_dir):
+    """Each process updates batch norm's running statistics from its own half of the batch: the saves take the
+    main process's on every process, so the replicas' digests agree, mid-run and at the end."""
+    result = launch(tiny_flags(**FOLDER, data_dir=images, max_steps=3, save_every=2, output_dir=tmp_path / "run"),
                     num_processes=2, env={"VAEGAN_CACHE": str(cache_dir)})
     assert result.returncode == 0, result.stderr[-4000:]
-    (checkpoint,) = [Checkpoint(p) for p in checkpoints_dir(tmp_path / "run").glob("step_*")]
-    assert verify(checkpoint.path) is None and checkpoint.config["dataset"] == "folder"
+    saved = [Checkpoint(p) for p in sorted(checkpoints_dir(tmp_path / "run").glob("step_*"))]
+    assert [c.state["position"]["step"] for c in saved] == [2, 3] and saved[0].config["dataset"] == "folder"
+    assert all(verify(c.path) is None and len(set(c.state["replica_digests"])) == 1 for c in saved)
     assert len(list(cache_dir.glob("*.npy"))) == 1
+
+
+def test_the_celeba64_preset_trains_on_64_pixel_colour_images(images, tmp_path):
+    """The paper's networks at full width, for two steps of four images."""
+    config = TrainConfig.preset("celeba64", data_dir=str(images), batch_size=4, max_steps=2, cpu_threads=1,
+                                output_dir=str(tmp_path / "run"))
+    assert config.image_shape == (3, 64, 64) and config.conv_width == 1.0 and config.gan_margin == 0.35
+    assert train(config, Accelerator(cpu=True)) == 0
+    assert verify(checkpoints_dir(tmp_path / "run") / "step_0000002") is None

@@ -190,7 +190,7 @@ def test_config_files_that_are_not_settings(tmp_path, contents, message):
 # ------------------------------------------------------------------------------------ command lines
 
 @pytest.mark.parametrize(("module", "args", "fragments"), [
-    ("vaegan_dist.train", ["--gama", "3"], ["unrecognized arguments: --gama 3", "did you mean --gamma?"]),
+    ("vaegan_dist.train", ["--gama", "3"], ["unrecognized arguments: --gama 3", "did you mean --gamma"]),
     ("vaegan_dist.train", ["--preset", "sed"], ["invalid choice: 'sed'", "did you mean seed?"]),
     ("vaegan_dist.train", ["--lr", "fast"], ["argument --lr: invalid float value: 'fast'"]),
     ("vaegan_dist.cli.export", ["a", "b", "--dtype", "float8"], ["did you mean float32 or float16?"]),

@@ -49,5 +49,7 @@ def test_the_wheel_ships_py_typed_and_the_mnist_licence(tmp_path):
     assert {"vaegan_dist/py.typed", "vaegan_dist/data/mnist_idx/LICENSE.md",
             "vaegan_dist/evaluation/classifier.safetensors", "vaegan_dist/data/mnist_idx/train-images-idx3-ubyte.gz",
             "vaegan_dist/cli/train.py", "vaegan_dist/training/step.py"} <= names
+    assert any(name.endswith(".dist-info/licenses/LICENSE") for name in names)
+    assert PYPROJECT["project"]["license"] == "Apache-2.0" and "Apache License" in (REPO / "LICENSE").read_text()
     licence = " ".join((REPO / "vaegan_dist/data/mnist_idx/LICENSE.md").read_text().split())
     assert "Creative Commons Attribution-Share Alike 3.0" in licence and "LeCun" in licence

@@ -245,3 +245,15 @@ def test_compiled_networks_train_and_checkpoint_under_their_own_names(tmp_path):
     assert set(checkpoint.network("encoder")) == set(encoder.state_dict())
     assert set(checkpoint.network(AVERAGE_FILES["encoder"])) == set(encoder.state_dict())  # the default's averages
     assert set(checkpoint.network(AVERAGE_FILES["decoder"])) == set(decoder.state_dict())
+
+
+def test_conv_bench_times_the_data_path_beside_both_steps(tmp_path):
+    output = tmp_path / "conv.json"
+    result = subprocess.run([sys.executable, "benchmarks/conv_bench.py", "--images", "20", "--image-size", "16",
+                             "--width", "0.0625", "--latent-dim", "4", "--batch-size", "8", "--rounds", "1",
+                             "--min-time", "0.05", "--output", str(output)],
+                            capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    medians = json.loads(output.read_text())["medians"]
+    assert set(medians) == {"decode", "batches", "ours", "plain"} and all(rate > 0 for rate in medians.values())
+    assert "| ours |" in result.stdout and "| plain | " in result.stdout

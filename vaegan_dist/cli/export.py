@@ -7,7 +7,7 @@ import torch
 from vaegan_dist.checkpoint.output_paths import OutputError, refuse_output
 from vaegan_dist.cli.args import ArgumentParser, add_weights_flag
 from vaegan_dist.exits import fail
-from vaegan_dist.hub.card import run_metrics
+from vaegan_dist.hub.card import LICENSE, run_metrics
 from vaegan_dist.hub.model import export_networks
 from vaegan_dist.hub.network_files import ExportError, averages_in, averages_note, load_networks, network_directory
 
@@ -19,8 +19,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("source", help="a checkpoint directory, or a run's output directory (its newest checkpoint)")
     parser.add_argument("out", help="the export directory to write")
     parser.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="the weights' type")
-    parser.add_argument("--license", default="other", help="the model card's license (a Hub license id, e.g. "
-                        "mit or apache-2.0; default other: see the repository)")
+    parser.add_argument("--license", default=LICENSE, help="the model card's license, a Hub license id (default: "
+                        "the project's, apache-2.0)")
     add_weights_flag(parser)
     args = parser.parse_args(argv)
     try:

@@ -8,7 +8,7 @@ from pathlib import Path
 from vaegan_dist.checkpoint.metrics_log import METRICS_FILE, MetricsFileError, read_records
 from vaegan_dist.config import TrainConfig
 
-LICENSE = "other"  # the repository names no license; vaegan-export --license sets the card's
+LICENSE = "apache-2.0"  # the project's (LICENSE); vaegan-export --license sets another for a card
 TAGS = ["vae-gan", "vae", "gan", "mnist", "image-generation", "pytorch"]
 # (metric key in metrics.jsonl without "eval/", the card's metric type and name)
 CARD_METRICS = [("fid", "fid", "classifier-FID (lower is better)"), ("kid", "kid", "KID"),

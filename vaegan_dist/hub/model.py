@@ -114,8 +114,6 @@ class VAEGAN(nn.Module, PyTorchModelHubMixin, library_name="vaegan-dist", licens
         data = ModelCardData(**info.model_card_data.to_dict())
         data.datasets = ["mnist"]
         data.license = extras.pop("license", data.license)
-        if data.license == "other":
-            data.license_name = "vaegan-dist"  # the project's terms, whatever they are; --license names one
         metrics = extras.pop("metrics", None) or {}
         if metrics:
             data.model_name = "vaegan-mnist"
