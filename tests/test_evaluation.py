@@ -210,3 +210,11 @@ def test_console_scripts_resolve_and_the_classifier_ships_as_package_data():
         module, function = target.split(":")
         assert callable(getattr(import_module(module), function))
     assert re.search(r'^vaegan_dist = \[.*"evaluation/classifier\.safetensors".*\]$', pyproject, flags=re.MULTILINE)
+
+
+def test_reconstruction_scores_are_the_mean_error_and_the_mean_psnr():
+    from vaegan_dist.evaluation.reconstruction import reconstruction_scores
+
+    scores = reconstruction_scores(torch.tensor([0.01, 0.001, 0.0]))
+    assert scores["recon_mse"] == pytest.approx(0.011 / 3)
+    assert scores["recon_psnr"] == pytest.approx((20 + 30 + 100) / 3)  # a perfect reconstruction counts 100 dB

@@ -3,6 +3,7 @@ size; bad folders and files are one line naming them; the convolutional networks
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -14,6 +15,7 @@ from PIL import Image, ImageDraw
 from tests.conftest import launch, tiny_config, tiny_flags
 from vaegan_dist import VAEGAN
 from vaegan_dist.checkpoint.layout import checkpoints_dir
+from vaegan_dist.checkpoint.metrics_log import read_records
 from vaegan_dist.checkpoint.reading import Checkpoint, verify
 from vaegan_dist.cli.eval import main as eval_main
 from vaegan_dist.cli.sample import main as sample_main
@@ -99,8 +101,11 @@ FOLDER = dict(architecture="conv", conv_width=0.0625, latent_dim=4, dataset="fol
 
 
 def test_conv_networks_train_on_a_folder_in_colour_and_export(images, tmp_path, capsys):
-    config = tiny_config(**FOLDER, data_dir=str(images), max_steps=3, output_dir=str(tmp_path / "run"))
+    config = tiny_config(**{**FOLDER, "eval_samples": 10}, data_dir=str(images), max_steps=3,
+                         output_dir=str(tmp_path / "run"))
     assert train(config, Accelerator(cpu=True)) == 0
+    (evaluation,) = [r for r in read_records(tmp_path / "run" / "metrics.jsonl") if "eval/recon_psnr" in r]
+    assert evaluation["step"] == 3 and evaluation["eval/recon_mse"] > 0
     with Image.open(tmp_path / "run" / "samples" / "step_0000003.png") as grid:
         assert grid.mode == "RGB" and grid.size == (8 * 18 + 2, 8 * 18 + 2)
     model = VAEGAN.from_pretrained(tmp_path / "run")
@@ -119,9 +124,10 @@ def test_conv_networks_train_on_a_folder_in_colour_and_export(images, tmp_path, 
         sample_main([str(tmp_path / "run"), "--mode", "attribute", "--attribute", "Rund", "--labels", str(labels),
                      "--out", str(tmp_path / "x.png")])
     assert "did you mean Round?" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as error:
-        eval_main([str(tmp_path / "run"), "--out", str(tmp_path / "eval.json")])
-    assert error.value.code == 2 and "use an MNIST classifier" in capsys.readouterr().err
+    eval_main([str(tmp_path / "run"), "--out", str(tmp_path / "eval.json"), "--device", "cpu"])
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert report["num_images"] == COUNT // TEST_EVERY
+    assert report["model"]["recon_mse"] == pytest.approx(evaluation["eval/recon_mse"], rel=1e-4)
 
 
 def test_two_processes_decode_the_folder_once_and_save_replicas_that_agree(images, tmp_path, cache_dir):

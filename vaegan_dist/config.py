@@ -275,7 +275,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The paper's CelebA recipe on the default's losses: its convolutional networks at full width, 64×64 colour
     # crops of a folder (--data-dir img_align_celeba), 128 latent dimensions, batch 64 and its equilibrium margin.
     "celeba64": dict(architecture="conv", conv_width=1.0, dataset="folder", image_size=64, channels=3,
-                     latent_dim=128, batch_size=64, gan_margin=0.35, eval_samples=0),
+                     latent_dim=128, batch_size=64, gan_margin=0.35),
 }
 DEFAULT_PRESET = "default"
 FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(TrainConfig))

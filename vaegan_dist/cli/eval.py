@@ -3,21 +3,26 @@ the metrics beside their real-data floor and writes them as JSON."""
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.table import Table
+from torch import nn
 
 from vaegan_dist.checkpoint.output_paths import OutputError, refuse_output
 from vaegan_dist.cli.args import ArgumentParser, add_weights_flag, device_flag, seed_flag
-from vaegan_dist.config import MAX_EVAL_SAMPLES, MIN_EVAL_SAMPLES
+from vaegan_dist.config import MAX_EVAL_SAMPLES, MIN_EVAL_SAMPLES, TrainConfig
+from vaegan_dist.data.images import load_images
 from vaegan_dist.data.mnist import DataError
 from vaegan_dist.evaluation.classifier import NUM_CLASSES
+from vaegan_dist.evaluation.reconstruction import reconstruction_scores, squared_errors
 from vaegan_dist.evaluation.scores import DEFAULT_SAMPLES, LATENT_ROWS, RECON_ROWS, SAMPLE_ROWS, Reference, evaluate
 from vaegan_dist.exits import fail
 from vaegan_dist.hub.network_files import ExportError, load_networks
+from vaegan_dist.model.networks import images_to_pixels
 
 
 def histogram_text(scores: dict[str, float], prefix: str = "") -> str:
@@ -38,10 +43,36 @@ def results_table(scores: dict[str, float], title: str) -> Table:
     return table
 
 
+def mnist_report(args: argparse.Namespace, config: TrainConfig, encoder: nn.Module,
+                 decoder: nn.Module) -> tuple[Table, dict]:
+    """The classifier's metrics beside their floor, as a table and as the JSON report."""
+    scores = evaluate(encoder, decoder, config, args.samples, Reference(args.device), args.seed)
+    seed = config.seed if args.seed is None else args.seed
+    table = results_table(scores, f"{args.directory}: {args.samples} samples, seed {seed}")
+    model = {k: v for k, v in scores.items() if not k.startswith("floor_")}
+    floor = {k.removeprefix("floor_"): v for k, v in scores.items() if k.startswith("floor_")}
+    return table, {"directory": str(args.directory), "num_samples": args.samples, "seed": seed, "model": model,
+                   "floor": floor}
+
+
+def images_report(args: argparse.Namespace, config: TrainConfig, encoder: nn.Module,
+                  decoder: nn.Module) -> tuple[Table, dict]:
+    """A folder's run: the reconstruction error of up to --samples of its held-out images."""
+    pixels = images_to_pixels(load_images(config, "test", args.data_dir)[:args.samples]).to(args.device)
+    scores = reconstruction_scores(squared_errors(encoder, decoder, pixels))
+    table = Table(title=f"{args.directory}: {len(pixels)} held-out images")
+    for column in ("metric", "model"):
+        table.add_column(column)
+    table.add_row("reconstruction MSE ↓", f"{scores['recon_mse']:.5f}")
+    table.add_row("reconstruction PSNR ↑", f"{scores['recon_psnr']:.2f} dB")
+    return table, {"directory": str(args.directory), "num_images": len(pixels), "model": scores}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(
         prog="vaegan-eval", description="Evaluate the networks in a checkpoint or export directory against the "
-        "MNIST test set with the shipped classifier; prints a table and writes JSON.")
+        "MNIST test set with the shipped classifier (a folder's run: the reconstruction error of its held-out "
+        "images); prints a table and writes JSON.")
     parser.add_argument("directory", type=Path, help="a checkpoint, an export (vaegan-export, pretrained/) or a "
                         "run's output directory (its newest checkpoint)")
     parser.add_argument("--samples", type=int, default=DEFAULT_SAMPLES, help="samples to generate (and test "
@@ -49,6 +80,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=seed_flag, default=None, help="seed of the samples' z (default: the run's seed)")
     parser.add_argument("--out", type=Path, default=Path("evaluation.json"), help="where to write the JSON")
     parser.add_argument("--device", type=device_flag, default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--data-dir", default=None, help="a run on a folder of images: the folder, where it is not "
+                        "where the run had it")
     add_weights_flag(parser)
     args = parser.parse_args(argv)
     if args.samples < MIN_EVAL_SAMPLES:
@@ -64,18 +97,10 @@ def main(argv: list[str] | None = None) -> None:
         fail(f"cannot write --out {args.out} ({err.strerror or err}): choose a writable path")
     try:
         config, encoder, decoder = load_networks(args.directory, args.device, args.weights)
-        if config.dataset != "mnist":
-            raise DataError(f"{args.directory} was trained on --dataset {config.dataset}, and vaegan-eval's metrics "
-                            "use an MNIST classifier: sample it with vaegan-sample instead")
-        scores = evaluate(encoder, decoder, config, args.samples, Reference(args.device), args.seed)
+        table, report = (mnist_report if config.dataset == "mnist" else images_report)(args, config, encoder, decoder)
     except (ExportError, DataError) as err:
         fail(str(err))
-    seed = config.seed if args.seed is None else args.seed
-    Console().print(results_table(scores, f"{args.directory}: {args.samples} samples, seed {seed}"))
-    model = {k: v for k, v in scores.items() if not k.startswith("floor_")}
-    floor = {k.removeprefix("floor_"): v for k, v in scores.items() if k.startswith("floor_")}
-    report = {"directory": str(args.directory), "num_samples": args.samples, "seed": seed,
-              "model": model, "floor": floor}
+    Console().print(table)
     try:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")

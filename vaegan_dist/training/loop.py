@@ -24,8 +24,9 @@ from vaegan_dist.checkpoint.writing import save_checkpoint
 from vaegan_dist.config import TrainConfig
 from vaegan_dist.data.sharding import ShardedBatches
 from vaegan_dist.evaluation.pictures import grid_image, grid_pixels, save_epoch_grids
+from vaegan_dist.evaluation.reconstruction import evaluate_reconstructions, reconstruction_line
 from vaegan_dist.evaluation.report import ReportError, write_report
-from vaegan_dist.evaluation.scores import evaluate_distributed, evaluation_line
+from vaegan_dist.evaluation.scores import Reference, evaluate_distributed, evaluation_line
 from vaegan_dist.exits import Ending
 from vaegan_dist.model.networks import (
     images_to_pixels,
@@ -113,8 +114,12 @@ def evaluate_now(run: Run, state: TrainState, epoch: int) -> None:
     started, step = time.perf_counter(), state.position.step
     share_running_statistics(run)
     try:
-        scores = evaluate_distributed(run.accelerator, *run.autoencoder, run.config,
-                                      run.config.eval_samples, run.reference)
+        if isinstance(run.reference, Reference):
+            scores = evaluate_distributed(run.accelerator, *run.autoencoder, run.config, run.config.eval_samples,
+                                          run.reference)
+        else:
+            scores = evaluate_reconstructions(run.accelerator, *run.autoencoder, run.reference,
+                                              run.config.eval_samples)
     except Exception as err:
         run.console.warn(f"the evaluation at step {step} failed ({type(err).__name__}: {err}); training continues")
     else:
@@ -122,7 +127,7 @@ def evaluate_now(run: Run, state: TrainState, epoch: int) -> None:
             evaluation = {"step": step, "epoch": epoch, **{f"eval/{k}": v for k, v in scores.items()}}
             run.metrics.write(evaluation)
             run.tracker.log(evaluation)
-            run.console.info(evaluation_line(step, scores))
+            run.console.info((evaluation_line if "fid" in scores else reconstruction_line)(step, scores))
     state.window.started += time.perf_counter() - started  # not training time
 
 

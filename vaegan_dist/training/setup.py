@@ -61,7 +61,8 @@ class Run:
     shards: ShardedBatches
     fixed_z: Tensor  # the latent codes of every sample grid
     test_x: Tensor  # the test digits of every reconstruction grid
-    reference: Reference | None  # the evaluation's classifier and test features (None: evaluation off)
+    reference: Reference | Tensor | None  # MNIST's classifier and test features, or a folder's held-out images as
+    # pixel rows (their reconstruction error), for the evaluation (None: off)
     tracker: Trackers  # --tracker: W&B, TensorBoard, both or none
     metrics: MetricsLog
     last_step: int
@@ -144,8 +145,9 @@ def build_networks(config: TrainConfig, accelerator: Accelerator) -> tuple[PerNe
 
 
 def load_data(config: TrainConfig, accelerator: Accelerator) -> tuple[ShardedBatches, Tensor, Tensor]:
-    """This process's shard of the training set on its device, and the fixed codes and test images of the
-    picture grids. A folder is decoded once per node, by its first process, while the others wait."""
+    """This process's shard of the training set on its device, the fixed codes of the sample grids, and the held-out
+    test images (uint8, on the CPU). A folder is decoded once per node, by its first process, while the others
+    wait."""
     batch_size = config.per_process_batch(accelerator.num_processes)
     with accelerator.local_main_process_first():
         train_images, test_images = load_images(config, "train"), load_images(config, "test")
@@ -156,16 +158,15 @@ def load_data(config: TrainConfig, accelerator: Accelerator) -> tuple[ShardedBat
                           f"the {train_images.shape[0]} training images: use a smaller batch")
     fixed_z = torch.randn(NUM_FIXED_SAMPLES, config.latent_dim,
                           generator=torch.Generator().manual_seed(config.seed)).to(accelerator.device)
-    return shards, fixed_z, images_to_pixels(test_images[:NUM_RECONSTRUCTED]).to(accelerator.device)
+    return shards, fixed_z, test_images
 
 
-def evaluation_reference(config: TrainConfig, device: torch.device, console: Console) -> Reference | None:
+def evaluation_reference(config: TrainConfig, device: torch.device, console: Console,
+                         test_images: Tensor) -> Reference | Tensor | None:
     if not config.eval_samples:
         return None
     if config.dataset != "mnist":
-        console.warn(f"evaluation is off for this run: its metrics use an MNIST classifier, and --dataset "
-                     f"{config.dataset} has other images (use --eval-samples 0 to silence this)")
-        return None
+        return images_to_pixels(test_images).to(device)
     try:
         return Reference(device)
     except (OSError, RuntimeError, DataError) as err:  # evaluating is never worth losing the training run
@@ -214,10 +215,12 @@ def start(config: TrainConfig, accelerator: Accelerator, console: Console) -> tu
     """Everything the loop needs, restored from the checkpoint when the run resumes one."""
     output_dir, checkpoint = open_run(config, accelerator, console)
     networks, modules, optimizers = build_networks(config, accelerator)
-    shards, fixed_z, test_x = load_data(config, accelerator)
+    shards, fixed_z, test_images = load_data(config, accelerator)
+    test_x = images_to_pixels(test_images[:NUM_RECONSTRUCTED]).to(accelerator.device)
     run = Run(config, accelerator, console, output_dir, checkpoint, networks, modules, optimizers,
               moving_averages(config, modules) if config.ema_decay else None, shards, fixed_z, test_x,
-              evaluation_reference(config, accelerator.device, console), Trackers(config.tracker, console.warn),
+              evaluation_reference(config, accelerator.device, console, test_images),
+              Trackers(config.tracker, console.warn),
               MetricsLog(output_dir / "metrics.jsonl", accelerator.is_main_process, console.warn), last_step=0)
     state = restore(run)
     run.metrics.resume_at(state.position.step)  # what a crashed run logged past its checkpoint goes
