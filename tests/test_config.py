@@ -99,6 +99,7 @@ def test_json_config_and_none_for_optional_settings(tmp_path):
     ("epochs: 0\n", "setting 'epochs' must be positive"),
     ("lr: -1e-4\n", "setting 'lr' must be positive"),
     ("lr: 1e4\n", "setting 'lr' times discriminator_lr_scale must be at most 1"),
+    ("architecture: conv\nbatch_size: 1\n", "must be at least 2 with --architecture conv"),
     ("lr: 0.5\ndiscriminator_lr_scale: 4\n", "setting 'lr' times discriminator_lr_scale must be at most 1"),
     ("kl_weight: -1\n", "setting 'kl_weight' must be 0 or more"),
     ("lr: 1e-4x\n", "setting 'lr' must be float"),

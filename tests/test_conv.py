@@ -20,7 +20,7 @@ from vaegan_dist.hub.model import export_networks
 from vaegan_dist.model.conv import ConvDecoder, ConvEncoder, ConvShape, conv_discriminator
 from vaegan_dist.model.networks import PerNetwork, build_models, moving_averages, update_averages
 from vaegan_dist.training.loop import train
-from vaegan_dist.training.step import routed_gradients
+from vaegan_dist.training.step import adam_optimizers, routed_gradients, train_step
 
 CONV = dict(architecture="conv", conv_width=0.0625, latent_dim=4)
 
@@ -79,6 +79,20 @@ def test_the_averages_take_the_running_statistics_of_the_trained_networks():
             assert torch.equal(average, trained)
 
 
+def test_a_skipped_step_keeps_the_running_statistics_it_had():
+    config = tiny_config(**CONV)
+    networks = build_models(config)
+    optimizers = adam_optimizers(networks, config)
+    before = [b.clone() for net in networks for b in net.buffers()]
+    x = torch.rand(8, 784) * 2 - 1
+    x[0, 0] = float("nan")
+    assert not train_step(networks, optimizers, x, config).stepped
+    assert all(torch.equal(a, b) for a, b in zip(before, (b for net in networks for b in net.buffers()), strict=True))
+    assert train_step(networks, optimizers, x.nan_to_num(), config).stepped
+    assert not all(torch.equal(a, b) for a, b in zip(before, (b for net in networks for b in net.buffers()),
+                                                       strict=True))
+
+
 @pytest.fixture(scope="module")
 def conv_run(tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("conv") / "run"
@@ -106,7 +120,12 @@ def test_a_conv_export_loads_in_eval_mode_with_its_running_statistics(conv_run, 
     _, output_dir = conv_run
     model = VAEGAN.from_pretrained(output_dir)  # the newest checkpoint's moving averages
     assert not model.training and model.config.architecture == "conv"
-    export_networks(model.encoder, model.decoder, model.config, tmp_path / "export")
+    for module in model.modules():  # a long run's count, beyond float16's largest number
+        if isinstance(module, nn.BatchNorm2d):
+            module.num_batches_tracked.fill_(150_000)
+    export_networks(model.encoder, model.decoder, model.config, tmp_path / "export")  # float16
     again = VAEGAN.from_pretrained(tmp_path / "export")
+    counts = [m.num_batches_tracked for m in again.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert counts and all(c.dtype == torch.int64 and c == 150_000 for c in counts)
     digits = model.sample(3, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(again.reconstruct(digits), model.reconstruct(digits), rtol=0, atol=2e-2)  # float16

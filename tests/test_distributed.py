@@ -100,6 +100,10 @@ def test_nan_in_one_process_batch_skips_the_step_on_both_and_replicas_stay_ident
         assert torch.equal(ddp_ranks[0][key], ddp_ranks[1][key]), key
 
 
+def test_the_equilibrium_rule_reads_the_whole_batch_so_every_process_rests_the_same_networks(ddp_ranks):
+    assert all(not rank["margin.rests"].any() for rank in ddp_ranks)
+
+
 def read_metrics(output_dir):
     return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
 

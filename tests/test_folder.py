@@ -116,7 +116,7 @@ def test_conv_networks_train_on_a_folder_in_colour_and_export(images, tmp_path, 
     labels = tmp_path / "list_attr.txt"
     files, marked = sorted(p for p in images.rglob("*") if p.suffix in (".png", ".jpg")), split_files(images, "test")[0]
     lines = [f"{f.name} {1 if f == marked else -1} -1\n" for f in files]  # one test image is round
-    labels.write_text(f"{len(files)}\nRound Big\n" + "".join(lines))
+    labels.write_text(f"{len(files)}\nRound Big\n" + "".join(lines) + "\n")  # a blank last line is fine
     sample_main([str(tmp_path / "run"), "--mode", "attribute", "--attribute", "Round", "--labels", str(labels),
                  "--count", "1", "--out", str(tmp_path / "round.npy")])
     assert np.load(tmp_path / "round.npy").shape == (1, 3, 16, 16, 3)
@@ -140,6 +140,15 @@ def test_two_processes_decode_the_folder_once_and_save_replicas_that_agree(image
     assert [c.state["position"]["step"] for c in saved] == [2, 3] and saved[0].config["dataset"] == "folder"
     assert all(verify(c.path) is None and len(set(c.state["replica_digests"])) == 1 for c in saved)
     assert len(list(cache_dir.glob("*.npy"))) == 1
+
+
+def test_a_corrupt_image_stops_every_process_with_one_line(images, tmp_path, cache_dir):
+    broken = shutil.copytree(images, tmp_path / "broken")
+    (broken / "part0" / "zz.png").write_bytes(b"not a png")
+    result = launch(tiny_flags(**FOLDER, data_dir=broken, max_steps=1, output_dir=tmp_path / "run"),
+                    num_processes=2, env={"VAEGAN_CACHE": str(cache_dir)}, timeout=120)
+    assert result.returncode != 0 and result.stderr.count("error: cannot read image") == 1, result.stderr[-3000:]
+    assert str(broken / "part0" / "zz.png") in result.stderr
 
 
 def test_the_celeba64_preset_trains_on_64_pixel_colour_images(images, tmp_path):

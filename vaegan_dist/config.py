@@ -95,7 +95,7 @@ class TrainConfig:
     lr_schedule: Literal["constant", "linear"] = setting("constant", "constant: lr throughout; linear: lr until "
                                                          "lr_decay_start, then down to 0 at the last step")
     lr_decay_start: float = setting(0.5, "where the linear schedule starts to decay, as a fraction of the run")
-    ema_decay: float = setting(0.999, "decay per step of a moving average of the decoder's weights, which "
+    ema_decay: float = setting(0.999, "decay per step of moving averages of the encoder's and decoder's weights, which "
                                "samples, evaluations and exports use; training never reads it (0: none)")
     # Data and run length
     batch_size: int = setting(64, "images per step per process")
@@ -198,6 +198,8 @@ class TrainConfig:
             _require("data_dir", self.data_dir is not None, f"must name the image folder for --dataset {self.dataset}")
             _require("image_size", self.image_size is not None, f"must be given for --dataset {self.dataset}: the side "
                      "its images are cropped and resized to (e.g. 64)")
+        _require("batch_size", self.architecture != "conv" or self.batch_size >= 2,
+                 "must be at least 2 with --architecture conv: batch norm needs two images per process")
         _require("image_size", self.architecture != "conv" or self.image_shape[1] % 2 == 0,
                  f"is {self.image_shape[1]}: the conv networks take an even side")
 

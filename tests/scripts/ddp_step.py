@@ -6,6 +6,7 @@
 3. fp16 loss scaling where only rank 1's batch overflows: whether each process stepped, and its scale.
 4. A NaN in rank 1's batch (fp32): whether each process stepped, then one good step, and the weights.
 5. Part 1's half batches with --gradient-allreduce bf16 (train.py's Accelerator): the averaged gradients.
+6. --gan-margin's rule on losses that differ between the processes: which networks rest.
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ from accelerate.utils import set_seed
 from safetensors.torch import save_file
 
 from tests.conftest import tiny_config
-from tests.test_step import make_inputs
+from tests.test_step import losses_with, make_inputs
 from vaegan_dist.exits import leave
 from vaegan_dist.model.networks import PerNetwork, build_models
 from vaegan_dist.training.setup import make_accelerator
-from vaegan_dist.training.step import adam_optimizers, routed_gradients, train_step
+from vaegan_dist.training.step import adam_optimizers, equilibrium_rests, routed_gradients, train_step
 
 BATCH = 12  # the whole batch of part 1; each process takes half
 
@@ -98,6 +99,10 @@ def main(out_dir: str) -> None:
     for name in PerNetwork._fields:
         for i, g in enumerate(grads[name]):
             results[f"bf16_allreduce.{name}.{i}"] = g.clone()
+
+    # Rank 0's batch alone would rest the discriminator (real cost 0.2 < 0.68 − 0.35); the batch's mean, 0.4, not.
+    rests = equilibrium_rests(losses_with(0.2 if rank == 0 else 0.6, 0.5, 0.5), tiny_config(gan_margin=0.35))
+    results["margin.rests"] = torch.stack(list(rests))
 
     save_file(results, f"{out_dir}/rank{rank}.safetensors")
     accelerator.wait_for_everyone()

@@ -68,9 +68,8 @@ def save_gif(walks: Tensor, shape: tuple[int, int, int], path: Path) -> None:
 def with_attribute(encoder: nn.Module, decoder: nn.Module, config: TrainConfig, args: argparse.Namespace,
                    count: int) -> Tensor:
     """(count, 3, P): test images without the attribute, their reconstructions, and those with it added."""
-    data_dir = args.data_dir if config.dataset != "mnist" else None
-    has = has_attribute(config, args.attribute, args.labels, data_dir)
-    pixels = images_to_pixels(load_images(config, "test", data_dir)).to(args.device)
+    has = has_attribute(config, args.attribute, args.labels, args.data_dir)
+    pixels = images_to_pixels(load_images(config, "test", args.data_dir)).to(args.device)
     if not 0 < has.sum() < len(has) - count + 1:
         raise DataError(f"attribute {args.attribute!r}: {int(has.sum())} of the {len(has)} test images have it; "
                         f"the vector needs some with and some without, and --count {count} without")
@@ -90,7 +89,7 @@ def make(mode: str, encoder: nn.Module, decoder: nn.Module, config: TrainConfig,
     if mode == "attribute":
         return with_attribute(encoder, decoder, config, args, count)
     seed, device, steps = args.seed, args.device, args.steps
-    test_images = load_images(config, "test", args.data_dir if config.dataset != "mnist" else None)
+    test_images = load_images(config, "test", args.data_dir)
     if (needed := count if mode == "reconstruct" else 2 * count) > len(test_images):
         raise DataError(f"--mode {mode} --count {count} needs {needed} distinct test images, more than the "
                         f"{len(test_images)} there are: lower --count")
@@ -123,8 +122,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=seed_flag, default=0)
     parser.add_argument("--steps", type=int, default=10, help="points per latent walk (interpolate)")
     parser.add_argument("--device", type=device_flag, default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--data-dir", default=None, help="a run on a folder of images: the folder, where it is not "
-                        "where the run had it")
+    parser.add_argument("--data-dir", default=None, help="the run's images, where they are not where the run had "
+                        "them (MNIST: its IDX files; a folder)")
     parser.add_argument("--attribute", default=None, help="attribute mode: a digit on MNIST, a --labels column else")
     parser.add_argument("--labels", type=Path, default=None, help="attribute mode on a folder: CelebA's "
                         "list_attr_celeba.txt, or a file like it")

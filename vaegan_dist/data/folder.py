@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -68,7 +69,7 @@ def decode(file: Path, shape: tuple[int, int, int]) -> np.ndarray | str:
 def decode_all(files: list[Path], shape: tuple[int, int, int], path: Path) -> None:
     """Decodes every file in worker processes into the array at path (written atomically)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")  # nodes may share the cache
     array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(files), *shape))
     try:
         with ProcessPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:

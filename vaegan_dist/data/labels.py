@@ -27,8 +27,10 @@ def read_attribute_file(path: Path) -> tuple[list[str], dict[str, list[int]]]:
     names = lines[1].split()
     table = {}
     for number, line in enumerate(lines[2:], 3):
+        if not line.strip():
+            continue
         file, *values = line.split()
-        if len(values) != len(names) or not all(v.lstrip("-").isdigit() for v in values):
+        if len(values) != len(names) or not all(v in ("1", "-1", "0") for v in values):
             raise DataError(f"{path} line {number} does not give {len(names)} values of 1 or -1: fix that line")
         table[file] = [int(v) for v in values]
     return names, table
@@ -40,7 +42,7 @@ def has_attribute(config: TrainConfig, attribute: str, labels_file: Path | None 
     if config.dataset == "mnist":
         if attribute not in [str(digit) for digit in range(10)]:
             raise DataError(f"attribute {attribute!r}: on MNIST an attribute is a digit, 0 to 9")
-        return load_mnist(None, "test")[1] == int(attribute)
+        return load_mnist(data_dir or config.data_dir, "test")[1] == int(attribute)
     if labels_file is None:
         raise DataError("an attribute of a folder's images needs --labels FILE (CelebA's list_attr_celeba.txt)")
     names, table = read_attribute_file(labels_file)

@@ -56,6 +56,6 @@ class ShardedBatches:
             yield order[start: start + self.batch_size]
 
     def batches(self, epoch: int, images_seen: int = 0) -> Iterator[Tensor]:
-        """This process's uint8 batches (B, 784) for each remaining step of the epoch."""
+        """This process's uint8 batches (B, C·H·W) for each remaining step of the epoch."""
         for index in self.indices(epoch, images_seen):
             yield self.images[index]

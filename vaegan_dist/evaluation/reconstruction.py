@@ -2,8 +2,8 @@
 
   recon_mse   mean over the images of the mean squared error per pixel, on [0, 1] pixels
   recon_psnr  mean over the images of 10·log10(1 / that error), in dB (higher is better)
-On MNIST the classifier's metrics (vaegan_dist.evaluation.scores) come with these; on a folder of images they
-are the evaluation.
+On MNIST the evaluation is the classifier's (vaegan_dist.evaluation.scores, whose recon_mse is the same error);
+on a folder of images it is these.
 """
 
 from __future__ import annotations

@@ -14,17 +14,17 @@ TAGS = ["vae-gan", "vae", "gan", "mnist", "image-generation", "pytorch"]
 CARD_METRICS = [("fid", "fid", "classifier-FID (lower is better)"), ("kid", "kid", "KID"),
                 ("precision", "precision", "precision"), ("recall", "recall", "recall"),
                 ("inception_score", "inception_score", "inception score"),
-                ("recon_mse", "mse", "reconstruction MSE"), ("recon_accuracy", "accuracy",
-                                                            "reconstruction accuracy")]
+                ("recon_mse", "mse", "reconstruction MSE"), ("recon_psnr", "psnr", "reconstruction PSNR (dB)"),
+                ("recon_accuracy", "accuracy", "reconstruction accuracy")]
 
 MODEL_CARD = """---
 {{ card_data }}
 ---
 
-# VAE/GAN on MNIST
+# VAE/GAN on {{ data_name }}
 
 The encoder and decoder of a VAE/GAN (Larsen et al., 2016, [arXiv:1512.09300](https://arxiv.org/abs/1512.09300))
-trained on MNIST with vaegan-dist. `config.json` holds every setting of the run,
+trained on {{ data_name }} with vaegan-dist. `config.json` holds every setting of the run,
 `model.safetensors` the weights ({{ dtype }}).
 
 ## Use
@@ -33,9 +33,9 @@ trained on MNIST with vaegan-dist. `config.json` holds every setting of the run,
 from vaegan_dist import VAEGAN
 
 model = VAEGAN.from_pretrained("{{ repo_id | default('path/to/this/directory', true) }}")
-digits = model.sample(16)            # (16, 1, 28, 28) floats in [0, 1]
-mu, logvar = model.encode(digits)    # q(z | x), z of size {{ latent_dim }}
-again = model.reconstruct(digits)
+images = model.sample(16)            # (16, {{ image_shape }}) floats in [0, 1]
+mu, logvar = model.encode(images)    # q(z | x), z of size {{ latent_dim }}
+again = model.reconstruct(images)
 ```
 
 ## Training
@@ -59,22 +59,26 @@ def training_command(config: TrainConfig) -> str:
     words = ["python", "train.py"]
     for key, value in config.to_dict().items():
         if value == defaults[key] or key in ("output_dir", "data_dir"):
-            continue
+            continue  # (a folder's run needs --data-dir: it is said below)
         flag = f"--{key.replace('_', '-')}"
         if isinstance(value, bool):
             words.append(flag if value else f"--no-{key.replace('_', '-')}")
         else:
             words += [flag, "none" if value is None else str(value)]
+    if config.dataset != "mnist":
+        words += ["--data-dir", "IMAGES"]
     return shlex.join(words)
 
 
-def metrics_text(metrics: dict[str, float]) -> str:
+def metrics_text(metrics: dict[str, float], mnist: bool = True) -> str:
     if not metrics:
         return "No evaluation was recorded with these weights: run `vaegan-eval DIR` on them."
     step = f" at step {int(metrics['step'])}" if "step" in metrics else ""
     rows = [f"| {name} | {float(metrics[key]):.4g} |" for key, _, name in CARD_METRICS if key in metrics]
-    return ("vaegan-dist's classifier-based evaluation on the MNIST test set" + step + " (the run's "
-            "metrics.jsonl):\n\n| metric | value |\n| --- | --- |\n" + "\n".join(rows))
+    kind = ("classifier-based evaluation on the MNIST test set" if mnist
+            else "evaluation on the held-out images (their reconstruction error)")
+    return (f"vaegan-dist's {kind}{step} (the run's metrics.jsonl):\n\n| metric | value |\n| --- | --- |\n"
+            + "\n".join(rows))
 
 
 def run_metrics(source: Path) -> dict[str, float]:
@@ -88,7 +92,7 @@ def run_metrics(source: Path) -> dict[str, float]:
         return {}
     found: dict[str, float] = {}
     for record in records:
-        if "eval/fid" in record and (step is None or record["step"] <= step):
+        if any(key.startswith("eval/") for key in record) and (step is None or record["step"] <= step):
             found = {"step": record["step"],
                      **{k.removeprefix("eval/"): v for k, v in record.items() if k.startswith("eval/")}}
     return found

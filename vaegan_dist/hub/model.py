@@ -112,18 +112,23 @@ class VAEGAN(nn.Module, PyTorchModelHubMixin, library_name="vaegan-dist", licens
         info = self._hub_mixin_info
         extras = {**self.card_extras, **kwargs}
         data = ModelCardData(**info.model_card_data.to_dict())
-        data.datasets = ["mnist"]
+        mnist = self.config.dataset == "mnist"
+        data.datasets = ["mnist"] if mnist else None
         data.license = extras.pop("license", data.license)
         metrics = extras.pop("metrics", None) or {}
         if metrics:
-            data.model_name = "vaegan-mnist"
-            data.eval_results = [EvalResult(task_type="unconditional-image-generation", dataset_type="mnist",
-                                            dataset_name="MNIST", dataset_split="test", metric_type=kind,
+            data.model_name = "vaegan-mnist" if mnist else "vaegan"
+            data.eval_results = [EvalResult(task_type="unconditional-image-generation",
+                                            dataset_type="mnist" if mnist else "images",
+                                            dataset_name="MNIST" if mnist else "held-out images",
+                                            dataset_split="test", metric_type=kind,
                                             metric_name=name, metric_value=round(float(metrics[key]), 6))
                                  for key, kind, name in CARD_METRICS if key in metrics]
         extras.setdefault("command", training_command(self.config))
         extras.setdefault("source", "Trained by vaegan-dist")
-        extras.setdefault("metrics_text", metrics_text(metrics))
+        extras.setdefault("metrics_text", metrics_text(metrics, mnist))
+        extras.setdefault("data_name", "MNIST" if mnist else "a folder of images")
+        extras.setdefault("image_shape", ", ".join(map(str, self.config.image_shape)))
         dtype = str(self._device_dtype()[1]).removeprefix("torch.")
         return ModelCard.from_template(card_data=data, template_str=info.model_card_template,
                                        dtype=dtype, latent_dim=self.latent_dim, **extras)

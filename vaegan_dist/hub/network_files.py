@@ -76,7 +76,8 @@ def load_networks(directory: str | Path, device: torch.device | str = "cpu",
     for name, network in (("encoder", encoder), ("decoder", decoder)):
         path = directory / (MODEL_FILE if combined else files[name])
         try:
-            state = {key: t.to(device, torch.float32) for key, t in load_file(path).items()}
+            state = {key: t.to(device, torch.float32 if t.is_floating_point() else t.dtype)  # BN's counts stay ints
+                     for key, t in load_file(path).items()}
             if combined:
                 state = {key.removeprefix(f"{name}."): t for key, t in state.items() if key.startswith(f"{name}.")}
             network.load_state_dict(state, assign=True)

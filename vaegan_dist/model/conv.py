@@ -2,7 +2,7 @@
 times the paper's channel and unit counts. Like the fully connected networks they take and give images as rows
 of C·H·W pixels in [-1, 1], and reshape inside.
 
-For images of side s (divisible by 8; 28 is decoded at 32 and its centre cropped), 5×5 kernels throughout:
+For images of even side s (decoded at the next multiple of 8, s' ≥ s, and its centre cropped to s), 5×5 kernels:
   encoder        3 × [conv stride 2 → BN → ReLU]: 64, 128, 256 channels (s/8 × s/8 maps); FC 1024 → BN → ReLU;
                  μ and log σ² (linear)
   decoder        FC to 256 × s/8 × s/8 → BN → ReLU; 3 × [transposed conv stride 2 → BN → ReLU]: 256, 128, 32

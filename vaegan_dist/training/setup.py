@@ -149,8 +149,14 @@ def load_data(config: TrainConfig, accelerator: Accelerator) -> tuple[ShardedBat
     test images (uint8, on the CPU). A folder is decoded once per node, by its first process, while the others
     wait."""
     batch_size = config.per_process_batch(accelerator.num_processes)
-    with accelerator.local_main_process_first():
-        train_images, test_images = load_images(config, "train"), load_images(config, "test")
+    problem = None
+    with accelerator.local_main_process_first():  # an error on the first process must not leave the others waiting
+        try:
+            train_images, test_images = load_images(config, "train"), load_images(config, "test")
+        except DataError as err:
+            problem = err
+    if problem is not None:
+        raise problem
     shards = ShardedBatches(train_images.to(accelerator.device), batch_size, accelerator.num_processes,
                             accelerator.process_index, config.seed)
     if shards.steps_per_epoch() == 0:
@@ -166,7 +172,7 @@ def evaluation_reference(config: TrainConfig, device: torch.device, console: Con
     if not config.eval_samples:
         return None
     if config.dataset != "mnist":
-        return images_to_pixels(test_images).to(device)
+        return images_to_pixels(test_images[:config.eval_samples]).to(device)
     try:
         return Reference(device)
     except (OSError, RuntimeError, DataError) as err:  # evaluating is never worth losing the training run

@@ -61,7 +61,7 @@ def routed_gradients(
 ) -> RoutedGradients:
     """The gradient of each network's own loss w.r.t. that network's parameters, from one forward pass.
 
-    x: images (B, 784) in [-1, 1]; eps, z_p: standard normal noise (B, latent_dim). The same gradients are
+    x: images as rows (B, C·H·W) in [-1, 1]; eps, z_p: standard normal noise (B, latent_dim). The same gradients are
     left in each parameter's .grad, where DDP-wrapped networks have averaged them over processes.
     scale_loss multiplies each loss before its backward pass (fp16 loss scaling).
     """
@@ -115,7 +115,8 @@ def step_on_device(
 
     (1) Noise from the global RNG, (2) the three routed gradients, (3) unscaled (fp16), (4) their norms, (5) three
     fused Adam steps, which the kernel skips when `found_inf` is 1 (a norm is not finite, or, with --gan-margin,
-    the network rests: equilibrium_rests): weights and moments stay as they were and the step count is put back.
+    the network rests: equilibrium_rests): weights and moments stay as they were and the step count is put back;
+    a skipped step also puts the networks' buffers (batch norm's running statistics) back.
     force_skip skips whatever the gradients (a captured step's warm-up).
     With fp16, every network is unscaled by the scale its loss was multiplied with, and the scale is updated once
     afterwards (Accelerate's AcceleratedOptimizer.step would update the shared scaler after each optimizer, so the
@@ -123,6 +124,8 @@ def step_on_device(
     """
     eps = torch.randn(x.shape[0], config.latent_dim, device=x.device)
     z_p = torch.randn_like(eps)
+    buffers = [buffer for network in networks for buffer in network.buffers()]
+    before = [buffer.clone() for buffer in buffers]  # the forward pass moves batch norm's running statistics
     grads = routed_gradients(*networks, x, eps, z_p, config, scale_loss=scaler.scale if scaler is not None else None)
     if scaler is not None:
         for optimizer in optimizers:
@@ -130,6 +133,8 @@ def step_on_device(
     grad_norms = torch.stack([get_total_norm(grads[name]) for name in PerNetwork._fields])
     finite = torch.isfinite(grad_norms).all()
     skip = finite.logical_not() if not force_skip else torch.ones((), dtype=torch.bool, device=x.device)
+    for buffer, saved in zip(buffers, before, strict=True):  # a skipped step keeps the statistics it had
+        buffer.copy_(torch.where(skip, saved, buffer))
     rests = equilibrium_rests(grads.terms, config)
     for optimizer, rest in zip(optimizers, rests, strict=True):
         optimizer.found_inf = (skip | rest).float()  # read by Adam.step, handed to the fused kernel
@@ -152,7 +157,11 @@ def equilibrium_rests(terms: LossTerms, config: TrainConfig) -> PerNetwork:
     if config.gan_margin is None:
         return PerNetwork(never, never, never)
     low, high = config.gan_equilibrium - config.gan_margin, config.gan_equilibrium + config.gan_margin
-    costs = torch.stack([terms.dis_real_loss, (terms.dis_recon_loss + terms.dis_prior_loss) / 2]).detach()
+    costs = torch.stack([terms.dis_real_loss, (terms.dis_recon_loss + terms.dis_prior_loss) / 2]).detach().float()
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        # the costs of the whole batch, so that every process rests the same networks (gloo has no AVG)
+        torch.distributed.all_reduce(costs)
+        costs = costs / torch.distributed.get_world_size()
     decoder, discriminator = (costs > high).any(), (costs < low).any()
     both = decoder & discriminator
     return PerNetwork(never, decoder & ~both, discriminator & ~both)
@@ -160,7 +169,7 @@ def equilibrium_rests(terms: LossTerms, config: TrainConfig) -> PerNetwork:
 
 def train_step(networks: PerNetwork, optimizers: PerNetwork, x: Tensor, config: TrainConfig,
                scaler: torch.amp.GradScaler | None = None) -> StepResult:
-    """One step of all three networks on images x (B, 784), with fresh noise from the global RNG.
+    """One step of all three networks on images x (B, C·H·W), with fresh noise from the global RNG.
 
     The optimizers are plain torch Adams (adam_optimizers). The gradients are averaged over processes and the
     replicas are identical, so every process reaches the same verdict. Reads one number back from the device.
