@@ -185,3 +185,31 @@ def test_push_to_hub_uploads_what_save_pretrained_writes(tmp_path, monkeypatch):
     assert set(files) == {"README.md", "config.json", "model.safetensors"}
     assert files["config.json"] == (tmp_path / "config.json").read_bytes()
     assert files["model.safetensors"] == (tmp_path / "model.safetensors").read_bytes()
+
+
+def test_from_pretrained_honours_dtype_and_device_and_refuses_what_it_cannot(tmp_path):
+    half = VAEGAN.from_pretrained(REPO / "pretrained", torch_dtype=torch.float16, device="cpu")
+    assert {p.dtype for p in half.parameters()} == {torch.float16}
+    assert VAEGAN.from_pretrained(REPO / "pretrained", dtype=torch.float64).decoder.out[1].weight.dtype == torch.float64
+    with pytest.raises(TypeError, match="does not take device_map"):
+        VAEGAN.from_pretrained(REPO / "pretrained", device_map="auto")
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        VAEGAN.from_pretrained(str(tmp_path / "typo" / "model"))
+
+
+def test_inference_builds_no_autograd_graph():
+    model = VAEGAN.from_pretrained(REPO / "pretrained")
+    images = model.sample(4, generator=torch.Generator().manual_seed(0))
+    assert not images.requires_grad and not model.encode(images)[0].requires_grad
+    assert not model.reconstruct(images).requires_grad
+
+
+@pytest.mark.parametrize("command", ["train", "sample", "eval", "export", "report"])
+def test_every_command_has_version(command, capsys):
+    import importlib
+
+    from vaegan_dist import __version__
+
+    with pytest.raises(SystemExit) as done:
+        importlib.import_module(f"vaegan_dist.cli.{command}").main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip().endswith(__version__)

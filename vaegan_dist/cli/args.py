@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import difflib
 import re
-from typing import NoReturn
+from typing import Any, NoReturn
 
+from vaegan_dist import __version__
 from vaegan_dist.checkpoint.layout import WEIGHTS
 from vaegan_dist.config import MAX_SEED
 from vaegan_dist.exits import fail
@@ -14,7 +15,12 @@ from vaegan_dist.exits import fail
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, but a command-line mistake is one line like every other error, `error: ...`, with the close matches
-    of a mistyped flag or choice and a pointer to --help, and exit status EXIT_BAD_INPUT; not the whole usage."""
+    of a mistyped flag or choice and a pointer to --help, and exit status EXIT_BAD_INPUT; not the whole usage.
+    Every command has --version."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
 
     def error(self, message: str) -> NoReturn:
         hint = ""

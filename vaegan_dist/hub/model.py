@@ -31,7 +31,8 @@ from vaegan_dist.model.networks import build_models
 
 class VAEGAN(nn.Module, PyTorchModelHubMixin, library_name="vaegan-dist", license=LICENSE, tags=TAGS,
              paper_url="https://arxiv.org/abs/1512.09300", model_card_template=MODEL_CARD):
-    """The encoder and decoder of a trained VAE/GAN. `config` is its TrainConfig (or that as a dict)."""
+    """The encoder and decoder of a trained VAE/GAN. `config` is its TrainConfig (or that as a dict). encode, decode,
+    sample and reconstruct are inference: no autograd graph (call self.encoder / self.decoder to differentiate)."""
 
     def __init__(self, config: dict | None = None) -> None:
         super().__init__()
@@ -59,6 +60,7 @@ class VAEGAN(nn.Module, PyTorchModelHubMixin, library_name="vaegan-dist", licens
         weight = next(self.decoder.parameters())
         return weight.device, weight.dtype
 
+    @torch.no_grad()
     def encode(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """(μ, log σ²) of q(z | x), each (N, latent_dim), for images (N, C, H, W) in [0, 1]."""
         device, dtype = self._device_dtype()
@@ -66,23 +68,37 @@ class VAEGAN(nn.Module, PyTorchModelHubMixin, library_name="vaegan-dist", licens
         mu, logvar = self.encoder(rows)
         return mu.float(), logvar.float()
 
+    @torch.no_grad()
     def decode(self, z: Tensor) -> Tensor:
         """Images (N, C, H, W) in [0, 1] for codes z (N, latent_dim)."""
         device, dtype = self._device_dtype()
         rows = self.decoder(z.to(device, dtype)).float()
         return ((rows + 1) / 2).clamp_(0, 1).reshape(z.shape[0], *self.config.image_shape)
 
+    @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """n images decoded from z ~ N(0, I), drawn with generator (on its device) when given."""
         device = generator.device if generator is not None else self._device_dtype()[0]
         return self.decode(torch.randn(n, self.latent_dim, generator=generator, device=device))
 
+    @torch.no_grad()
     def reconstruct(self, images: Tensor) -> Tensor:
         """Dec(μ(x)): the reconstructions, (N, C, H, W) in [0, 1], of images (N, C, H, W) in [0, 1]."""
         return self.decode(self.encode(images)[0])
 
     def forward(self, images: Tensor) -> Tensor:
         return self.reconstruct(images)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *args: Any, **kwargs: Any) -> VAEGAN:
+        """huggingface_hub's from_pretrained, but a path that names no directory fails at once, in one line."""
+        name = str(pretrained_model_name_or_path)
+        path = Path(name).expanduser()
+        if not path.is_dir() and (path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1):
+            raise FileNotFoundError(f"{name}: no such directory; give a directory of config.json and "
+                                    "model.safetensors (or a checkpoint, or a run's output directory), or a Hub "
+                                    "repo id such as user/vaegan-mnist")
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     # ------------------------------------------------------------------------- huggingface_hub's hooks
 
@@ -93,14 +109,20 @@ class VAEGAN(nn.Module, PyTorchModelHubMixin, library_name="vaegan-dist", licens
                          weights: str = "ema", **kwargs: Any) -> VAEGAN:
         """A local directory of any kind load_networks reads (this format, an old-style export with encoder and
         decoder files, a checkpoint, a run's output directory: its newest checkpoint), else a Hub repo id.
-        weights "ema" (default) takes a checkpoint's moving averages, "raw" the trained networks."""
-        directory = Path(model_id)
+        weights "ema" (default) takes a checkpoint's moving averages, "raw" the trained networks. torch_dtype (or
+        dtype) and device place the model (default: float32 on map_location, the CPU)."""
+        dtype = kwargs.pop("torch_dtype", None) or kwargs.pop("dtype", None)
+        device = kwargs.pop("device", None) or map_location
+        if kwargs:
+            raise TypeError(f"VAEGAN.from_pretrained does not take {', '.join(sorted(kwargs))}: it takes torch_dtype "
+                            "(or dtype), device, map_location and weights (the model is small: no device_map)")
+        directory = Path(model_id).expanduser()
         if not directory.is_dir():
             directory = Path(hf_hub_download(repo_id=model_id, filename=MODEL_FILE, revision=revision,
                                              cache_dir=cache_dir, force_download=force_download, token=token,
                                              local_files_only=local_files_only)).parent
         loaded_config, encoder, decoder = load_networks(directory, map_location, weights)
-        return cls.from_networks(loaded_config, encoder, decoder).eval()
+        return cls.from_networks(loaded_config, encoder, decoder).to(device, dtype).eval()
 
     def _save_pretrained(self, save_directory: Path) -> None:
         from safetensors.torch import save_file
