@@ -47,6 +47,13 @@ def test_script_passes_shellcheck(script):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.parametrize("script", SBATCH_SCRIPTS, ids=lambda p: p.name)
+def test_each_sbatch_script_marks_where_a_partition_and_an_account_go(script):
+    text = script.read_text()
+    assert "##SBATCH --partition=" in text and "##SBATCH --account=" in text  # off until a '#' is deleted
+    assert "module load" in (REPO / "launch" / "slurm" / "job.sh").read_text()
+
+
 def sbatch_directives(script) -> list[str]:
     """The #SBATCH options SLURM reads: those before the first command (it ignores any after it)."""
     directives = []

@@ -5,6 +5,11 @@
 # Settings: set them in the environment of `sbatch` (RUNS_DIR=... sbatch ...) or edit the defaults here.
 RUNS_DIR="${RUNS_DIR:-runs}"  # each job writes to $RUNS_DIR/<job name>-<job id>
 
+# Your cluster's environment: load its modules and activate the Python environment that has vaegan-dist here
+# (every node runs this file before it trains), for example:
+#   module load cuda/12.4
+#   source "$HOME/venvs/vaegan/bin/activate"
+
 : "${SLURM_JOB_ID:?submit this script with sbatch}"
 job="$SLURM_JOB_NAME-$SLURM_JOB_ID"
 
