@@ -164,3 +164,12 @@ def test_a_failing_evaluation_warns_each_time_and_training_goes_on(accelerator, 
     err = capsys.readouterr().err
     assert err.count("warning: the evaluation at step") == 3 and "RuntimeError: out of memory" in err
     assert final_checkpoint(tmp_path).state["position"]["step"] == 3
+
+
+def test_a_rerun_with_nothing_left_to_train_says_so_and_changes_no_file(accelerator, tmp_path, capsys):
+    assert run(accelerator, tmp_path, max_steps=3) == Ending.FINISHED
+    files = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p.name != ".lock"}
+    assert run(accelerator, tmp_path, max_steps=2, lr=1e-3) == Ending.FINISHED
+    assert f"nothing to train: {tmp_path} stands at step 3" in capsys.readouterr().out
+    after = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p.name != ".lock"}
+    assert after == files  # config.json still holds the settings that trained

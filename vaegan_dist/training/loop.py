@@ -224,6 +224,10 @@ def train(config: TrainConfig, accelerator: Accelerator, console: Console | None
     console = console or Console(accelerator.is_main_process, accelerator.process_index)
     with output_dir_held(config, accelerator):
         run, state = start(config, accelerator, console)
+        if run.last_step == state.position.step:  # a rerun of a finished run: say so, and leave its files as they are
+            console.info(f"nothing to train: {run.output_dir} stands at step {run.last_step}, where these settings end "
+                         "(raise --max-steps or --epochs to train on, or use another --output-dir)")
+            return Ending.FINISHED
         announce(run, state)
         first_step = state.position.step
         with PreemptionWatch(console.info) as watch:  # kept through the last save: a late signal waits for it

@@ -96,7 +96,7 @@ def output_dir_held(config: TrainConfig, accelerator: Accelerator) -> Iterator[N
 
 
 def open_run(config: TrainConfig, accelerator: Accelerator, console: Console) -> tuple[Path, Checkpoint | None]:
-    """The output directory, holding the run's config.json, and the checkpoint to resume (None: a fresh start)."""
+    """The output directory and the checkpoint to resume (None: a fresh start)."""
     output_dir = Path(config.output_dir)
     resume_from = resolve_resume(config.resume, output_dir, console.warn)
     if len(choices := set(gather_object([str(resume_from)]))) > 1:
@@ -108,8 +108,6 @@ def open_run(config: TrainConfig, accelerator: Accelerator, console: Console) ->
             console.info(f"resume: overriding {key} = {old!r} from the checkpoint with {new!r}")
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
-        if accelerator.is_main_process:
-            (output_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     except OSError as err:
         raise ConfigError(f"cannot write to output directory {output_dir} ({err.strerror}): choose a writable "
                           "--output-dir") from None
@@ -236,9 +234,15 @@ def start(config: TrainConfig, accelerator: Accelerator, console: Console) -> tu
 
 
 def announce(run: Run, state: TrainState) -> None:
-    """Starts the W&B run (one per job: a resumed job continues the checkpoint's) and shows the run's table."""
+    """Writes the run's config.json, starts the W&B run (one per job: a resumed job continues the checkpoint's) and
+    shows the run's table."""
     config, accelerator, shards, position = run.config, run.accelerator, run.shards, state.position
     if accelerator.is_main_process:
+        try:
+            (run.output_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        except OSError as err:
+            raise ConfigError(f"cannot write to output directory {run.output_dir} ({err.strerror}): choose a "
+                              "writable --output-dir") from None
         run.tracker.start(config.wandb, {**config.to_dict(), "num_processes": accelerator.num_processes},
                           run.output_dir, run_id=state.wandb_run_id, timeout=config.wandb_timeout)
         state.wandb_run_id = run.tracker.run_id
