@@ -156,3 +156,9 @@ def test_help_says_what_every_setting_means(capsys, monkeypatch):
     shown = capsys.readouterr().out
     for f in dataclasses.fields(TrainConfig):
         assert f.metadata["help"] and f"{f.metadata['help']} (default: " in shown, f.name
+
+
+def test_the_flag_names_of_diffusers_training_scripts_are_accepted(tmp_path):
+    config = parse_args(["--learning_rate", "1e-3", "--checkpointing_steps=500", "--report_to", "tensorboard",
+                         "--resume_from_checkpoint", "latest", "--output-dir", str(tmp_path)])
+    assert (config.lr, config.save_every, config.tracker, config.resume) == (1e-3, 500, "tensorboard", "latest")

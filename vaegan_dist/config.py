@@ -140,7 +140,7 @@ class TrainConfig:
     eval_samples: int = setting(10_000, "samples per evaluation (0: no evaluation)")
     wandb: WandbMode = setting("auto", "W&B mode; auto: online when an API key is configured, else offline")
     wandb_timeout: float = setting(30.0, "seconds W&B may take to start and to finish a run")
-    image_every: int = setting(500, "steps between the sample and reconstruction grids sent to W&B")
+    image_every: int = setting(500, "steps between the sample and reconstruction grids sent to the trackers")
     tracker: str = setting("wandb", "where records and grids go: wandb, tensorboard (event files in "
                            "<output_dir>/tensorboard), both as wandb,tensorboard, or none")
 

@@ -66,12 +66,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The names diffusers' and transformers' training scripts use for the same settings.
+ALIASES = {"learning-rate": "lr", "resume-from-checkpoint": "resume", "checkpointing-steps": "save-every",
+           "report-to": "tracker"}
+
+
 def agent_flag_forms(argv: list[str]) -> list[str]:
     """The flags as the parser knows them, from the forms a W&B sweep agent writes: the field's name, underscores
     and all, as `--key=value` (`${args}`) or `--key value` (`${args_no_equals}`); booleans with a value (True,
     False) or alone when true (`${args_no_boolean_flags}`). So `--ema_decay=0.9` becomes `--ema-decay=0.9`,
-    `--spectral_norm=True` `--spectral-norm` and `--spectral_norm False` `--no-spectral-norm`. Values and
-    everything else pass unchanged."""
+    `--spectral_norm=True` `--spectral-norm` and `--spectral_norm False` `--no-spectral-norm`. The names of
+    diffusers' scripts become ours (ALIASES: `--learning_rate` is `--lr`). Values and everything else pass
+    unchanged."""
     booleans = {f.name.replace("_", "-") for f in dataclasses.fields(TrainConfig) if f.type in ("bool", bool)}
     words = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
     normalised, rest = [], list(argv)
@@ -82,6 +88,7 @@ def agent_flag_forms(argv: list[str]) -> list[str]:
             normalised.append(arg)
             continue
         name = name[2:].replace("_", "-")
+        name = ALIASES.get(name, name)
         if name in booleans and not eq and rest and rest[0].lower() in words:
             eq, value = "=", rest.pop(0)
         if name in booleans and eq and value.lower() in words:
