@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import shutil
 
+import pytest
 import torch
 from accelerate import Accelerator
 
 from tests.conftest import REPO
 from vaegan_dist import VAEGAN
-from vaegan_dist.checkpoint.layout import checkpoints_dir
+from vaegan_dist.checkpoint.layout import CheckpointError, checkpoints_dir
+from vaegan_dist.checkpoint.policy import config_changes
 from vaegan_dist.checkpoint.reading import Checkpoint, newest_complete, verify
 from vaegan_dist.config import TrainConfig
 from vaegan_dist.hub.network_files import load_networks
@@ -41,3 +43,17 @@ def test_a_0_4_checkpoint_and_its_export_load_as_the_same_networks():
         exported = getattr(model, name).state_dict()
         assert all(torch.equal(exported[key], value.half().float()) for key, value in network.state_dict().items())
     assert model.sample(3, generator=torch.Generator().manual_seed(0)).shape == (3, 1, 28, 28)
+
+
+def test_a_0_4_checkpoint_is_an_mlp_one_and_other_images_are_refused_in_one_line(tmp_path):
+    run = shutil.copytree(V04 / "run", tmp_path / "run")
+    settings = {**json.loads((CHECKPOINT / "config.json").read_text()), "output_dir": str(run), "max_steps": 3}
+    with pytest.raises(CheckpointError, match="setting 'architecture' is 'conv' but the checkpoint was trained with "
+                                              "'mlp'"):
+        train(TrainConfig.from_dict({**settings, "architecture": "conv"}), Accelerator(cpu=True))
+    folder = {**settings, "dataset": "folder", "data_dir": str(tmp_path), "image_size": 32}
+    with pytest.raises(CheckpointError, match=r"the images are \(3, 32, 32\) .* trained on \(1, 28, 28\)"):
+        train(TrainConfig.from_dict(folder), Accelerator(cpu=True))
+    changes = list(config_changes(json.loads((CHECKPOINT / "config.json").read_text()),
+                                  TrainConfig.from_dict({**settings, "image_size": 28, "channels": 1})))
+    assert changes == []  # none and 28, none and 1: MNIST's shape alike

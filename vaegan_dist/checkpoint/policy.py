@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -11,7 +12,9 @@ from vaegan_dist.config import TrainConfig
 # Settings that shape the networks' parameters or the data order: a resume that changes them is an error.
 # (spectral_norm: the discriminator's weights become parametrizations, with power-iteration vectors.)
 ARCHITECTURE_KEYS = ("architecture", "latent_dim", "hidden_dim", "depth", "conv_width", "seed", "spectral_norm",
-                     "dataset", "image_size", "channels")
+                     "dataset")
+# Compared as the image shape they make (none and 28 are MNIST's alike): a resume that changes it is an error too.
+SHAPE_KEYS = ("image_size", "channels")
 # Settings that say how to run, not what to train: they change on resume without comment.
 RUN_KEYS = ("resume", "output_dir", "data_dir", "max_steps", "save_every", "keep_last", "keep_every",
             "log_every", "requeue", "cpu_threads", "mixed_precision", "on_save_error", "max_consecutive_skips",
@@ -20,10 +23,19 @@ RUN_KEYS = ("resume", "output_dir", "data_dir", "max_steps", "save_every", "keep
 
 def config_changes(saved: Mapping[str, Any], config: TrainConfig) -> Iterator[tuple[str, Any, Any]]:
     """(key, saved value, new value) for each training setting the new run changes. Raises CheckpointError
-    for a change the checkpoint cannot follow (the network shapes, the data order)."""
+    for a change the checkpoint cannot follow (the network shapes, the data order). A setting that the checkpoint's
+    version did not have counts as its default (an 0.4 checkpoint is --architecture mlp)."""
     new = config.to_dict()
+    saved = {**{f.name: f.default for f in dataclasses.fields(TrainConfig)}, **saved}
+    saved_images = {key: saved[key] for key in (*SHAPE_KEYS, "dataset")}
+    saved_shape = dataclasses.replace(config, **saved_images, data_dir=saved["data_dir"] or config.data_dir or ".",
+                                      architecture="mlp").image_shape
+    if saved_shape != config.image_shape:
+        raise CheckpointError(f"the images are {config.image_shape} (channels, height, width) but the checkpoint was "
+                              f"trained on {saved_shape}: resume with --image-size {saved_shape[1]} --channels "
+                              f"{saved_shape[0]}, or start a new run in another --output-dir (or with --resume none)")
     for key in ARCHITECTURE_KEYS:
-        if key in saved and saved[key] != new[key]:
+        if saved[key] != new[key]:
             flag = f"--{key.replace('_', '-')}"
             if isinstance(saved[key], bool):
                 flag = flag if saved[key] else f"--no-{flag[2:]}"
@@ -33,7 +45,7 @@ def config_changes(saved: Mapping[str, Any], config: TrainConfig) -> Iterator[tu
                                   f"{saved[key]!r}: resume with {flag}, or "
                                   "start a new run in another --output-dir (or with --resume none)")
     for key, value in new.items():
-        if key not in ARCHITECTURE_KEYS and key not in RUN_KEYS and key in saved and saved[key] != value:
+        if key not in (*ARCHITECTURE_KEYS, *SHAPE_KEYS, *RUN_KEYS) and saved[key] != value:
             yield key, saved[key], value
 
 
