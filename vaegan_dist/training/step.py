@@ -135,9 +135,11 @@ def step_on_device(
     skip = finite.logical_not() if not force_skip else torch.ones((), dtype=torch.bool, device=x.device)
     for buffer, saved in zip(buffers, before, strict=True):  # a skipped step keeps the statistics it had
         buffer.copy_(torch.where(skip, saved, buffer))
-    rests = equilibrium_rests(grads.terms, config)
-    for optimizer, rest in zip(optimizers, rests, strict=True):
-        optimizer.found_inf = (skip | rest).float()  # read by Adam.step, handed to the fused kernel
+    found_inf = PerNetwork(*[skip.float()] * 3)  # 1: the fused kernel leaves the network as it was
+    if config.gan_margin is not None:
+        found_inf = PerNetwork(*((skip | rest).float() for rest in equilibrium_rests(grads.terms, config)))
+    for optimizer, skipped in zip(optimizers, found_inf, strict=True):
+        optimizer.found_inf = skipped  # read by Adam.step, handed to the fused kernel
         try:
             optimizer.step()
         finally:
