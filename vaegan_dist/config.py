@@ -205,10 +205,8 @@ class TrainConfig:
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        """(channels, side, side) of the images the networks take: the settings, else MNIST's 1×28×28 (a folder's
-        images have 3 channels unless told)."""
-        side = self.image_size or MNIST_SIZE
-        return (self.channels or (1 if self.dataset == "mnist" else 3), side, side)
+        """(channels, side, side) of the images the networks take (image_shape_of)."""
+        return image_shape_of(self.dataset, self.image_size, self.channels)
 
     @property
     def image_pixels(self) -> int:
@@ -281,6 +279,12 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 DEFAULT_PRESET = "default"
 FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(TrainConfig))
+
+
+def image_shape_of(dataset: str, image_size: int | None, channels: int | None) -> tuple[int, int, int]:
+    """(channels, side, side): the settings, else MNIST's 1×28×28 (a folder's images have 3 channels unless told)."""
+    side = image_size or MNIST_SIZE
+    return (channels or (1 if dataset == "mnist" else 3), side, side)
 
 
 def _require(key: str, ok: bool, problem: str) -> None:

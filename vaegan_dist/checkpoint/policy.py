@@ -7,7 +7,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from vaegan_dist.checkpoint.layout import CheckpointError
-from vaegan_dist.config import TrainConfig
+from vaegan_dist.config import TrainConfig, image_shape_of
 
 # Settings that shape the networks' parameters or the data order: a resume that changes them is an error.
 # (spectral_norm: the discriminator's weights become parametrizations, with power-iteration vectors.)
@@ -27,9 +27,7 @@ def config_changes(saved: Mapping[str, Any], config: TrainConfig) -> Iterator[tu
     version did not have counts as its default (an 0.4 checkpoint is --architecture mlp)."""
     new = config.to_dict()
     saved = {**{f.name: f.default for f in dataclasses.fields(TrainConfig)}, **saved}
-    saved_images = {key: saved[key] for key in (*SHAPE_KEYS, "dataset")}
-    saved_shape = dataclasses.replace(config, **saved_images, data_dir=saved["data_dir"] or config.data_dir or ".",
-                                      architecture="mlp").image_shape
+    saved_shape = image_shape_of(saved["dataset"], saved["image_size"], saved["channels"])
     if saved_shape != config.image_shape:
         raise CheckpointError(f"the images are {config.image_shape} (channels, height, width) but the checkpoint was "
                               f"trained on {saved_shape}: resume with --image-size {saved_shape[1]} --channels "
