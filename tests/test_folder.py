@@ -59,8 +59,7 @@ def cache_dir(tmp_path, monkeypatch):
 
 
 def test_a_folder_is_cropped_resized_split_and_decoded_once(images, cache_dir, monkeypatch):
-    train_images = load_folder(images, (3, 16, 16), "train")
-    test_images = load_folder(images, (3, 16, 16), "test")
+    train_images, test_images = load_folder(images, (3, 16, 16), "train", "test")
     assert train_images.shape == (COUNT - COUNT // TEST_EVERY, 3, 16, 16) and train_images.dtype == torch.uint8
     assert test_images.shape == (COUNT // TEST_EVERY, 3, 16, 16)
     files = sorted(p for p in images.rglob("*") if p.suffix in (".png", ".jpg"))
@@ -74,7 +73,7 @@ def test_a_folder_is_cropped_resized_split_and_decoded_once(images, cache_dir, m
         raise AssertionError("decoded again")
 
     monkeypatch.setattr(folder_module, "decode_all", no_decoding)
-    assert torch.equal(load_folder(images, (3, 16, 16), "train"), train_images)  # from the cache
+    assert torch.equal(load_folder(images, (3, 16, 16), "train")[0], train_images)  # from the cache
     grey = folder_module.decode(files[0], (1, 16, 16))
     assert isinstance(grey, np.ndarray) and grey.shape == (1, 16, 16)
 

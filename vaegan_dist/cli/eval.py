@@ -58,7 +58,8 @@ def mnist_report(args: argparse.Namespace, config: TrainConfig, encoder: nn.Modu
 def images_report(args: argparse.Namespace, config: TrainConfig, encoder: nn.Module,
                   decoder: nn.Module) -> tuple[Table, dict]:
     """A folder's run: the reconstruction error of up to --samples of its held-out images."""
-    pixels = images_to_pixels(load_images(config, "test", args.data_dir)[:args.samples]).to(args.device)
+    (test_images,) = load_images(config, "test", data_dir=args.data_dir)
+    pixels = images_to_pixels(test_images[:args.samples]).to(args.device)
     scores = reconstruction_scores(squared_errors(encoder, decoder, pixels))
     table = Table(title=f"{args.directory}: {len(pixels)} held-out images")
     for column in ("metric", "model"):

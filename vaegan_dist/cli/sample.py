@@ -69,7 +69,8 @@ def with_attribute(encoder: nn.Module, decoder: nn.Module, config: TrainConfig, 
                    count: int) -> Tensor:
     """(count, 3, P): test images without the attribute, their reconstructions, and those with it added."""
     has = has_attribute(config, args.attribute, args.labels, args.data_dir)
-    pixels = images_to_pixels(load_images(config, "test", args.data_dir)).to(args.device)
+    (test_images,) = load_images(config, "test", data_dir=args.data_dir)
+    pixels = images_to_pixels(test_images).to(args.device)
     if not 0 < has.sum() < len(has) - count + 1:
         raise DataError(f"attribute {args.attribute!r}: {int(has.sum())} of the {len(has)} test images have it; "
                         f"the vector needs some with and some without, and --count {count} without")
@@ -89,7 +90,7 @@ def make(mode: str, encoder: nn.Module, decoder: nn.Module, config: TrainConfig,
     if mode == "attribute":
         return with_attribute(encoder, decoder, config, args, count)
     seed, device, steps = args.seed, args.device, args.steps
-    test_images = load_images(config, "test", args.data_dir)
+    (test_images,) = load_images(config, "test", data_dir=args.data_dir)
     if (needed := count if mode == "reconstruct" else 2 * count) > len(test_images):
         raise DataError(f"--mode {mode} --count {count} needs {needed} distinct test images, more than the "
                         f"{len(test_images)} there are: lower --count")

@@ -97,8 +97,9 @@ def split_files(folder: str | Path, split: str) -> list[Path]:
     return [file for file, chosen in zip(files, in_split(len(files), split), strict=True) if chosen]
 
 
-def load_folder(folder: str | Path, shape: tuple[int, int, int], split: str) -> Tensor:
-    """The split ('train' or 'test') of the folder's images, uint8 (N, C, side, side), decoded on first use."""
+def load_folder(folder: str | Path, shape: tuple[int, int, int], *splits: str) -> tuple[Tensor, ...]:
+    """Each split ('train' or 'test') of the folder's images, uint8 (N, C, side, side), decoded on first use; the
+    folder is listed once for all of them (on CelebA, 200,000 files to find and stat)."""
     folder = Path(folder)
     files = image_files(folder)
     path = cache_path(folder, files, shape)
@@ -109,4 +110,4 @@ def load_folder(folder: str | Path, shape: tuple[int, int, int], split: str) -> 
             raise DataError(f"cannot write the decoded images to {path.parent} ({err.strerror or err}): set "
                             "VAEGAN_CACHE to a writable directory") from None
     array = np.load(path, mmap_mode="r")
-    return torch.from_numpy(np.ascontiguousarray(array[in_split(len(array), split)]))
+    return tuple(torch.from_numpy(np.ascontiguousarray(array[in_split(len(array), split)])) for split in splits)

@@ -150,7 +150,7 @@ def load_data(config: TrainConfig, accelerator: Accelerator) -> tuple[ShardedBat
     problem = None
     with accelerator.local_main_process_first():  # an error on the first process must not leave the others waiting
         try:
-            train_images, test_images = load_images(config, "train"), load_images(config, "test")
+            train_images, test_images = load_images(config, "train", "test")
         except DataError as err:
             problem = err
     if problem is not None:
