@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import io
 import os
 import pty
 import subprocess
 import sys
 import warnings
 
+from rich.console import Console as RichConsole
+from rich.progress import ProgressSample
+
 from tests.conftest import REPO, tiny_flags
-from vaegan_dist.training.console import Console, plain_line
+from vaegan_dist.training.console import Console, TimeLeftColumn, plain_line
 
 RECORD = {"step": 50, "epoch": 0, "enc_loss": 1.0, "dec_loss": 2.0, "dis_loss": 3.0, "d_x": 0.5, "d_x_tilde": 0.4,
           "d_x_p": 0.3, "images_per_s": 1234.0}
@@ -45,7 +49,37 @@ def test_a_terminal_gets_one_live_display_not_a_line_per_step(tmp_path):
     assert sum("ETA" in line for line in lines) <= 3
     assert "30/30" in output and "img/s enc" in output
     assert "step      10 |" not in output  # no plain lines
-    assert "done: 30 steps" in output
+    assert "done: 30 steps (0 skipped) in 0:00:" in output and " img/s; outputs in " in output
+    wrote = next(line for line in lines if line.startswith("wrote: "))
+    assert "checkpoints/step_0000030/" in wrote and "metrics.jsonl" in wrote and "samples.gif" in wrote
+    assert f"`vaegan-sample {tmp_path} --out samples.png`" in output
+    assert f"`vaegan-export {tmp_path} my-model`" in output
+
+
+def test_an_evaluation_is_a_phase_of_the_display_and_counted_in_the_eta():
+    console = Console(is_main=True, rank=0)
+    console.out = RichConsole(force_terminal=True, file=io.StringIO(), width=200)
+    console.start_progress(total_steps=100, step=0, epochs=1, evaluations=2)
+    (task,) = console._progress.tasks
+    column = TimeLeftColumn()
+    now = task.get_time()  # 1 step a second so far: 100 s left
+    task._progress.extend([ProgressSample(now - 10.0, 10), ProgressSample(now, 10)])
+    assert column.render(task).plain == "ETA 0:01:40 + evaluation"  # the evaluations not yet timed
+    console.begin_evaluation("evaluating at step 50")
+    assert task.fields["phase"] == "evaluating at step 50"
+    console._phase_started -= 30  # an evaluation of 30 s
+    console.end_evaluation()
+    assert task.fields["phase"] == "" and task.fields["evaluations"] == 1
+    assert column.render(task).plain == "ETA 0:02:10"  # 100 s of steps + one more evaluation of 30 s
+    console.stop_progress()
+
+
+def test_a_phase_is_a_plain_line_when_stdout_is_not_a_terminal(capsys):
+    console = Console(is_main=True, rank=0)
+    console.start_progress(total_steps=100, step=0, epochs=1, evaluations=1)
+    console.begin_evaluation("evaluating at step 100")
+    console.end_evaluation()
+    assert capsys.readouterr().out == "evaluating at step 100\n"
 
 
 def test_plain_lines_when_stdout_is_not_a_terminal(capsys):

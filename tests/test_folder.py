@@ -3,6 +3,7 @@ size; bad folders and files are one line naming them; the convolutional networks
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -127,6 +128,27 @@ def test_conv_networks_train_on_a_folder_in_colour_and_export(images, tmp_path, 
     report = json.loads((tmp_path / "eval.json").read_text())
     assert report["num_images"] == COUNT // TEST_EVERY
     assert report["model"]["recon_mse"] == pytest.approx(evaluation["eval/recon_mse"], rel=1e-4)
+
+
+def test_keep_best_links_the_best_evaluations_checkpoint_and_keeps_it_from_pruning(images, tmp_path):
+    """Evaluations every 16 images (2 steps of 8), one checkpoint kept: checkpoints/best still holds the one with
+    the lowest eval/recon_mse, it loads, and a resume compares against it."""
+    run = tmp_path / "run"
+    config = tiny_config(**{**FOLDER, "eval_samples": 10}, data_dir=str(images), max_steps=8, eval_every_images=16,
+                         save_every=100, keep_last=1, keep_best=True, output_dir=str(run), lr=3e-3)
+    assert train(config, Accelerator(cpu=True)) == 0
+    evaluations = [r for r in read_records(run / "metrics.jsonl") if "eval/recon_mse" in r]
+    assert [r["step"] for r in evaluations] == [2, 4, 6, 8]
+    best = min(evaluations, key=lambda r: r["eval/recon_mse"])
+    link = checkpoints_dir(run) / "best"
+    assert link.is_symlink() and link.resolve().name == f"step_{best['step']:07d}" and verify(link.resolve()) is None
+    assert Checkpoint(checkpoints_dir(run) / "step_0000008").state["best"] == {
+        "step": best["step"], "value": pytest.approx(best["eval/recon_mse"])}
+    assert VAEGAN.from_pretrained(link).config.image_shape == (3, 16, 16)
+    assert train(dataclasses.replace(config, max_steps=10), Accelerator(cpu=True)) == 0  # resumes at step 8
+    evaluations = [r for r in read_records(run / "metrics.jsonl") if "eval/recon_mse" in r]
+    best = min(evaluations, key=lambda r: r["eval/recon_mse"])
+    assert link.resolve().name == f"step_{best['step']:07d}" and link.resolve().is_dir()
 
 
 def test_two_processes_decode_the_folder_once_and_save_replicas_that_agree(images, tmp_path, cache_dir):

@@ -3,6 +3,7 @@ every kind of directory the project writes, and the methods' shapes and ranges."
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -13,12 +14,13 @@ import yaml
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
+import vaegan_dist
 from tests.conftest import REPO, tiny_config
 from vaegan_dist import VAEGAN
 from vaegan_dist.checkpoint.writing import save_checkpoint
 from vaegan_dist.cli.export import main as export_main
 from vaegan_dist.hub.model import export_networks
-from vaegan_dist.hub.network_files import load_networks
+from vaegan_dist.hub.network_files import PORTABLE_SETTINGS, load_networks, portable_settings
 from vaegan_dist.model.networks import build_models, moving_averages
 from vaegan_dist.training.metrics import MetricWindow
 from vaegan_dist.training.state import Position, TrainState
@@ -50,10 +52,12 @@ def test_save_pretrained_round_trips_bitwise_in_the_hub_format(tmp_path):
     original = model(latent_dim=3)
     original.save_pretrained(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "config.json", "model.safetensors"]
-    assert json.loads((tmp_path / "config.json").read_text()) == original.config.to_dict()
+    assert json.loads((tmp_path / "config.json").read_text()) == {
+        "_class_name": "VAEGAN", "_vaegan_dist_version": vaegan_dist.__version__,
+        **{key: getattr(original.config, key) for key in PORTABLE_SETTINGS}}
     assert {k.split(".")[0] for k in load_file(tmp_path / "model.safetensors")} == {"encoder", "decoder"}
     loaded = VAEGAN.from_pretrained(tmp_path)
-    assert loaded.config == original.config and not loaded.training
+    assert portable_settings(loaded.config) == portable_settings(original.config) and not loaded.training
     assert same_weights(loaded, original)
     x = images()
     assert torch.equal(loaded.reconstruct(x), original.reconstruct(x))
@@ -77,13 +81,18 @@ def test_methods_take_and_give_images_in_zero_one(tmp_path):
                        m.decode(torch.randn(4, m.latent_dim, generator=torch.Generator().manual_seed(7))))
 
 
-def test_float16_weights_load_as_float32(tmp_path):
+def test_float16_weights_load_as_float32_and_save_as_float16_unless_cast(tmp_path):
     m = model()
-    m.half().save_pretrained(tmp_path)
-    assert {t.dtype for t in load_file(tmp_path / "model.safetensors").values()} == {torch.float16}
-    loaded = VAEGAN.from_pretrained(tmp_path)
+    m.half().save_pretrained(tmp_path / "a")
+    assert {t.dtype for t in load_file(tmp_path / "a" / "model.safetensors").values()} == {torch.float16}
+    loaded = VAEGAN.from_pretrained(tmp_path / "a")
     assert {t.dtype for t in loaded.state_dict().values()} == {torch.float32}
-    assert same_weights(loaded.half(), m)
+    loaded.save_pretrained(tmp_path / "b")  # the loaded dtype, not float32 twice the size
+    assert (tmp_path / "b" / "model.safetensors").read_bytes() == (tmp_path / "a" / "model.safetensors").read_bytes()
+    assert same_weights(copy.deepcopy(loaded).half(), m)
+    loaded.to(torch.bfloat16).save_pretrained(tmp_path / "c")  # a cast since: the new dtype
+    assert {t.dtype for t in load_file(tmp_path / "c" / "model.safetensors").values()} == {torch.bfloat16}
+    assert "the weights (bfloat16)" in (tmp_path / "c" / "README.md").read_text()
 
 
 def checkpointed_run(run_dir: Path, config) -> Path:
@@ -158,6 +167,27 @@ def test_vaegan_export_writes_the_hub_format_with_a_model_card(tmp_path, capsys)
     loaded = VAEGAN.from_pretrained(out)
     assert same_weights(loaded.encoder, encoder.half().float()) and same_weights(loaded.decoder,
                                                                                   decoder.half().float())
+
+
+def test_a_loaded_export_saves_with_its_card_and_a_config_free_of_the_training_machine(tmp_path):
+    run = tmp_path / "run"
+    config = tiny_config(output_dir=str(run), ema_decay=0.9, lr=5e-4, cpu_threads=2, wandb="offline")
+    checkpointed_run(run, config)
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 8, "epoch": 0, "eval/fid": 12.5}) + "\n")
+    for source, out in ((run, tmp_path / "from_run"), (tmp_path / "export", tmp_path / "from_export")):
+        if source.name == "export":
+            export_main([str(run), str(source)])
+        VAEGAN.from_pretrained(source).save_pretrained(out)
+        saved = json.loads((out / "config.json").read_text())
+        assert saved["_class_name"] == "VAEGAN" and saved["_vaegan_dist_version"] == vaegan_dist.__version__
+        assert not {"output_dir", "data_dir", "wandb", "resume", "cpu_threads", "lr"} & set(saved)
+        assert str(tmp_path) not in (out / "config.json").read_text()
+        results = {m["type"]: m["value"] for m in card_metadata(out)["model-index"][0]["results"][0]["metrics"]}
+        assert results == {"fid": 12.5}
+        assert "--lr 0.0005" in (out / "README.md").read_text()
+    exported = VAEGAN.from_pretrained(tmp_path / "from_export")
+    assert {p.dtype for p in exported.parameters()} == {torch.float32} and exported.weights_dtype == torch.float16
+    assert (tmp_path / "from_export" / "README.md").read_text() == (tmp_path / "export" / "README.md").read_text()
 
 
 def test_push_to_hub_uploads_what_save_pretrained_writes(tmp_path, monkeypatch):

@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 import typing
+from pathlib import Path
 
 import pytest
 from accelerate import Accelerator
@@ -313,3 +314,31 @@ def test_a_copied_checkpoint_is_still_guarded_and_a_stray_complete_file_is_not_o
     (tmp_path / "project").mkdir()
     (tmp_path / "project" / "COMPLETE").write_text("done\n")
     guard.refuse_output(tmp_path / "project" / "x.png", "--out")
+
+
+@pytest.mark.parametrize(("suffix", "text"), [(".yaml", "lr: 0.001\nlr: 0.01\n"),
+                                              (".json", '{"lr": 0.001, "lr": 0.01}')])
+def test_a_setting_given_twice_in_a_config_file_is_an_error(tmp_path, suffix, text):
+    (tmp_path / f"twice{suffix}").write_text(text)
+    with pytest.raises(ConfigError, match=r"twice\.\w+: setting 'lr' is given twice: keep one"):
+        parse_args(["--config", str(tmp_path / f"twice{suffix}")])
+
+
+@pytest.mark.parametrize(("command", "shown"), [
+    ("sample", ["(default: samples)", "(default: 0)", "(default: 10)", "(default: ema)"]),
+    ("eval", ["(default: 10000)", "(default: evaluation.json)", "(default: the run's seed; 0 for an export)"]),
+    ("export", ["(default: float16)", "(default: apache-2.0)", "(default: ema)"]),
+    ("report", []),
+    ("train", ["(default: 0.0003)", "(default: outputs)"]),
+])
+def test_every_command_shows_its_defaults_and_examples(command, shown, capsys):
+    with pytest.raises(SystemExit):
+        importlib.import_module(f"vaegan_dist.cli.{command}").main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "examples: " in text and all(fragment in text for fragment in shown), text
+
+
+def test_the_usage_line_names_the_command_that_runs():
+    result = subprocess.run([str(Path(sys.executable).parent / "vaegan-train"), "--help"], capture_output=True,
+                            text=True, timeout=60)
+    assert result.stdout.startswith("usage: vaegan-train "), result.stdout[:200]

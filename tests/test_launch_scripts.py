@@ -6,6 +6,9 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import sys
+import time
+from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -25,6 +28,7 @@ from tests.slurm_doubles import (
     run,
     srun_calls,
 )
+from vaegan_dist.training.launch_settings import processes_not_started
 
 SCRIPTS = sorted(p for p in (REPO / "launch").rglob("*") if p.suffix in (".sh", ".sbatch"))
 SBATCH_SCRIPTS = [p for p in SCRIPTS if p.suffix == ".sbatch"]
@@ -198,3 +202,27 @@ def test_accelerate_config_is_one_node_on_all_gpus_in_bf16():
     assert (args.gpu_ids, args.mixed_precision) == ("all", "bf16")
     with pytest.raises(ValueError, match="num_processes"):  # the count is the command line's (see the file)
         resolved_launch([*config, "train.py"], gpus=4)
+
+
+def warning_under(argv: list[str]) -> str | None:
+    """processes_not_started as seen from a child of a process whose command line is argv."""
+    parent = subprocess.Popen(["bash", "-c", f'exec -a {argv[0]} {sys.executable} -c "import time; time.sleep(30)" '
+                               '"$@"', "bash", *argv[1:]])
+    try:
+        for _ in range(250):  # until exec has replaced bash's command line
+            if Path(f"/proc/{parent.pid}/cmdline").read_bytes().startswith(argv[0].encode() + b"\0"):
+                break
+            time.sleep(0.02)
+        return processes_not_started(1, ppid=parent.pid)
+    finally:
+        parent.kill()
+        parent.wait()
+
+
+def test_a_launcher_that_asked_for_more_processes_than_started_is_named():
+    """`accelerate launch --cpu --num_processes 2` starts one process: read from the parent's command line."""
+    warning = warning_under(["accelerate", "launch", "--cpu", "--num_processes", "2", "train.py"])
+    assert warning is not None and "asked for 2 processes but started 1" in warning
+    assert "ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 train.py" in warning
+    assert warning_under(["accelerate", "launch", "--num_processes=1", "train.py"]) is None
+    assert warning_under(["python", "train.py", "--num_processes", "2"]) is None

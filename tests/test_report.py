@@ -73,3 +73,24 @@ def test_evaluation_records_are_not_curve_points(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 5, "enc_loss": 1.0}\n{"step": 5, "epoch": 0, "eval/fid": 9.0}\n')
     assert training_records(path) == [{"step": 5, "enc_loss": 1.0}]
+
+
+def test_the_gif_takes_every_picture_a_run_wrote_in_order_and_in_colour(tmp_path):
+    """A --max-steps run that ended mid-epoch wrote samples/step_NNNNNNN.png: its frame comes after the epochs'."""
+    fake_run(tmp_path, epochs=2)
+    red = np.zeros((242, 242, 3), np.uint8)
+    red[..., 0] = 200
+    Image.fromarray(red).save(tmp_path / "samples" / "step_0000150.png")
+    write_report(tmp_path)
+    gif = Image.open(tmp_path / "samples.gif")
+    assert gif.n_frames == 3
+    gif.seek(2)
+    assert np.asarray(gif.convert("RGB"))[20:, :].mean(axis=(0, 1)) == pytest.approx([200, 0, 0], abs=2)
+
+
+def test_vaegan_report_says_why_there_is_no_gif(tmp_path):
+    fake_run(tmp_path, epochs=0)
+    result = subprocess.run([sys.executable, "-m", "vaegan_dist.cli.report", str(tmp_path)], capture_output=True,
+                            text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 0 and "no samples.gif: " in result.stdout
+    assert "holds no sample pictures" in result.stdout

@@ -62,7 +62,8 @@ def test_the_sweep_yaml_sweeps_real_settings_and_minimises_a_logged_metric():
     metric = SWEEP["metric"]
     assert metric["goal"] == "minimize" and metric["name"] == "eval/fid"
     assert metric["name"].removeprefix("eval/") in {key for key, _, _ in SAMPLE_ROWS}  # what the evaluation logs
-    assert SWEEP["parameters"]["eval_every"]["value"] > 0  # the metric exists mid-run (hyperband needs it)
+    # the metric exists mid-run (hyperband needs it), at the same images seen whatever the trial's batch size
+    assert SWEEP["parameters"]["eval_every_images"]["value"] > 0 and "eval_every" not in SWEEP["parameters"]
     assert SWEEP["command"][-1] == "${args}" and "launch/sweep_trial.sh" in SWEEP["command"]
     # every value the sweep can draw makes a valid config
     for key, spec in SWEEP["parameters"].items():
@@ -128,7 +129,7 @@ def test_each_array_task_runs_an_agent_whose_trials_have_their_own_run_and_direc
         assert flags[:5] == ["--output-dir", str(runs / run_id), "--resume", "auto", "--requeue"]
         assert "--ema_decay=0.0" in flags  # the agent's own form reaches train.py, which reads it:
         config = parse_args(flags)
-        assert config.output_dir == str(runs / run_id) and config.requeue and config.eval_every == 2000
+        assert config.output_dir == str(runs / run_id) and config.requeue and config.eval_every_images == 128000
         assert config.lr == SWEEP["parameters"]["lr"]["min"] and config.ema_decay == 0.0
     assert calls(env, "scontrol") == []  # only a preempted trial requeues its task (train.py --requeue)
 

@@ -15,7 +15,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tests.conftest import launch, tiny_flags
 from vaegan_dist.cli.train import parse_args
 from vaegan_dist.config import ConfigError, TrainConfig
-from vaegan_dist.training.trackers import MAX_PENDING, TENSORBOARD_DIR, TensorBoardTracker, Trackers
+from vaegan_dist.training.queued_worker import MAX_PENDING
+from vaegan_dist.training.tensorboard import TENSORBOARD_DIR, TensorBoardTracker
+from vaegan_dist.training.trackers import Trackers
 
 
 def events(directory) -> EventAccumulator:
@@ -27,7 +29,7 @@ def events(directory) -> EventAccumulator:
 def test_records_are_scalars_against_step_and_grids_are_images(tmp_path):
     warnings: list[str] = []
     tracker = TensorBoardTracker(warnings.append)
-    tracker.start(tmp_path)
+    tracker.start(tmp_path, {"latent_dim": 4})
     assert tracker.active and tracker.location == str(tmp_path / TENSORBOARD_DIR)
     for step in (5, 10):
         tracker.log({"step": step, "epoch": 0, "enc_loss": 1.0 / step, "eval/fid": 3.5})
@@ -55,7 +57,7 @@ def test_a_full_disk_is_one_warning_and_logging_stops_without_raising(tmp_path, 
     monkeypatch.setattr(SummaryWriter, "close", no_space)
     warnings: list[str] = []
     tracker = TensorBoardTracker(warnings.append)
-    tracker.start(tmp_path)
+    tracker.start(tmp_path, {"latent_dim": 4})
     for step in range(20):
         tracker.log({"step": step, "loss": 1.0})
     tracker.finish()
@@ -70,7 +72,7 @@ def test_a_hung_writer_never_blocks_logging_and_finish_is_bounded(tmp_path, monk
     monkeypatch.setattr(SummaryWriter, "add_scalar", lambda *args, **kwargs: release.wait())
     warnings: list[str] = []
     tracker = TensorBoardTracker(warnings.append)
-    tracker.start(tmp_path)
+    tracker.start(tmp_path, {"latent_dim": 4})
     started = time.perf_counter()
     for step in range(3 * MAX_PENDING):
         tracker.log({"step": step, "loss": 1.0})
@@ -102,8 +104,10 @@ def test_a_two_process_run_writes_one_event_file_with_the_records_of_metrics_jso
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     accumulator = events(tmp_path / TENSORBOARD_DIR)
     for key in ("enc_loss", "dec_loss", "dis_loss", "d_x", "images_per_s"):
-        assert [(e.step, e.value) for e in accumulator.Scalars(key)] == [
+        assert [(e.step, e.value) for e in accumulator.Scalars(f"train/{key}")] == [
             (r["step"], pytest.approx(r[key], rel=1e-6)) for r in records if key in r]
+    (settings,) = accumulator.Tensors("config/text_summary")
+    assert "| latent_dim | 4 |" in settings.tensor_proto.string_val[0].decode()
     assert {"samples", "reconstructions"} <= set(accumulator.Tags()["images"]), accumulator.Tags()["images"]
     assert [e.step for e in accumulator.Images("samples")] == [5, 10]
     assert "warning" not in result.stderr.lower()

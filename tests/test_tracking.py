@@ -20,7 +20,8 @@ from tests.wandb_files import history, run_info
 from vaegan_dist.config import ConfigError, TrainConfig
 from vaegan_dist.exits import Ending
 from vaegan_dist.training.console import plain_line
-from vaegan_dist.training.trackers import MAX_PENDING, WandbTracker, resolve_mode
+from vaegan_dist.training.queued_worker import MAX_PENDING
+from vaegan_dist.training.trackers import WandbTracker, resolve_mode
 
 FAKE_KEY = "x" * 40  # a well-formed API key that no server knows
 
@@ -59,10 +60,10 @@ def test_offline_two_process_run_is_one_run_holding_every_record_and_the_grids(t
     for record in records:
         assert record["peak_memory_mb"] > 0 and record["lr_encoder"] == config["lr"]
     rows = history(run_dir)
-    scalar_rows = [row for row in rows if "enc_loss" in row]
+    scalar_rows = [row for row in rows if "train/enc_loss" in row]
     assert len(scalar_rows) == len(records)
     for row, record in zip(scalar_rows, records, strict=True):
-        assert {key: row[key] for key in record} == pytest.approx(record)
+        assert {key: row[key if key == "step" else f"train/{key}"] for key in record} == pytest.approx(record)
 
     image_rows = [row for row in rows if "samples/path" in row]
     assert [row["step"] for row in image_rows] == [7, 14, 16]
@@ -217,7 +218,7 @@ def test_a_job_resumed_from_its_checkpoint_continues_the_w_and_b_run(tmp_path):
     train(20)  # the same command with a longer run: resumes from step 10
     (second,) = set((out / "wandb").glob("offline-run-*")) - {first}
     assert run_info(second).run_id == run_id
-    assert [row["step"] for row in history(second) if "enc_loss" in row] == [15, 20]
+    assert [row["step"] for row in history(second) if "train/enc_loss" in row] == [15, 20]
 
 
 def test_auto_is_online_with_a_key_offline_without_and_follows_wandb_mode(monkeypatch, tmp_path):

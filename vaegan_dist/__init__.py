@@ -1,6 +1,6 @@
 """vaegan-dist: a distributed trainer for the VAE/GAN of Larsen et al. (2016) on MNIST."""
 
-__version__ = "0.5.0"
+__version__ = "0.6.0"
 
 __all__ = ["VAEGAN"]
 

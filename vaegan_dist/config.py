@@ -1,4 +1,5 @@
-"""Every setting of a run as one frozen dataclass, its presets, and the config files that fill it.
+"""Every setting of a run as one frozen dataclass, and its presets (vaegan_dist.cli.config_file reads the files
+that fill it).
 
 Precedence, lowest first: the preset (``--preset``, default ``default``), the config file
 (``--config``, YAML or JSON with the field names as keys), then the flags (the field names with dashes;
@@ -8,14 +9,10 @@ vaegan_dist.cli.train reads them).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import typing
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
-
-import yaml
 
 Architecture = Literal["mlp", "conv"]
 Dataset = Literal["mnist", "folder"]
@@ -137,6 +134,11 @@ class TrainConfig:
                                 "instead of some 200 (one CUDA process; not with fp16 or --compile)")
     # Evaluation and W&B
     eval_every: int | None = setting(None, "steps between evaluations (none: only at the end)")
+    eval_every_images: int | None = setting(None, "training images (over all processes) between evaluations, "
+                                            "instead of --eval-every: runs of other batch sizes evaluate at the "
+                                            "same images (sweeps)")
+    keep_best: bool = setting(False, "keep the checkpoint of the best evaluation (lowest eval/fid; a folder's "
+                              "run: eval/recon_mse) as checkpoints/best, beside latest and safe from pruning")
     eval_samples: int = setting(10_000, "samples per evaluation (0: no evaluation)")
     wandb: WandbMode = setting("auto", "W&B mode; auto: online when an API key is configured, else offline")
     wandb_timeout: float = setting(30.0, "seconds W&B may take to start and to finish a run")
@@ -151,7 +153,7 @@ class TrainConfig:
         for key in ("latent_dim", "hidden_dim", "depth", "batch_size", "epochs", "log_every", "save_every",
                     "keep_last", "max_consecutive_skips", "image_every"):
             _require(key, getattr(self, key) > 0, "must be positive")
-        for key in ("global_batch_size", "max_steps", "keep_every", "cpu_threads", "eval_every"):
+        for key in ("global_batch_size", "max_steps", "keep_every", "cpu_threads", "eval_every", "eval_every_images"):
             value = getattr(self, key)
             _require(key, value is None or value > 0, "must be positive (or none)")
         for key in ("gamma", "beta", "lr", "discriminator_lr_scale", "wandb_timeout", "conv_width", "gan_equilibrium"):
@@ -175,6 +177,9 @@ class TrainConfig:
         _require("eval_samples", self.eval_samples == 0 or MIN_EVAL_SAMPLES <= self.eval_samples <= MAX_EVAL_SAMPLES,
                  f"must be 0 (no evaluation) or from {MIN_EVAL_SAMPLES} to {MAX_EVAL_SAMPLES} (the floor uses as "
                  "many training images)")
+        _require("eval_every_images", not (self.eval_every_images and self.eval_every), "and 'eval_every' are both "
+                 "set: choose one")
+        _require("keep_best", not self.keep_best or self.eval_samples, "needs evaluations (eval_samples > 0)")
         _require("cuda_graphs", not (self.cuda_graphs and self.compile),
                  "cannot be combined with 'compile': choose one of --cuda-graphs and --compile")
         _require("cuda_graphs", not (self.cuda_graphs and self.mixed_precision == "fp16"),
@@ -323,23 +328,3 @@ def _finite(key: str, value: float) -> float:
     if not math.isfinite(value):
         raise ConfigError(f"setting {key!r} is {value}: it must be a finite number")
     return value
-
-
-def load_config_file(path: str | Path) -> dict[str, Any]:
-    """The settings in a YAML or JSON file (a mapping of field names, and optionally `preset`)."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as err:
-        raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"config file {path} is not text: give a YAML or JSON file") from None
-    try:
-        values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as err:
-        raise ConfigError(f"config file {path} does not parse: {str(err).splitlines()[0]}") from None
-    if values is None:
-        return {}
-    if not isinstance(values, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of setting names to values")
-    return values

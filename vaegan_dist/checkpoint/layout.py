@@ -16,6 +16,8 @@ Layout under <output_dir>/checkpoints/:
         rank_<r>.safetensors        process r's RNG states and its open metrics window
         COMPLETE                    the SHA-256 of every file above; written last
     latest                          one line: the name of the newest complete checkpoint
+    best                            --keep-best: a relative symbolic link to the checkpoint of the best evaluation,
+                                    which pruning keeps
 
 No pickle anywhere: loading runs neither `pickle` nor `torch.load`, only safetensors and `json`.
 """
@@ -29,6 +31,7 @@ from pathlib import Path
 CHECKPOINTS = "checkpoints"
 MARKER = "COMPLETE"
 LATEST = "latest"
+BEST = "best"
 NAME_PATTERN = re.compile(r"^step_(\d+)$")
 STEP_DIR = re.compile(r"^(\.tmp-)?step_\d+$")  # a checkpoint, or one being written
 WEIGHTS = ("ema", "raw")  # which networks to read: their moving averages where a checkpoint has them, or the trained

@@ -21,6 +21,7 @@ from safetensors.torch import save
 from torch import Tensor
 
 from vaegan_dist.checkpoint.layout import (
+    BEST,
     LATEST,
     MARKER,
     NAME_PATTERN,
@@ -153,9 +154,28 @@ def _publish(tmp: Path, final: Path, config: TrainConfig) -> None:
 
 
 def prune(root: Path, keep_last: int, keep_every: int | None) -> None:
-    """Deletes complete checkpoints beyond the newest keep_last, except those at multiples of keep_every."""
+    """Deletes complete checkpoints beyond the newest keep_last, except those at multiples of keep_every and the
+    one `best` names."""
     complete = [path for step, path in numbered(root) if (path / MARKER).is_file()]
+    best = best_checkpoint(root)
     for path in complete[:-keep_last]:
         step = int(NAME_PATTERN.match(path.name).group(1))
-        if keep_every is None or step % keep_every:
+        if (keep_every is None or step % keep_every) and path.name != best:
             shutil.rmtree(path, ignore_errors=True)
+
+
+def best_checkpoint(root: Path) -> str | None:
+    """The name of the checkpoint `best` links to, if any."""
+    try:
+        return os.readlink(root / BEST)
+    except OSError:
+        return None
+
+
+def mark_best(checkpoint: Path) -> None:
+    """Points `best` at checkpoint (a relative symbolic link, replaced atomically)."""
+    temporary = checkpoint.parent / f"{BEST}.tmp"
+    temporary.unlink(missing_ok=True)
+    os.symlink(checkpoint.name, temporary)
+    os.replace(temporary, checkpoint.parent / BEST)
+    _fsync_dir(checkpoint.parent)

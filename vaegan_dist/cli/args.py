@@ -13,13 +13,25 @@ from vaegan_dist.config import MAX_SEED
 from vaegan_dist.exits import fail
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The description and the examples as written; after each flag's help its default, unless the help says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, but a command-line mistake is one line like every other error, `error: ...`, with the close matches
     of a mistyped flag or choice and a pointer to --help, and exit status EXIT_BAD_INPUT; not the whole usage.
-    Every command has --version."""
+    Every command has --version; its --help shows every default and the `examples` given."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, *args: Any, examples: list[str] = (), **kwargs: Any) -> None:
+        epilog = "\n".join(filter(None, [kwargs.pop("epilog", None),
+                                         "examples:\n" + "\n".join(f"  {line}" for line in examples)]))
+        super().__init__(*args, formatter_class=HelpFormatter, epilog=epilog, **kwargs)
         self.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
 
     def error(self, message: str) -> NoReturn:
@@ -65,8 +77,6 @@ def device_flag(text: str) -> str:
     return text
 
 
-
-
 def add_weights_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--weights", choices=WEIGHTS, default="ema", help="ema (default): the encoder's and the "
-                        "decoder's moving averages, where the run kept them (--ema-decay); raw: the trained ones")
+    parser.add_argument("--weights", choices=WEIGHTS, default="ema", help="ema: the encoder's and the decoder's "
+                        "moving averages, where the run kept them (--ema-decay); raw: the trained ones")

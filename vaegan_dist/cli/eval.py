@@ -73,16 +73,19 @@ def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(
         prog="vaegan-eval", description="Evaluate the networks in a checkpoint or export directory against the "
         "MNIST test set with the shipped classifier (a folder's run: the reconstruction error of its held-out "
-        "images); prints a table and writes JSON.")
+        "images); prints a table and writes JSON.",
+        examples=["vaegan-eval pretrained", "vaegan-eval outputs --samples 2000 --seed 1 --out eval_seed1.json"])
     parser.add_argument("directory", type=Path, help="a checkpoint, an export (vaegan-export, pretrained/) or a "
                         "run's output directory (its newest checkpoint)")
     parser.add_argument("--samples", type=int, default=DEFAULT_SAMPLES, help="samples to generate (and test "
                         "images to reconstruct, at most 10k); the floor uses as many training images")
-    parser.add_argument("--seed", type=seed_flag, default=None, help="seed of the samples' z (default: the run's seed)")
+    parser.add_argument("--seed", type=seed_flag, default=None, help="seed of the samples' z "
+                        "(default: the run's seed; 0 for an export)")
     parser.add_argument("--out", type=Path, default=Path("evaluation.json"), help="where to write the JSON")
-    parser.add_argument("--device", type=device_flag, default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=device_flag, default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the networks and the classifier run")
     parser.add_argument("--data-dir", default=None, help="a run on a folder of images: the folder, where it is not "
-                        "where the run had it")
+                        "where the run had it (default: where the run had it)")
     add_weights_flag(parser)
     args = parser.parse_args(argv)
     if args.samples < MIN_EVAL_SAMPLES:

@@ -15,12 +15,13 @@ from vaegan_dist.hub.network_files import ExportError, averages_in, averages_not
 def main(argv: list[str] | None = None) -> None:
     """vaegan-export SOURCE OUT: the encoder and decoder of a checkpoint (or a run's newest) as an export in the
     Hugging Face format (VAEGAN.from_pretrained reads it; vaegan-sample and vaegan-eval too), with a model card."""
-    parser = ArgumentParser(prog="vaegan-export", description=main.__doc__)
+    parser = ArgumentParser(prog="vaegan-export", description=main.__doc__,
+                            examples=["vaegan-export outputs my-model",
+                                      "vaegan-export outputs/checkpoints/step_0046850 my-model --dtype float32"])
     parser.add_argument("source", help="a checkpoint directory, or a run's output directory (its newest checkpoint)")
     parser.add_argument("out", help="the export directory to write")
     parser.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="the weights' type")
-    parser.add_argument("--license", default=LICENSE, help="the model card's license, a Hub license id (default: "
-                        "the project's, apache-2.0)")
+    parser.add_argument("--license", default=LICENSE, help="the model card's license, a Hub license id")
     add_weights_flag(parser)
     args = parser.parse_args(argv)
     try:

@@ -11,7 +11,8 @@ from vaegan_dist.exits import fail
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = ArgumentParser(prog="vaegan-report", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="vaegan-report", description=__doc__.splitlines()[0],
+                            examples=["vaegan-report outputs    # outputs/losses.png and outputs/samples.gif"])
     parser.add_argument("output_dir", type=Path, help="a run's --output-dir")
     output_dir = parser.parse_args(argv).output_dir
     if not output_dir.is_dir():
@@ -25,6 +26,9 @@ def main(argv: list[str] | None = None) -> None:
         fail(f"cannot write the pictures into {output_dir} ({err.strerror or err}): make it writable")
     for path in paths:
         print(path)
+    if not any(path.suffix == ".gif" for path in paths):
+        print(f"no samples.gif: {output_dir / 'samples'} holds no sample pictures yet (a run writes one at the end of "
+              "each epoch and at its last step)")
 
 
 if __name__ == "__main__":

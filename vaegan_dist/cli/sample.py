@@ -114,20 +114,23 @@ def write(pixels: Tensor, shape: tuple[int, int, int], path: Path, grid_row: int
 
 def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(prog="vaegan-sample", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                            examples=["vaegan-sample pretrained --out samples.png",
+                                      "vaegan-sample outputs --mode interpolate --out walks.gif --seed 3"])
     parser.add_argument("directory", type=Path, help="a checkpoint or export directory")
-    parser.add_argument("--mode", choices=list(MODES), default="samples")
+    parser.add_argument("--mode", choices=list(MODES), default="samples", help="what to draw (above)")
     parser.add_argument("--out", type=Path, required=True, help="FILE.png, FILE.npy or FILE.gif")
     parser.add_argument("--count", type=int, default=None, help="how many (default: " +
                         ", ".join(f"{n} for {mode}" for mode, n in MODES.items()) + ")")
-    parser.add_argument("--seed", type=seed_flag, default=0)
+    parser.add_argument("--seed", type=seed_flag, default=0, help="seeds z and the choice of test images")
     parser.add_argument("--steps", type=int, default=10, help="points per latent walk (interpolate)")
-    parser.add_argument("--device", type=device_flag, default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=device_flag, default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the networks run")
     parser.add_argument("--data-dir", default=None, help="the run's images, where they are not where the run had "
-                        "them (MNIST: its IDX files; a folder)")
-    parser.add_argument("--attribute", default=None, help="attribute mode: a digit on MNIST, a --labels column else")
+                        "them (MNIST: its IDX files; a folder) (default: the run's own, or the bundled MNIST)")
+    parser.add_argument("--attribute", default=None, help="attribute mode: a digit on MNIST, a --labels column else "
+                        "(default: none)")
     parser.add_argument("--labels", type=Path, default=None, help="attribute mode on a folder: CelebA's "
-                        "list_attr_celeba.txt, or a file like it")
+                        "list_attr_celeba.txt, or a file like it (default: none)")
     add_weights_flag(parser)
     args = parser.parse_args(argv)
     count = MODES[args.mode] if args.count is None else args.count

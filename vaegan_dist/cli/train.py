@@ -16,7 +16,8 @@ import torch
 from vaegan_dist.checkpoint.layout import CheckpointError
 from vaegan_dist.checkpoint.output_paths import refuse_output
 from vaegan_dist.cli.args import ArgumentParser
-from vaegan_dist.config import DEFAULT_PRESET, PRESETS, ConfigError, TrainConfig, load_config_file
+from vaegan_dist.cli.config_file import load_config_file
+from vaegan_dist.config import DEFAULT_PRESET, PRESETS, ConfigError, TrainConfig
 from vaegan_dist.data.mnist import DataError
 from vaegan_dist.exits import EXIT_BAD_INPUT, EXIT_CHECKPOINT_FAILED, Ending, fail, leave
 from vaegan_dist.training.console import Console
@@ -47,12 +48,14 @@ def _flag_type(hint: Any) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(
-        prog="train.py",
-        description="Train the VAE/GAN of Larsen et al. (2016) on MNIST with Accelerate.",
-        epilog="Defaults shown are the default preset's; --preset changes some of them.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = ArgumentParser(  # prog: the name it was started by (vaegan-train, train.py)
+        description="Train the VAE/GAN of Larsen et al. (2016) with Accelerate: on the bundled MNIST by default, "
+        "or on a folder of images (--dataset folder --data-dir DIR).",
+        epilog="Defaults shown are the default preset's; --preset changes some of them. A rerun in the same "
+        "--output-dir resumes it (--resume auto).",
+        examples=["accelerate launch train.py                                  # the default, on every GPU",
+                  "vaegan-train --max-steps 200 --output-dir runs/quick         # a short run on this machine",
+                  "accelerate launch train.py --preset celeba64 --data-dir img_align_celeba"])
     parser.add_argument("--preset", choices=list(PRESETS), default=argparse.SUPPRESS,
                         help=f"named settings to start from (default: {DEFAULT_PRESET})")
     parser.add_argument("--config", default=argparse.SUPPRESS,

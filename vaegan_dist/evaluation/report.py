@@ -5,7 +5,8 @@ progress too:
 
 - loss_curves.png: the losses of the three networks against the global step
 - discriminator_outputs.png: the means of D(x), D(x̃) and D(x_p)
-- samples.gif: the sample grids from the fixed z (samples/epoch_NNN.png), one frame per epoch
+- samples.gif: the sample grids from the fixed z, one frame per picture: each epoch's (samples/epoch_NNN.png), then
+  that of a run's mid-epoch end (samples/step_NNNNNNN.png)
 
 The curves need matplotlib, an optional extra: pip install 'vaegan-dist[report]'. The GIF needs only Pillow.
 """
@@ -68,20 +69,32 @@ def write_loss_curves(records: list[dict[str, float]], output_dir: Path) -> list
     return paths
 
 
+def sample_pictures(output_dir: Path) -> list[tuple[Path, str]]:
+    """The sample grids from the fixed z with their captions, in the run's order: each epoch's
+    (samples/epoch_NNN.png), then the pictures of runs that ended mid-epoch (samples/step_NNNNNNN.png)."""
+    found = []
+    for kind in ("epoch", "step"):
+        for png in (output_dir / "samples").glob(f"{kind}_*.png"):
+            if png.stem.removeprefix(f"{kind}_").isdigit():
+                found.append((kind == "step", int(png.stem.removeprefix(f"{kind}_")), png))
+    return [(png, f"{'step' if by_step else 'epoch'} {number}") for by_step, number, png in sorted(found)]
+
+
 def write_samples_gif(output_dir: Path) -> Path | None:
-    """samples.gif from samples/epoch_NNN.png, each frame captioned with its epoch; None without epochs."""
-    pngs = sorted((output_dir / "samples").glob("epoch_*.png"))
-    if not pngs:
+    """samples.gif, a frame per sample picture, captioned; None when the run has none yet."""
+    pictures = sample_pictures(output_dir)
+    if not pictures:
         return None
     frames = []
-    for png in pngs:
+    for png, caption in pictures:
         try:
-            grid = Image.open(png).convert("L")
+            grid = Image.open(png)
+            grid = grid.convert("RGB" if grid.mode not in ("L", "1", "I") else "L")
         except (OSError, ValueError) as err:
             raise ReportError(f"{png} is not a readable picture ({type(err).__name__}): delete or restore it") from None
-        frame = Image.new("L", (grid.width, grid.height + CAPTION_HEIGHT))
+        frame = Image.new(grid.mode, (grid.width, grid.height + CAPTION_HEIGHT))
         frame.paste(grid, (0, CAPTION_HEIGHT))
-        ImageDraw.Draw(frame).text((2, 1), f"epoch {int(png.stem.removeprefix('epoch_'))}", fill=255)
+        ImageDraw.Draw(frame).text((2, 1), caption, fill=255 if grid.mode == "L" else (255, 255, 255))
         frames.append(frame)
     path = output_dir / "samples.gif"
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=GIF_FRAME_MS, loop=0)

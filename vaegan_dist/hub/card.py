@@ -24,10 +24,14 @@ MODEL_CARD = """---
 # VAE/GAN on {{ data_name }}
 
 The encoder and decoder of a VAE/GAN (Larsen et al., 2016, [arXiv:1512.09300](https://arxiv.org/abs/1512.09300))
-trained on {{ data_name }} with vaegan-dist. `config.json` holds every setting of the run,
+trained on {{ data_name }} with vaegan-dist. `config.json` holds the settings that build the networks,
 `model.safetensors` the weights ({{ dtype }}).
 
 ## Use
+
+```bash
+pip install vaegan-dist    # or, from its source tree: pip install .
+```
 
 ```python
 from vaegan_dist import VAEGAN

@@ -6,16 +6,21 @@
     model.save_pretrained("my-model")                 # config.json + model.safetensors + README.md (model card)
     model.push_to_hub("user/vaegan-mnist")            # the same files, one commit on the Hub
 
-The format is huggingface_hub's PyTorchModelHubMixin's: `config.json` (the run's TrainConfig, as JSON) and
-`model.safetensors` (the keys `encoder.*` and `decoder.*` of the two networks), with a model card whose YAML
-metadata the Hub reads. Images are float tensors (N, C, H, W) in [0, 1], config.image_shape; the networks
-themselves work on rows of C·H·W pixels in [-1, 1] (the decoder ends in tanh), and the methods convert at the
-boundary.
+The format is huggingface_hub's PyTorchModelHubMixin's: `config.json` (the settings that build the networks, with
+the class and the package version: no run settings, no paths of the training machine) and `model.safetensors` (the
+keys `encoder.*` and `decoder.*` of the two networks), with a model card whose YAML metadata the Hub reads.
+save_pretrained writes the weights in the dtype they were loaded in (an export's float16 stays float16) unless the
+model was cast since, and keeps a loaded model card (its metrics and training command).
+
+Images are float tensors (N, C, H, W) in [0, 1], config.image_shape; the networks themselves work on rows of C·H·W
+pixels in [-1, 1] (the decoder ends in tanh), and the methods convert at the boundary.
 """
 
 from __future__ import annotations
 
 import copy
+import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +28,17 @@ import torch
 from huggingface_hub import EvalResult, ModelCard, ModelCardData, PyTorchModelHubMixin, hf_hub_download
 from torch import Tensor, nn
 
+from vaegan_dist import __version__
 from vaegan_dist.config import ConfigError, TrainConfig
-from vaegan_dist.hub.card import CARD_METRICS, LICENSE, MODEL_CARD, TAGS, metrics_text, training_command
-from vaegan_dist.hub.network_files import CARD_FILE, MODEL_FILE, load_networks
+from vaegan_dist.hub.card import CARD_METRICS, LICENSE, MODEL_CARD, TAGS, metrics_text, run_metrics, training_command
+from vaegan_dist.hub.network_files import (
+    CARD_FILE,
+    MODEL_FILE,
+    load_networks,
+    network_directory,
+    portable_settings,
+    stored_dtype,
+)
 from vaegan_dist.model.networks import build_models
 
 
@@ -40,8 +53,12 @@ class VAEGAN(nn.Module, PyTorchModelHubMixin, library_name="vaegan-dist", licens
             self.config = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config or {})
         except ConfigError as err:
             raise ValueError(f"VAEGAN config: {err}") from None
-        self._hub_mixin_config = self.config.to_dict()  # what save_pretrained writes to config.json
+        # what save_pretrained writes to config.json
+        self._hub_mixin_config = {"_class_name": type(self).__name__, "_vaegan_dist_version": __version__,
+                                  **portable_settings(self.config)}
         self.card_extras: dict[str, Any] = {}  # what the model card says of the training (vaegan-export fills it)
+        self.loaded_card: ModelCard | None = None  # the card of the directory it was loaded from
+        self.weights_dtype: torch.dtype | None = None  # the dtype save_pretrained writes (None: the model's)
         self.encoder, self.decoder, _ = build_models(self.config)
 
     @classmethod
@@ -59,6 +76,14 @@ class VAEGAN(nn.Module, PyTorchModelHubMixin, library_name="vaegan-dist", licens
     def _device_dtype(self) -> tuple[torch.device, torch.dtype]:
         weight = next(self.decoder.parameters())
         return weight.device, weight.dtype
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> VAEGAN:
+        """nn.Module's (.to, .half, ...); a cast to another dtype makes save_pretrained write the new one."""
+        before = self._device_dtype()[1]
+        super()._apply(fn, recurse)
+        if self._device_dtype()[1] != before:
+            self.weights_dtype = None
+        return self
 
     @torch.no_grad()
     def encode(self, images: Tensor) -> tuple[Tensor, Tensor]:
@@ -122,15 +147,27 @@ class VAEGAN(nn.Module, PyTorchModelHubMixin, library_name="vaegan-dist", licens
                                              cache_dir=cache_dir, force_download=force_download, token=token,
                                              local_files_only=local_files_only)).parent
         loaded_config, encoder, decoder = load_networks(directory, map_location, weights)
-        return cls.from_networks(loaded_config, encoder, decoder).to(device, dtype).eval()
+        model = cls.from_networks(loaded_config, encoder, decoder).to(device, dtype).eval()
+        source = network_directory(directory)
+        model.weights_dtype = dtype or stored_dtype(source)
+        if (source / CARD_FILE).is_file():
+            model.loaded_card = ModelCard.load(source / CARD_FILE)
+        else:  # a checkpoint: the run's evaluation at its step
+            model.card_extras["metrics"] = run_metrics(source)
+        return model
 
     def _save_pretrained(self, save_directory: Path) -> None:
         from safetensors.torch import save_file
 
-        state = {key: t.detach().to("cpu").contiguous() for key, t in self.state_dict().items()}
+        dtype = self.weights_dtype or self._device_dtype()[1]
+        state = {key: t.detach().to("cpu", dtype if t.is_floating_point() else t.dtype).contiguous()
+                 for key, t in self.state_dict().items()}
         save_file(state, Path(save_directory) / MODEL_FILE, metadata={"format": "pt"})
 
     def generate_model_card(self, *args: Any, **kwargs: Any) -> ModelCard:
+        dtype = str(self.weights_dtype or self._device_dtype()[1]).removeprefix("torch.")
+        if self.loaded_card is not None and not kwargs:  # what it was loaded with, the weights' dtype updated
+            return ModelCard(re.sub(r"the weights \(\w+\)", f"the weights ({dtype})", str(self.loaded_card)))
         info = self._hub_mixin_info
         extras = {**self.card_extras, **kwargs}
         data = ModelCardData(**info.model_card_data.to_dict())
@@ -151,7 +188,6 @@ class VAEGAN(nn.Module, PyTorchModelHubMixin, library_name="vaegan-dist", licens
         extras.setdefault("metrics_text", metrics_text(metrics, mnist))
         extras.setdefault("data_name", "MNIST" if mnist else "a folder of images")
         extras.setdefault("image_shape", ", ".join(map(str, self.config.image_shape)))
-        dtype = str(self._device_dtype()[1]).removeprefix("torch.")
         return ModelCard.from_template(card_data=data, template_str=info.model_card_template,
                                        dtype=dtype, latent_dim=self.latent_dim, **extras)
 

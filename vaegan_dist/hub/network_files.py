@@ -1,5 +1,6 @@
 """The encoder and decoder as plain files. An export is what `vaegan_dist.VAEGAN.save_pretrained` writes (the
-Hugging Face format): `config.json` (TrainConfig.to_dict()), `model.safetensors` (the keys `encoder.*` and
+Hugging Face format): `config.json` (the PORTABLE_SETTINGS of the run's TrainConfig, with keys starting with "_"
+for the class and the version), `model.safetensors` (the keys `encoder.*` and
 `decoder.*`) and a model card, README.md. Checkpoint directories, and exports made before that format, hold
 `encoder.safetensors` and `decoder.safetensors` (the state_dict keys of the unwrapped modules) next to
 `config.json`; everything that reads networks reads all of them. A checkpoint of a run with --ema-decay also holds
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load_file, safe_open
 from torch import nn
 
 from vaegan_dist.checkpoint.layout import WEIGHTS, checkpoints_dir
@@ -31,6 +32,10 @@ CONFIG_FILE = "config.json"
 NETWORK_FILES = {"encoder": "encoder.safetensors", "decoder": "decoder.safetensors"}  # checkpoints, old exports
 MODEL_FILE = "model.safetensors"  # exports: both networks, keys prefixed with "encoder." and "decoder."
 CARD_FILE = "README.md"
+SAFETENSORS_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
+# What builds the encoder and decoder and says what images they take: an export's config.json holds these alone.
+PORTABLE_SETTINGS = ("architecture", "latent_dim", "hidden_dim", "depth", "conv_width", "dropout", "encoder_dropout",
+                     "decoder_dropout", "dataset", "image_size", "channels")
 
 
 class ExportError(RuntimeError):
@@ -66,7 +71,9 @@ def load_networks(directory: str | Path, device: torch.device | str = "cpu",
                           "(one with config.json and model.safetensors, or encoder.safetensors and "
                           "decoder.safetensors)")
     try:
-        config = TrainConfig.from_dict(json.loads(config_path.read_text()), source=str(config_path))
+        values = json.loads(config_path.read_text())
+        config = TrainConfig.from_dict({k: v for k, v in values.items() if not k.startswith("_")},
+                                       source=str(config_path))
     except (json.JSONDecodeError, UnicodeDecodeError, ConfigError) as err:
         raise ExportError(f"{config_path} is not a usable config ({err}): restore it from the run's "
                           "output directory") from None
@@ -89,6 +96,18 @@ def load_networks(directory: str | Path, device: torch.device | str = "cpu",
             raise ExportError(f"the {name} in {path} has non-finite weights ({bad[0]}): its digits would be "
                               "blank; use another checkpoint or export")
     return config, encoder.eval(), decoder.eval()
+
+
+def portable_settings(config: TrainConfig) -> dict[str, object]:
+    return {key: getattr(config, key) for key in PORTABLE_SETTINGS}
+
+
+def stored_dtype(directory: Path) -> torch.dtype:
+    """The dtype of the floating-point weights in a directory load_networks reads."""
+    path = directory / MODEL_FILE if (directory / MODEL_FILE).is_file() else directory / NETWORK_FILES["decoder"]
+    with safe_open(path, framework="pt") as tensors:
+        dtypes = (tensors.get_slice(key).get_dtype() for key in tensors.keys())  # noqa: SIM118 (safe_open is no dict)
+        return getattr(torch, SAFETENSORS_DTYPES[next(d for d in dtypes if d in SAFETENSORS_DTYPES)])
 
 
 def averages_in(directory: Path, weights: str) -> list[str]:

@@ -1,23 +1,26 @@
 """What a run shows in its terminal or its SLURM log.
 
 The main process alone prints: a table of the run at the start, then one live progress display (epoch,
-step, ETA, images/s, losses) when stdout is a terminal, or one plain line per metrics record (every
-`log_every` steps) when it is not, with no escape codes. Warnings go to stderr. Python warnings raised on
-the other processes are not lost: each process shows each distinct warning once, tagged with its rank, so a
-warning that every process raises appears once per process.
+step, ETA, images/s, losses; the phase, such as an evaluation, while one runs) when stdout is a terminal, or one
+plain line per metrics record (every `log_every` steps) and per phase when it is not, with no escape codes. The ETA
+counts the evaluations still to come, each as long as the last one took. Warnings go to stderr. Python warnings
+raised on the other processes are not lost: each process shows each distinct warning once, tagged with its rank,
+so a warning that every process raises appears once per process.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import time
 import warnings
+from datetime import timedelta
 from types import TracebackType
 
 import torch
 from accelerate import Accelerator
 from rich.console import Console as RichConsole
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TaskID, TextColumn
 from rich.table import Table
 from rich.text import Text
 
@@ -41,6 +44,19 @@ def describe_processes(accelerator: Accelerator) -> str:
     return (f"{count} process{'es' * (count > 1)} on {nodes} node{'s' * (nodes > 1)}, {device}")
 
 
+class TimeLeftColumn(ProgressColumn):
+    """'ETA h:mm:ss': rich's estimate for the steps left, plus the evaluations still to come at the last one's
+    length ('+ evaluation' until one has been timed)."""
+
+    def render(self, task: Task) -> Text:
+        steps_left = task.time_remaining
+        if steps_left is None:
+            return Text("ETA -:--:--")
+        evaluations, seconds = task.fields["evaluations"], task.fields["evaluation_s"]
+        total = steps_left + evaluations * (seconds or 0)
+        return Text(f"ETA {timedelta(seconds=round(total))}" + (" + evaluation" if evaluations and not seconds else ""))
+
+
 class Console:
     """The run's output on this process. Use it as a context manager: it captures Python warnings inside."""
 
@@ -51,6 +67,7 @@ class Console:
         self.err = RichConsole(stderr=True, highlight=False)
         self._progress: Progress | None = None
         self._task = TaskID(0)
+        self._phase_started = 0.0
         self._shown_warnings: set[str] = set()
         self._showwarning = warnings.showwarning
 
@@ -87,22 +104,36 @@ class Console:
         if self.is_main:
             self.err.print(Text.assemble(("error:", "red"), " ", message), soft_wrap=True)
 
-    def start_progress(self, total_steps: int, step: int, epochs: int) -> None:
-        """The live display, from `step` of `total_steps`, when stdout is a terminal."""
+    def start_progress(self, total_steps: int, step: int, epochs: int, evaluations: int = 0) -> None:
+        """The live display, from `step` of `total_steps`, when stdout is a terminal; `evaluations` to come."""
         if not (self.is_main and self.out.is_terminal):
             return
         self._progress = Progress(
             TextColumn(f"epoch {{task.fields[epoch]}}/{epochs}"), BarColumn(bar_width=20), MofNCompleteColumn(),
-            TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[speed]}"),
-            TextColumn("{task.fields[losses]}"), console=self.out, refresh_per_second=4)
+            TimeLeftColumn(), TextColumn("{task.fields[speed]}"), TextColumn("{task.fields[losses]}"),
+            TextColumn("{task.fields[phase]}", style="bold"), console=self.out, refresh_per_second=4)
         self._task = self._progress.add_task("train", total=total_steps, completed=step, epoch=1, speed="",
-                                             losses="")
+                                             losses="", phase="", evaluations=evaluations, evaluation_s=None)
         self._progress.start()
 
     def advance(self, step: int, epoch: int) -> None:
         """After each step: global steps done, and the epoch (from 0)."""
         if self._progress is not None:
             self._progress.update(self._task, completed=step, epoch=epoch + 1)
+
+    def begin_evaluation(self, description: str) -> None:
+        """An evaluation starts: shown in the live display (or as a line) until end_evaluation."""
+        self._phase_started = time.perf_counter()
+        if self._progress is not None:
+            self._progress.update(self._task, phase=description)
+        else:
+            self.info(description)
+
+    def end_evaluation(self) -> None:
+        if self._progress is not None:
+            left = max(self._progress.tasks[self._task].fields["evaluations"] - 1, 0)
+            self._progress.update(self._task, phase="", evaluations=left,
+                                  evaluation_s=time.perf_counter() - self._phase_started)
 
     def show(self, record: dict[str, float | int]) -> None:
         """A metrics record: into the live display, or as a plain line."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from pathlib import Path
 
 SHARDING = (
     ("ACCELERATE_USE_FSDP", "FSDP (distributed_type: FSDP)"),
@@ -45,3 +46,26 @@ def is_main_launch_process(environ: Mapping[str, str] = os.environ) -> bool:
     """Whether this is the launch's first process, before Accelerate is set up (RANK, as torch's launchers set it;
     a single process without a launcher is the main one)."""
     return environ.get("RANK", "0") == "0"
+
+
+def processes_not_started(num_processes: int, ppid: int | None = None) -> str | None:
+    """A warning when the `accelerate launch` that started this process asked for more processes than run: without
+    --multi_gpu (as with --cpu) it starts one, whatever --num_processes says. Read from the launcher's command line
+    (Linux's /proc; None elsewhere, or when the parent is no accelerate launch)."""
+    try:
+        words = Path(f"/proc/{ppid or os.getppid()}/cmdline").read_bytes().decode().split("\0")
+    except (OSError, UnicodeDecodeError):
+        return None
+    launcher = [Path(word).name for word in words[:3]]
+    if not (("accelerate" in launcher and "launch" in words) or "accelerate.commands.launch" in launcher):
+        return None
+    asked = None
+    for word, following in zip(words, [*words[1:], ""], strict=True):
+        name, _, value = word.partition("=")
+        if name in ("--num_processes", "--num-processes"):
+            asked = value or following
+    if not (asked and asked.isdigit() and int(asked) > num_processes):
+        return None
+    return (f"accelerate launch was asked for {asked} processes but started {num_processes}: it starts several only "
+            f"with --multi_gpu (on CPUs: ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes {asked} "
+            "train.py)")

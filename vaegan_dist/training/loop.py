@@ -9,18 +9,21 @@ and the end that the loop's outcome (finished, diverged, preempted) calls for, w
 
 from __future__ import annotations
 
+import math
 import signal
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast
 from torch import Tensor
 
 from vaegan_dist.checkpoint.layout import CheckpointError
-from vaegan_dist.checkpoint.writing import save_checkpoint
+from vaegan_dist.checkpoint.writing import mark_best, save_checkpoint
 from vaegan_dist.config import TrainConfig
 from vaegan_dist.data.sharding import ShardedBatches
 from vaegan_dist.evaluation.pictures import grid_image, grid_pixels, save_epoch_grids
@@ -76,7 +79,8 @@ def due(run: Run, step: int, every: int | None) -> bool:
 
 
 def log_record(run: Run, state: TrainState, epoch: int, collapse: CollapseWatch) -> None:
-    """One record of the window's means to metrics.jsonl, W&B and the console."""
+    """One record of the window's means to metrics.jsonl, the trackers (as train/<key>, beside eval/<key>) and the
+    console."""
     step = state.position.step
     # A run's last record off the log_every grid keeps its window open: the checkpoint carries it, so a
     # resumed run logs exactly what an uninterrupted run would have.
@@ -85,7 +89,7 @@ def log_record(run: Run, state: TrainState, epoch: int, collapse: CollapseWatch)
               **{f"lr_{name}": opt.param_groups[0]["lr"] for name, opt in run.optimizers._asdict().items()},
               "peak_memory_mb": peak_memory_mb(run.accelerator.device)}
     run.metrics.write(record)
-    run.tracker.log(record)
+    run.tracker.log({"step": step, **{f"train/{key}": value for key, value in record.items() if key != "step"}})
     run.console.show(record)
     if warning := collapse.warning(record):
         run.console.warn(warning)
@@ -109,10 +113,47 @@ def share_running_statistics(run: Run) -> None:
                 torch.distributed.broadcast(buffer, 0)
 
 
+def evaluation_mark(run: Run, step: int) -> int:
+    """How many evaluation points steps 1..step pass: one every eval_every steps, or every eval_every_images
+    training images."""
+    config = run.config
+    if config.eval_every_images:
+        return step * run.shards.global_batch // config.eval_every_images
+    return step // config.eval_every if config.eval_every else 0
+
+
+def evaluation_due(run: Run, step: int) -> bool:
+    """Whether an evaluation runs after `step`: at each evaluation point, and at the last step."""
+    return run.reference is not None and (step == run.last_step
+                                          or evaluation_mark(run, step) > evaluation_mark(run, step - 1))
+
+
+def evaluations_to_come(run: Run, step: int) -> int:
+    """How many evaluations the steps after `step` to the run's last will run."""
+    if run.reference is None:
+        return 0
+    last = evaluation_mark(run, run.last_step)
+    return last - evaluation_mark(run, step) + (last == evaluation_mark(run, run.last_step - 1))
+
+
+def note_if_best(run: Run, state: TrainState, scores: dict[str, float]) -> None:
+    """--keep-best: an evaluation better than every earlier one (lower eval/fid, or eval/recon_mse on a folder)
+    becomes state.best, whose step's checkpoint `save` then links as checkpoints/best. The main process alone
+    holds the scores: every process learns them from it."""
+    if not run.config.keep_best:
+        return
+    key = "fid" if isinstance(run.reference, Reference) else "recon_mse"
+    value = broadcast(torch.tensor([scores.get(key, math.inf)], dtype=torch.float64, device=run.accelerator.device))
+    if math.isfinite(value.item()) and (state.best is None or value.item() < state.best["value"]):
+        state.best = {"step": state.position.step, "value": value.item()}
+
+
 def evaluate_now(run: Run, state: TrainState, epoch: int) -> None:
     """The sample-quality evaluation, logged like a record; a failure costs a warning, never the run."""
     started, step = time.perf_counter(), state.position.step
+    run.console.begin_evaluation(f"evaluating at step {step}")
     share_running_statistics(run)
+    scores: dict[str, float] = {}
     try:
         if isinstance(run.reference, Reference):
             scores = evaluate_distributed(run.accelerator, *run.autoencoder, run.config, run.config.eval_samples,
@@ -128,6 +169,8 @@ def evaluate_now(run: Run, state: TrainState, epoch: int) -> None:
             run.metrics.write(evaluation)
             run.tracker.log(evaluation)
             run.console.info((evaluation_line if "fid" in scores else reconstruction_line)(step, scores))
+    note_if_best(run, state, scores)
+    run.console.end_evaluation()
     state.window.started += time.perf_counter() - started  # not training time
 
 
@@ -141,6 +184,9 @@ def save(run: Run, state: TrainState) -> Path:
     path = save_checkpoint(run.accelerator, run.output_dir, run.config, run.modules, run.optimizers, state,
                            run.averages)
     run.console.info(f"checkpoint: {path}")
+    if state.best is not None and state.best["step"] == state.step and run.accelerator.is_main_process:
+        mark_best(path)
+        run.console.info(f"best so far: {path} ({state.best['value']:.5g})")
     return path
 
 
@@ -161,7 +207,8 @@ def train_loop(run: Run, state: TrainState, watch: PreemptionWatch) -> Ending:
     max_consecutive_skips skipped steps in a row (DIVERGED)."""
     config, collapse, consecutive_skips = run.config, CollapseWatch(), 0
     run.console.start_progress(run.last_step, state.position.step,
-                               epochs=-(-run.last_step // run.shards.steps_per_epoch()))
+                               epochs=-(-run.last_step // run.shards.steps_per_epoch()),
+                               evaluations=evaluations_to_come(run, state.position.step))
     for batch, epoch, position in batches_from(run.shards, state.position, run.last_step):
         result = step_networks(run, batch, state.position.step)
         state.position, state.skipped_steps = position, state.skipped_steps + (not result.stepped)
@@ -180,27 +227,47 @@ def train_loop(run: Run, state: TrainState, watch: PreemptionWatch) -> Ending:
             run.console.info(f"stopped by {stop_signal.name} at step {step}: exit code {ending.value}; run the same "
                              "command again to resume")
             return ending
-        if run.reference is not None and due(run, step, config.eval_every):
+        if evaluation_due(run, step):
             evaluate_now(run, state, epoch)
         if position.epoch > epoch:
             save_pictures(run, f"epoch_{epoch + 1:03d}")
-        if step % config.save_every == 0 and step != run.last_step:
+        best_now = state.best is not None and state.best["step"] == step
+        if (step % config.save_every == 0 or best_now) and step != run.last_step:
             save_periodically(run, state)
     return Ending.FINISHED
 
 
 # ---------------------------------------------------------------------------------------------- the end
 
-def finish(run: Run, state: TrainState, ending: Ending, ran: bool) -> Ending:
+def closing_lines(run: Run, state: TrainState, ran_steps: int, elapsed: float, written: list[Path]) -> list[str]:
+    """What a finished run says last: how long and how fast, the files it wrote, the commands that come next."""
+    out = run.output_dir
+    images_per_s = ran_steps * run.shards.global_batch / max(elapsed, 1e-9)
+    pictures = len(list((out / "samples").glob("*.png")))
+    files = [f"{written[0].relative_to(out)}/", "metrics.jsonl", "config.json",
+             f"samples/ and reconstructions/ ({pictures} picture{'s' * (pictures != 1)} each)",
+             *(p.name for p in written[1:])]
+    lines = [f"done: {state.position.step} steps ({state.skipped_steps} skipped) in "
+             f"{timedelta(seconds=round(elapsed))}, {images_per_s:,.0f} img/s; outputs in {out}",
+             f"wrote: {', '.join(files)}",
+             f"next: `vaegan-sample {out} --out samples.png`, `vaegan-eval {out}`, `vaegan-export {out} my-model`, "
+             f"`vaegan-report {out}`"]
+    if sync := run.tracker.sync_command():
+        lines.append(f"upload the W&B run with: {sync}")
+    return lines
+
+
+def finish(run: Run, state: TrainState, ending: Ending, ran_steps: int, started: float) -> Ending:
     """Saves what the ending calls for (nothing when no step ran), tells the user, and returns the ending."""
-    console, position = run.console, state.position
+    console, position, ran = run.console, state.position, ran_steps > 0
     if ending is Ending.FINISHED and ran and position.images_seen:  # a mid-epoch end gets pictures of its own
         save_pictures(run, f"step_{position.step:07d}")
     path = save(run, state) if ran or ending is not Ending.FINISHED else None
     console.stop_progress()
+    report: list[Path] = []
     if ending is Ending.FINISHED and run.accelerator.is_main_process:
         try:
-            write_report(run.output_dir)
+            report = write_report(run.output_dir)
         except ReportError as err:
             console.info(f"report: {err}")
     run.tracker.finish(ending)
@@ -210,8 +277,9 @@ def finish(run: Run, state: TrainState, ending: Ending, ran: bool) -> Ending:
                       "the last good weights; resume from it with a lower --lr (or --gamma), or start over.")
     elif ending is Ending.PREEMPTED and run.config.requeue and run.accelerator.is_main_process:
         console.info(requeue_slurm_job())
-    elif ending is Ending.FINISHED:
-        console.info(f"done: {position.step} steps, {state.skipped_steps} skipped; outputs in {run.output_dir}")
+    elif ending is Ending.FINISHED and path is not None:
+        for line in closing_lines(run, state, ran_steps, time.perf_counter() - started, [path, *report]):
+            console.info(line)
     return ending
 
 
@@ -229,7 +297,7 @@ def train(config: TrainConfig, accelerator: Accelerator, console: Console | None
                          "(raise --max-steps or --epochs to train on, or use another --output-dir)")
             return Ending.FINISHED
         announce(run, state)
-        first_step = state.position.step
+        first_step, started = state.position.step, time.perf_counter()
         with PreemptionWatch(console.info) as watch:  # kept through the last save: a late signal waits for it
             ending = train_loop(run, state, watch)
-            return finish(run, state, ending, ran=state.position.step > first_step)
+            return finish(run, state, ending, state.position.step - first_step, started)

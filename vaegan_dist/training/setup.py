@@ -35,6 +35,7 @@ from vaegan_dist.model.networks import (
 from vaegan_dist.training.console import Console, describe_processes
 from vaegan_dist.training.cpu import cpu_flags, emulates_bf16
 from vaegan_dist.training.cuda_graphs import GraphedStep
+from vaegan_dist.training.launch_settings import processes_not_started
 from vaegan_dist.training.metrics import MetricWindow
 from vaegan_dist.training.output_lock import LockHeld, OutputLock
 from vaegan_dist.training.state import Position, TrainState
@@ -116,6 +117,8 @@ def open_run(config: TrainConfig, accelerator: Accelerator, console: Console) ->
     if config.mixed_precision == "bf16" and accelerator.device.type == "cpu" and emulates_bf16(cpu_flags()):
         console.warn("this CPU has no bf16 instructions (AVX512_BF16, AMX or Arm's BF16): torch emulates bf16, "
                      "which is slower than fp32 here (2× to 50× as measured); use --mixed-precision no")
+    if warning := processes_not_started(accelerator.num_processes):
+        console.warn(warning)
     if config.gradient_allreduce != "fp32" and accelerator.num_processes == 1:
         console.warn(f"--gradient-allreduce {config.gradient_allreduce} has no effect in one process: there is "
                      "nothing to average")
@@ -211,7 +214,7 @@ def restore(run: Run) -> TrainState:
                               f"{run.shards.images.shape[0]}: it was trained on other data; resume it with its own "
                               "--data-dir, or start a new run (--resume none)")
     run.console.info(f"resume: from {checkpoint.path} (step {position.step}, epoch {position.epoch}, "
-                     f"{position.images_seen} images into it)")
+                     f"{position.images_seen} images into it); another --output-dir or --resume none starts afresh")
     return state
 
 
@@ -258,6 +261,8 @@ def announce(run: Run, state: TrainState) -> None:
         "resume from": f"{run.checkpoint.path} (step {position.step})" if run.checkpoint else "none (fresh start)",
         f"W&B ({run.tracker.mode})": run.tracker.location,
     })
+    if run.checkpoint is None:
+        run.console.info(f"starting a new run in {run.output_dir}")
     if run.tracker.active and run.tracker.mode == "offline":
         run.console.info(f"upload the W&B run later with: wandb sync {run.tracker.location}")
 

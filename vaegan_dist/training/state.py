@@ -27,7 +27,7 @@ class TrainState:
     """What a checkpoint carries besides the weights and the optimizers' moments: where training stands, what it
     has logged so far, and this process's random streams (restored on resume only, never read while training).
 
-    Written as the `state.json` keys position, skipped_steps, wandb_run_id and scaler, and per process as
+    Written as the `state.json` keys position, skipped_steps, wandb_run_id, best and scaler, and per process as
     rank_<r>.safetensors (the RNG states and the open metrics window).
     """
 
@@ -35,6 +35,7 @@ class TrainState:
     window: MetricWindow
     skipped_steps: int = 0
     wandb_run_id: str | None = None
+    best: dict[str, float] | None = None  # --keep-best: the best evaluation so far, {"step": S, "value": v}
 
     @property
     def step(self) -> int:
@@ -43,7 +44,8 @@ class TrainState:
     def to_checkpoint(self, scaler: torch.amp.GradScaler | None) -> tuple[dict[str, Any], dict[str, Tensor]]:
         """(the state.json entries, this process's tensors)."""
         state = {"position": dataclasses.asdict(self.position), "skipped_steps": self.skipped_steps,
-                 "wandb_run_id": self.wandb_run_id, "scaler": scaler.state_dict() if scaler is not None else None}
+                 "wandb_run_id": self.wandb_run_id, "best": self.best,
+                 "scaler": scaler.state_dict() if scaler is not None else None}
         rng = {"rng.torch": torch.get_rng_state()}
         if self.window.terms.device.type == "cuda":
             rng["rng.cuda"] = torch.cuda.get_rng_state(self.window.terms.device)
@@ -64,4 +66,5 @@ class TrainState:
             if window.terms.device.type == "cuda":
                 torch.cuda.set_rng_state(tensors["rng.cuda"], window.terms.device)
             window.load_tensors(tensors)
-        return cls(Position(**state["position"]), window, state["skipped_steps"], state.get("wandb_run_id"))
+        return cls(Position(**state["position"]), window, state["skipped_steps"], state.get("wandb_run_id"),
+                   state.get("best"))

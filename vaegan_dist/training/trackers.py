@@ -13,7 +13,7 @@ own step counter never has to match, so steps replayed after a preemption are no
 from __future__ import annotations
 
 import os
-import queue
+import shlex
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -22,9 +22,10 @@ from typing import Any
 import numpy as np
 
 from vaegan_dist.exits import Ending
+from vaegan_dist.training.queued_worker import QueuedWorker, first_line
+from vaegan_dist.training.tensorboard import TensorBoardTracker
 
 DEFAULT_PROJECT = "vaegan-dist"
-MAX_PENDING = 100  # logs waiting for a slow W&B service before new ones are dropped
 WANDB_ENV_MODES = {"online": "online", "run": "online", "offline": "offline", "dryrun": "offline",
                    "disabled": "disabled"}
 
@@ -55,58 +56,6 @@ def resolve_mode(requested: str) -> str:
     return "online" if has_credentials() else "offline"
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
-class QueuedWorker:
-    """A daemon thread that hands each queued dict to `handle`, then calls `close` after `finish`: the training step
-    only puts values on a queue, so a tracker that hangs or blocks costs it nothing. Past MAX_PENDING waiting, new
-    values are dropped with one warning. The first exception of `handle` or `close` is one warning (`on_error`
-    words it), after which the worker only drains the queue."""
-
-    def __init__(self, name: str, handle: Callable[[dict[str, Any]], None], close: Callable[[], None],
-                 on_error: Callable[[BaseException], None], warn: Callable[[str], None]) -> None:
-        self.name = name
-        self.failed = False
-        self._handle, self._close, self._on_error, self._warn = handle, close, on_error, warn
-        self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._work, name=f"{name}-log", daemon=True)
-        self._warned_full = False
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def put(self, values: dict[str, Any]) -> None:
-        if self._queue.qsize() < MAX_PENDING:
-            self._queue.put(values)
-        elif not self._warned_full:
-            self._warned_full = True
-            self._warn(f"{self.name} is not keeping up: {MAX_PENDING} logs are waiting, newer ones are dropped until "
-                       "it catches up (metrics.jsonl has them all)")
-
-    def finish(self, timeout: float) -> bool:
-        """Handles what is queued, then closes; False if that took more than `timeout` seconds."""
-        self._queue.put(None)
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
-
-    def _work(self) -> None:
-        while (values := self._queue.get()) is not None:
-            if not self.failed:
-                self._attempt(self._handle, values)
-        self._attempt(self._close)
-
-    def _attempt(self, action: Callable[..., None], *args: Any) -> None:
-        try:
-            action(*args)
-        except Exception as err:  # a tracker never stops training
-            if not self.failed:
-                self.failed = True
-                self._on_error(err)
-
-
 class WandbTracker:
     """The W&B run of a training job. Made on the main process only; its methods never raise.
 
@@ -120,6 +69,8 @@ class WandbTracker:
         self._run: Any = None
         self._timeout = 0.0
         self._exit_code = 0
+        self._offline_root: Path | None = None  # where wandb writes offline-run-* folders
+        self._offline_pattern = ""
         self._worker = QueuedWorker("W&B", self._log, self._close, self._failed, warn)
 
     @property
@@ -147,7 +98,7 @@ class WandbTracker:
                              dir=os.environ.get("WANDB_DIR", str(output_dir)), config=config, id=run_id,
                              resume="allow" if run_id else None)
         if "run" not in result:
-            reason = (_first_line(result["error"]) if "error" in result
+            reason = (first_line(result["error"]) if "error" in result
                       else f"no answer within {timeout:g} s (--wandb-timeout)")
             self._warn(f"W&B did not start ({reason}); training goes on with local logs only")
             self.location = "failed to start: local logs only"
@@ -155,8 +106,18 @@ class WandbTracker:
         self._run = result["run"]
         # run.url would warn in an offline run; its directory is what `wandb sync` uploads.
         self.location = self._run.url if self.mode == "online" else str(Path(self._run.dir).parent)
+        self._offline_root = Path(self._run.dir).parent.parent if self.mode == "offline" else None
+        self._offline_pattern = f"offline-run-*-{self._run.id}"
         self._worker.put({})  # first, on the worker: plot everything against the trainer's "step"
         self._worker.start()
+
+    def sync_command(self) -> str | None:
+        """`wandb sync` of every offline folder of this W&B run (each resumed job writes one), oldest first; None
+        unless the run is offline."""
+        if self._offline_root is None:
+            return None
+        folders = sorted(self._offline_root.glob(self._offline_pattern))
+        return shlex.join(["wandb", "sync", *map(str, folders)]) if folders else None
 
     def log(self, values: dict[str, Any]) -> None:
         """Queues `values` (with "step") for W&B; uint8 arrays (H, W[, 3]) become images. Never blocks."""
@@ -198,10 +159,10 @@ class WandbTracker:
             # them: here, within the timeout, as no exit hook will (exits.leave skips them).
             wandb.teardown()
         except Exception as err:
-            self._warn(f"W&B could not finish the run ({_first_line(err)})")
+            self._warn(f"W&B could not finish the run ({first_line(err)})")
 
     def _failed(self, err: BaseException) -> None:
-        self._warn(f"W&B logging failed ({_first_line(err)}); training goes on with local logs only")
+        self._warn(f"W&B logging failed ({first_line(err)}); training goes on with local logs only")
 
 
 def init_within(timeout: float, **init: Any) -> dict[str, Any]:
@@ -225,73 +186,6 @@ def init_within(timeout: float, **init: Any) -> dict[str, Any]:
     thread.start()
     thread.join(timeout)
     return result
-
-
-TENSORBOARD_DIR = "tensorboard"
-
-
-class TensorBoardTracker:
-    """TensorBoard event files in <output_dir>/tensorboard: the records W&B gets (scalars against the trainer's
-    "step", the sample and reconstruction grids as images). Made on the main process only; never raises.
-
-    SummaryWriter encodes each image (PNG) in the caller's thread and blocks the caller when its small queue is
-    full, so here, as for W&B, a QueuedWorker calls the writer. A write that fails (a full disk, a lost mount) is
-    one warning; TensorBoard logging stops, training goes on.
-    """
-
-    def __init__(self, warn: Callable[[str], None]) -> None:
-        self.location = "off"
-        self._warn = warn
-        self._writer: Any = None
-        self._worker = QueuedWorker("TensorBoard", self._log, self._close, self._failed, warn)
-
-    @property
-    def active(self) -> bool:
-        return self._writer is not None and not self._worker.failed
-
-    def start(self, output_dir: Path) -> None:
-        directory = Path(output_dir) / TENSORBOARD_DIR
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._writer = SummaryWriter(log_dir=str(directory), flush_secs=30)
-        except (ImportError, ModuleNotFoundError):
-            self._warn("--tracker tensorboard needs the tensorboard package (pip install tensorboard); "
-                       "training goes on without it")
-            return
-        except Exception as err:
-            self._warn(f"TensorBoard did not start ({_first_line(err)}); training goes on without it")
-            return
-        self.location = str(directory)
-        self._worker.start()
-
-    def log(self, values: dict[str, Any]) -> None:
-        """Queues `values` (with "step"); numbers become scalars, uint8 arrays (H, W[, 3]) images. Never blocks."""
-        if self.active:
-            self._worker.put(values)
-
-    def finish(self, exit_code: int = 0, timeout: float = 30.0) -> None:
-        """Writes what is queued and closes the event file, waiting at most `timeout` seconds."""
-        if self._writer is None:
-            return
-        if not self._worker.finish(timeout):
-            self._warn(f"TensorBoard did not finish writing within {timeout:g} s")
-        self._writer = None
-
-    def _log(self, values: dict[str, Any]) -> None:
-        step = int(values["step"])
-        for key, value in values.items():
-            if isinstance(value, np.ndarray):
-                self._writer.add_image(key, value, step, dataformats="HWC" if value.ndim == 3 else "HW")
-            elif key != "step" and isinstance(value, int | float | np.number) and not isinstance(value, bool):
-                self._writer.add_scalar(key, value, step)
-        self._writer.flush()  # a write error (disk full) shows here, on the worker's thread
-
-    def _close(self) -> None:
-        self._writer.close()
-
-    def _failed(self, err: BaseException) -> None:
-        self._warn(f"TensorBoard logging failed ({_first_line(err)}); training goes on without it")
 
 
 class Trackers:
@@ -323,13 +217,16 @@ class Trackers:
     def run_id(self) -> str | None:
         return self.wandb.run_id if self.wandb else None
 
+    def sync_command(self) -> str | None:
+        return self.wandb.sync_command() if self.wandb else None
+
     def start(self, mode: str, config: dict[str, Any], output_dir: Path, run_id: str | None,
               timeout: float) -> None:
         self._timeout = timeout
         if self.wandb:
             self.wandb.start(mode, config, output_dir, run_id, timeout)
         if self.tensorboard:
-            self.tensorboard.start(output_dir)
+            self.tensorboard.start(output_dir, config)
 
     def log(self, values: dict[str, Any]) -> None:
         for tracker in (self.wandb, self.tensorboard):
