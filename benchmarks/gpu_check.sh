@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check of issue #18, in one call on a machine with a CUDA GPU (about 8 minutes at most):
+# The GPU check, in one call on a machine with a CUDA GPU (about 9 minutes at most):
 #
 #     bash benchmarks/gpu_check.sh "$OUT"      # OUT: where everything goes (default: $OUT, else ./gpu-check)
 #
@@ -8,8 +8,11 @@
 # 2. gpu tests `python -m pytest -m gpu` (tests/test_gpu.py), 4 workers when pytest-xdist is there
 # 3. benchmark benchmarks/gpu_check.py: images/s eager, --compile and --cuda-graphs at batch 128 and at the
 #              batch that fills the GPU, the bf16 and fp32 matrix-product rates at the step's shapes, peak memory
-# Each part has its own time limit and runs whatever the others did. Files written to OUT (7, one level):
-#   check.log (everything), environment.txt, pytest.txt, pytest.xml, bench.json, bench.txt, summary.txt
+# 4. conv      the paper's CelebA recipe (--preset celeba64: conv networks at full width, 64×64 colour, batch 64)
+#              on 1,000 synthetic CelebA-sized PNGs: 300 steps each eager, --cuda-graphs and --compile, bf16;
+#              the last images/s line of each (the data path and the GPU step together)
+# Each part has its own time limit and runs whatever the others did. Files written to OUT (one level):
+#   check.log (everything), environment.txt, pytest.txt, pytest.xml, bench.json, bench.txt, conv-*.txt, summary.txt
 # The summary (what passed or failed, every figure) is printed at the end and kept in summary.txt.
 set -u
 OUT_DIR=${1:-${OUT:-$PWD/gpu-check}}
@@ -19,8 +22,9 @@ cd "$(dirname "$0")/.." || exit 2
 REPO=$PWD
 PYTHON=${PYTHON:-python3}
 SETUP_S=${SETUP_S:-30}
-TESTS_S=${TESTS_S:-230}
-BENCH_S=${BENCH_S:-190}
+TESTS_S=${TESTS_S:-210}
+BENCH_S=${BENCH_S:-170}
+CONV_S=${CONV_S:-45}  # per conv run
 exec > >(tee -a "$OUT_DIR/check.log") 2>&1
 export WANDB_MODE=disabled PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 unset ACCELERATE_USE_CPU
@@ -67,6 +71,22 @@ timeout -k 10 "$BENCH_S" "$PYTHON" benchmarks/gpu_check.py "$OUT_DIR/bench.json"
 bench_rc=$?
 tail -n 30 "$OUT_DIR/bench.txt"
 
+echo "== 4. conv 64x64 (celeba64, limit ${CONV_S} s a run)"
+images="$OUT_DIR/celeba-like"
+mkdir -p "$images"
+"$PYTHON" -c "import sys; from pathlib import Path; from benchmarks.conv_bench import synthetic_folder; \
+synthetic_folder(Path(sys.argv[1]), 1000)" "$images" >/dev/null 2>&1
+for mode in eager cuda-graphs compile; do
+    flags=()
+    [ "$mode" = eager ] || flags=("--$mode")
+    timeout -k 10 "$CONV_S" "$PYTHON" -m vaegan_dist.train --preset celeba64 --data-dir "$images" --max-steps 300 \
+        --log-every 50 --eval-samples 0 --mixed-precision bf16 --wandb disabled --resume none \
+        --output-dir "$OUT_DIR/conv-run-$mode" "${flags[@]}" >"$OUT_DIR/conv-$mode.txt" 2>&1
+    echo "conv $mode: exit $?, $(grep -o '[0-9]* img/s' "$OUT_DIR/conv-$mode.txt" | tail -n 1)" | tee -a "$OUT_DIR/conv.txt"
+    rm -rf "$OUT_DIR/conv-run-$mode"
+done
+rm -rf "$images"
+
 echo "== summary"
 "$PYTHON" - "$OUT_DIR" "$tests_rc" "$bench_rc" "$(( $(date +%s) - started ))" "$setup" <<'EOF' | tee "$OUT_DIR/summary.txt"
 import json, re, sys
@@ -82,6 +102,8 @@ print(f"gpu tests: exit {tests_rc}{timed_out.get(tests_rc, '')}: {counts[-1] if 
 for line in text.splitlines():
     if line.startswith(("PASSED", "FAILED", "ERROR", "SKIPPED")):
         print("  " + line[:200])
+for line in (out / "conv.txt").read_text().splitlines() if (out / "conv.txt").exists() else ["conv: no result"]:
+    print(line)
 print(f"benchmark: exit {bench_rc}{timed_out.get(bench_rc, '')}")
 try:
     bench = json.loads((out / "bench.json").read_text())

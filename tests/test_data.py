@@ -31,7 +31,7 @@ def labels_dir(tmp_path):
 
 def read_labels(folder):
     name = "t10k-labels-idx1-ubyte"
-    return data.read_idx(data.locate(folder, name), name)
+    return data.read_idx(data.locate(folder, name), data.MNIST_MD5[name])
 
 
 def test_uncompressed_files_and_torchvision_layout_are_found(labels_dir, tmp_path_factory):

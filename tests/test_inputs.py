@@ -15,12 +15,13 @@ from pathlib import Path
 import pytest
 from accelerate import Accelerator
 
-from tests.conftest import REPO, tiny_config
+from tests.conftest import REPO, tiny_config, tiny_flags
 from vaegan_dist.checkpoint import output_paths as guard
 from vaegan_dist.checkpoint.layout import checkpoints_dir
 from vaegan_dist.checkpoint.reading import newest_complete, verify
 from vaegan_dist.cli.train import parse_args
 from vaegan_dist.config import ConfigError, TrainConfig
+from vaegan_dist.exits import EXIT_BAD_INPUT
 from vaegan_dist.training.loop import train
 
 
@@ -342,3 +343,53 @@ def test_the_usage_line_names_the_command_that_runs():
     result = subprocess.run([str(Path(sys.executable).parent / "vaegan-train"), "--help"], capture_output=True,
                             text=True, timeout=60)
     assert result.stdout.startswith("usage: vaegan-train "), result.stdout[:200]
+
+
+# ------------------------------------------------------------------------- reading checkpoints verifies them
+
+def damaged_copies(checkpoint, tmp_path):
+    """A copy with one flipped byte in the decoder, and one without its COMPLETE marker (a half-written save)."""
+    import shutil
+
+    flipped = shutil.copytree(checkpoint, tmp_path / "flipped")
+    data = bytearray((flipped / "decoder.safetensors").read_bytes())
+    data[-5] ^= 0xFF
+    (flipped / "decoder.safetensors").write_bytes(bytes(data))
+    unsealed = shutil.copytree(checkpoint, tmp_path / "unsealed")
+    (unsealed / "COMPLETE").unlink()
+    return {"flipped": (flipped, "decoder.safetensors does not match its SHA-256"),
+            "unsealed": (unsealed, "it has no COMPLETE marker")}
+
+
+@pytest.mark.parametrize("damage", ["flipped", "unsealed"])
+def test_sample_export_and_from_pretrained_refuse_a_checkpoint_that_fails_verification(checkpoint, tmp_path, capfd,
+                                                                                         damage):
+    from vaegan_dist import VAEGAN
+
+    path, problem = damaged_copies(checkpoint, tmp_path)[damage]
+    for module, args in (("vaegan_dist.cli.sample", [path, "--out", tmp_path / "s.png"]),
+                         ("vaegan_dist.cli.export", [path, tmp_path / "export"])):
+        assert_one_line_error(main_of(module, *args, capfd=capfd), EXIT_BAD_INPUT,
+                              f"{path} is not a usable checkpoint: {problem}")
+    assert not (tmp_path / "s.png").exists() and not (tmp_path / "export").exists()
+    with pytest.raises(RuntimeError, match=f"is not a usable checkpoint: {problem}"):
+        VAEGAN.from_pretrained(path)
+
+
+def test_a_fallback_to_an_older_checkpoint_is_said(run_dir, tmp_path, capfd):
+    import shutil
+
+    run = shutil.copytree(run_dir, tmp_path / "run", ignore=shutil.ignore_patterns(".lock"))
+    newest = newest_complete(checkpoints_dir(run), report=pytest.fail)
+    (newest / "COMPLETE").write_text("{}")
+    importlib.import_module("vaegan_dist.cli.sample").main([str(run), "--out", str(tmp_path / "s.png")])
+    assert (tmp_path / "s.png").exists()
+    assert f"warning: skipping checkpoint {newest}: its COMPLETE marker" in capfd.readouterr().err
+
+
+def test_networks_too_big_for_memory_and_absurd_sample_counts_are_one_line(exported, tmp_path, capfd):
+    result = main_of("vaegan_dist.cli.train", *tiny_flags(hidden_dim=10**12, output_dir=tmp_path / "run"), capfd=capfd)
+    assert_one_line_error(result, EXIT_BAD_INPUT, "the networks do not fit in memory", "lower --hidden-dim")
+    result = main_of("vaegan_dist.cli.sample", exported, "--count", "1000000000", "--out", tmp_path / "s.npy",
+                     capfd=capfd)
+    assert_one_line_error(result, EXIT_BAD_INPUT, "--count must be from 1 to 100,000")

@@ -78,6 +78,33 @@ def test_a_requeued_slurm_job_takes_its_own_lock_back(tmp_path, monkeypatch):
     assert not (tmp_path / run_lock.LOCK_FILE).exists()
 
 
+@pytest.mark.parametrize("kind", ["torn", "own pid"])
+def test_a_torn_lock_or_one_naming_this_process_is_judged_by_its_age(tmp_path, kind):
+    """A full disk leaves an empty lock; a restarted container reuses the pid a lock names: neither is a run."""
+    if kind == "torn":
+        tmp_path.joinpath(run_lock.LOCK_FILE).write_text("")
+        found = "holds a lock that cannot be read"
+    else:
+        write_lock(tmp_path, host=run_lock.socket.gethostname(), pid=os.getpid(), started="before the restart")
+        found = "holds a lock naming this very process"
+    with pytest.raises(LockHeld, match=rf"{found} .*last touched 0 s ago: it is taken over once 300 s pass"):
+        OutputLock(tmp_path).acquire()
+    stale = time.time() - run_lock.STALE_AFTER_S - 1
+    os.utime(tmp_path / run_lock.LOCK_FILE, (stale, stale))
+    lock = OutputLock(tmp_path)
+    lock.acquire()
+    lock.release()
+    assert not (tmp_path / run_lock.LOCK_FILE).exists()
+
+
+def test_a_lock_torn_by_its_own_run_is_released(tmp_path):
+    lock = OutputLock(tmp_path)
+    lock.acquire()
+    lock.path.write_text("")  # the disk filled up under the holder
+    lock.release()
+    assert not lock.path.exists()
+
+
 def test_the_lock_is_touched_while_held(tmp_path, monkeypatch):
     monkeypatch.setattr(run_lock, "HEARTBEAT_S", 0.05)
     lock = OutputLock(tmp_path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -115,3 +116,35 @@ def test_ctrl_c_under_accelerate_launch_saves_on_every_process(tmp_path):
     assert "stopped by SIGINT" in output, output[-3000:]  # (the launcher then reports its own SignalException)
     checkpoint = final_checkpoint(out)
     assert checkpoint.state["world_size"] == 2 and checkpoint.state["position"]["step"] > 0
+
+
+def test_a_repeated_sigterm_keeps_the_first_ones_exit_code():
+    """SLURM's SIGTERM and the launcher's forwarded one arrive close together: the second may land after the save,
+    when the watch is over, and must not turn exit 75 into 143 (killed)."""
+    script = ("import os, signal, sys\n"
+              "from vaegan_dist.training.preemption import PreemptionWatch\n"
+              "with PreemptionWatch(print) as watch:\n"
+              "    os.kill(os.getpid(), signal.SIGTERM)\n"
+              "assert watch.received == signal.SIGTERM\n"
+              "os.kill(os.getpid(), signal.SIGTERM)  # after the watch: the save is done, the exit is under way\n"
+              "sys.exit(75)\n")
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, timeout=60, capture_output=True, text=True)
+    assert result.returncode == 75, result.stderr
+
+
+def test_a_closed_stdout_costs_no_save(tmp_path):
+    """`train.py ... | tee log` and Ctrl-C: the terminal's Ctrl-C ends tee too. Here the reader closes the pipe
+    after the first lines; the run prints on, finishes, checkpoints and exits 0."""
+    out = tmp_path / "run"
+    command, env = launch_command(tiny_flags(max_steps=30, log_every=1, output_dir=out))
+    run = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        while b"step " not in run.stdout.readline():
+            pass
+        run.stdout.close()  # the reader is gone
+        _, err = run.communicate(timeout=180)
+    finally:
+        run.kill()
+    assert run.returncode == 0, err.decode()[-3000:]
+    assert (checkpoints_dir(out) / "step_0000030" / "COMPLETE").is_file()
+    assert b"Traceback" not in err and b"BrokenPipe" not in err

@@ -21,7 +21,7 @@ from vaegan_dist.config import ConfigError
 from vaegan_dist.data import mnist as data
 from vaegan_dist.data.mnist import DataError
 from vaegan_dist.exits import Ending
-from vaegan_dist.model.networks import PerNetwork, build_models
+from vaegan_dist.model.networks import build_models
 from vaegan_dist.training.loop import train
 from vaegan_dist.training.metrics import MetricWindow, discriminator_collapsed
 from vaegan_dist.training.state import Position, TrainState
@@ -93,23 +93,38 @@ def test_on_save_error_continue_warns_and_keeps_training(accelerator, tmp_path, 
     assert sorted(p.name for p in checkpoints_dir(tmp_path).glob("step_*")) == ["step_0000003"]
 
 
-def test_steps_that_keep_failing_end_the_run_with_its_last_good_weights(accelerator, tmp_path, capsys, monkeypatch):
-    """Every batch holds a NaN, so every step is skipped (skipped_steps); --max-consecutive-skips of them end the run
-    with exit code 4, and the checkpoint holds the initial weights, finite."""
+def test_a_diverged_run_names_a_checkpoint_from_before_it_keeps_it_and_saves_no_bad_one(accelerator, tmp_path,
+                                                                                       capsys, monkeypatch):
+    """From step 4 every batch holds a NaN, so every step is skipped; --max-consecutive-skips 3 of them end the run
+    with exit code 4. No checkpoint holds the weights they kept (step 3's; none at step 4 or 6 either); step 2's is
+    linked as last_good and survives the pruning of later runs; resumed from it (the data fine again), it trains."""
     import vaegan_dist.training.loop as loop
 
-    monkeypatch.setattr(loop, "images_to_pixels", lambda batch: torch.full(batch.shape, math.nan))
-    assert run(accelerator, tmp_path, max_consecutive_skips=3, log_every=1) == Ending.DIVERGED == 4
-    assert ("error: the run diverged: 3 steps in a row were skipped (non-finite losses or gradients)"
-            in capsys.readouterr().err)
+    calls = {"n": 0}
+    real = loop.images_to_pixels
+
+    def nan_from_step_4(batch):
+        calls["n"] += 1
+        pixels = real(batch)
+        return torch.full_like(pixels, math.nan) if calls["n"] >= 4 else pixels
+
+    monkeypatch.setattr(loop, "images_to_pixels", nan_from_step_4)
+    assert run(accelerator, tmp_path, max_consecutive_skips=3, log_every=1, save_every=2,
+               keep_last=1) == Ending.DIVERGED == 4
+    err = capsys.readouterr().err
+    good = checkpoints_dir(tmp_path) / "step_0000002"
+    assert ("error: the run diverged: the 3 steps from step 4 on were all skipped (non-finite losses or gradients) "
+            f"with the weights of step 3, of which no checkpoint is written. {good} is kept as checkpoints/last_good, "
+            f"safe from pruning: resume from it with a lower --lr (or --gamma): --resume {good} --lr") in err
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [(r["step"], r["skipped_steps"]) for r in records] == [(1, 1), (2, 2), (3, 3)]
-    checkpoint = final_checkpoint(tmp_path)
-    assert checkpoint.state["skipped_steps"] == 3 and checkpoint.state["position"]["step"] == 3
-    torch.manual_seed(tiny_config().seed)  # the trainer's initial weights
-    for name, network in zip(PerNetwork._fields, build_models(tiny_config()), strict=True):
-        saved = checkpoint.network(name)
-        assert all(torch.equal(saved[key], value) for key, value in network.state_dict().items()), name
+    assert [(r["step"], r["skipped_steps"]) for r in records] == [(1, 0), (2, 0), (3, 0), (4, 1), (5, 2), (6, 3)]
+    assert sorted(p.name for p in checkpoints_dir(tmp_path).glob("step_*")) == ["step_0000002"]
+    assert (checkpoints_dir(tmp_path) / "last_good").resolve() == good.resolve()
+    monkeypatch.setattr(loop, "images_to_pixels", real)
+    last_good = checkpoints_dir(tmp_path) / "last_good"  # the link itself, as --resume takes it
+    assert run(accelerator, tmp_path, resume=str(last_good), lr=1e-4, max_steps=6, save_every=2, keep_last=1) == 0
+    assert sorted(p.name for p in checkpoints_dir(tmp_path).glob("step_*")) == ["step_0000002", "step_0000006"]
+    assert final_checkpoint(tmp_path).state["skipped_steps"] == 0  # the resumed branch skipped none
 
 
 def test_weights_that_are_not_finite_are_never_checkpointed(accelerator, tmp_path):

@@ -79,7 +79,7 @@ def test_interpolate_walks_from_one_reconstruction_to_another(exported, tmp_path
 @pytest.mark.parametrize(("flags", "message"), [
     (["--out", "x.gif"], "--mode samples writes .png or .npy files, not .gif"),
     (["--out", "x.jpg", "--mode", "interpolate"], "--mode interpolate writes .png, .npy or .gif files, not .jpg"),
-    (["--out", "x.png", "--count", "0"], "--count must be at least 1"),
+    (["--out", "x.png", "--count", "0"], "--count must be from 1 to 100,000"),
     (["--out", "x.png", "--mode", "interpolate", "--count", "6000"], "--count 6000 needs 12000 distinct test images"),
 ])
 def test_bad_requests_exit_2_with_one_line(exported, tmp_path, capsys, flags, message):

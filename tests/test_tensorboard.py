@@ -47,6 +47,20 @@ def test_records_are_scalars_against_step_and_grids_are_images(tmp_path):
     assert (recon.width, recon.height) == (30, 20)
 
 
+def test_a_resumed_run_hides_what_the_crashed_job_logged_past_its_checkpoint(tmp_path):
+    """The first job logs steps 1-10 and crashes; its checkpoint was at step 6: the resumed job logs 7-10 again,
+    and TensorBoard shows each step once, the resumed job's values."""
+    for start, steps, value in ((0, range(1, 11), 1.0), (6, range(7, 11), 2.0)):
+        tracker = TensorBoardTracker(print)
+        tracker.start(tmp_path, {"latent_dim": 4}, start)
+        for step in steps:
+            tracker.log({"step": step, "train/enc_loss": value})
+        tracker.finish()
+        time.sleep(1.1)  # event files are named by the second they were opened in
+    scalars = events(tmp_path / TENSORBOARD_DIR).Scalars("train/enc_loss")
+    assert [(e.step, e.value) for e in scalars] == [(s, 1.0) for s in range(1, 7)] + [(s, 2.0) for s in range(7, 11)]
+
+
 def test_a_full_disk_is_one_warning_and_logging_stops_without_raising(tmp_path, monkeypatch):
     from torch.utils.tensorboard import SummaryWriter
 

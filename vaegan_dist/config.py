@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 Architecture = Literal["mlp", "conv"]
-Dataset = Literal["mnist", "folder"]
+Dataset = Literal["mnist", "fashion_mnist", "cifar10", "folder"]
 Similarity = Literal["logit", "hidden"]
 GeneratorLoss = Literal["minimax", "non_saturating"]
 MixedPrecision = Literal["no", "bf16", "fp16"]
@@ -26,6 +26,8 @@ GradientAllreduce = Literal["fp32", "bf16"]
 MIN_EVAL_SAMPLES = 4  # precision and recall need k + 1 = 4 samples
 MAX_EVAL_SAMPLES = 60_000  # the floor uses as many training images, and MNIST has 60000
 MNIST_SIZE = 28
+# The data sets of one image shape, (channels, side), read from their files as torchvision keeps them (--data-dir).
+FIXED_SHAPES = {"mnist": (1, 28), "fashion_mnist": (1, 28), "cifar10": (3, 32)}
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 1024
 MAX_SEED = 2**32 - 1  # numpy's seeds (accelerate's set_seed seeds numpy too) are 32-bit
 MAX_CPU_THREADS = 1024  # far beyond any useful count; 100000 threads make the process fail to load libraries
@@ -102,14 +104,15 @@ class TrainConfig:
     seed: int = setting(0, "seeds the initial weights, the data order and the noise")
     mixed_precision: MixedPrecision | None = setting(None, "no, bf16 or fp16 (none: what accelerate launch was "
                                                      "told, else no)")
-    dataset: Dataset = setting("mnist", "mnist: the bundled MNIST, or the four IDX files in --data-dir; folder: every "
-                               "PNG and JPEG image under --data-dir, at any depth")
+    dataset: Dataset = setting("mnist", "mnist: the bundled MNIST, or the four IDX files in --data-dir; "
+                               "fashion_mnist, cifar10: their files in --data-dir, as torchvision keeps them; folder: "
+                               "every PNG and JPEG image under --data-dir, at any depth")
     data_dir: str | None = setting(None, "mnist: a directory with the four IDX files (none: the bundled copy); "
-                                   "folder: the image folder")
-    image_size: int | None = setting(None, "side of the square images the networks take (none: MNIST's 28); a "
-                                     "folder's images are centre-cropped to squares and resized to it")
-    channels: int | None = setting(None, "1 (grey) or 3 (colour) (none: the data's own: 1 for MNIST, 3 for a "
-                                   "folder)")
+                                   "fashion_mnist, cifar10: where their files are; folder: the image folder")
+    image_size: int | None = setting(None, "side of the square images the networks take (none: the data set's, "
+                                     "28 or CIFAR's 32); a folder's images are centre-cropped and resized to it")
+    channels: int | None = setting(None, "1 (grey) or 3 (colour) (none: the data's own: 1 for MNIST and "
+                                   "Fashion-MNIST, 3 for CIFAR-10 and a folder)")
     # Outputs, checkpoints and resuming
     output_dir: str = setting("outputs", "where everything goes")
     log_every: int = setting(50, "steps between records in metrics.jsonl, W&B and the console")
@@ -137,8 +140,8 @@ class TrainConfig:
     eval_every_images: int | None = setting(None, "training images (over all processes) between evaluations, "
                                             "instead of --eval-every: runs of other batch sizes evaluate at the "
                                             "same images (sweeps)")
-    keep_best: bool = setting(False, "keep the checkpoint of the best evaluation (lowest eval/fid; a folder's "
-                              "run: eval/recon_mse) as checkpoints/best, beside latest and safe from pruning")
+    keep_best: bool = setting(False, "keep the checkpoint of the best evaluation (lowest eval/fid on MNIST, "
+                              "eval/recon_mse on other images) as checkpoints/best, safe from pruning")
     eval_samples: int = setting(10_000, "samples per evaluation (0: no evaluation)")
     wandb: WandbMode = setting("auto", "W&B mode; auto: online when an API key is configured, else offline")
     wandb_timeout: float = setting(30.0, "seconds W&B may take to start and to finish a run")
@@ -196,11 +199,11 @@ class TrainConfig:
         _require("image_size", self.image_size is None or MIN_IMAGE_SIZE <= self.image_size <= MAX_IMAGE_SIZE,
                  f"must be from {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE} (or none)")
         _require("channels", self.channels in (None, 1, 3), "must be 1, 3 or none")
-        if self.dataset == "mnist":
-            _require("image_size", self.image_size in (None, 28), "must be 28 (or none) for MNIST")
-            _require("channels", self.channels in (None, 1), "must be 1 (or none) for MNIST")
-        else:
-            _require("data_dir", self.data_dir is not None, f"must name the image folder for --dataset {self.dataset}")
+        if self.dataset in FIXED_SHAPES:
+            channels, side = FIXED_SHAPES[self.dataset]
+            _require("image_size", self.image_size in (None, side), f"must be {side} (or none) for {self.dataset}")
+            _require("channels", self.channels in (None, channels), f"must be {channels} (or none) for {self.dataset}")
+        else:  # (data_dir is checked where the images are read: an export's config names no path)
             _require("image_size", self.image_size is not None, f"must be given for --dataset {self.dataset}: the side "
                      "its images are cropped and resized to (e.g. 64)")
         _require("batch_size", self.architecture != "conv" or self.batch_size >= 2,
@@ -287,9 +290,10 @@ FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(TrainConfig))
 
 
 def image_shape_of(dataset: str, image_size: int | None, channels: int | None) -> tuple[int, int, int]:
-    """(channels, side, side): the settings, else MNIST's 1×28×28 (a folder's images have 3 channels unless told)."""
-    side = image_size or MNIST_SIZE
-    return (channels or (1 if dataset == "mnist" else 3), side, side)
+    """(channels, side, side): the settings, else the data set's (a folder's: 3 channels, MNIST's side)."""
+    own_channels, own_side = FIXED_SHAPES.get(dataset, (3, MNIST_SIZE))
+    side = image_size or own_side
+    return (channels or own_channels, side, side)
 
 
 def _require(key: str, ok: bool, problem: str) -> None:

@@ -60,7 +60,7 @@ def _state_problem(state: Any, directory: str) -> str | None:
         if not isinstance(state[key], kind) or isinstance(state[key], bool):
             return f"state.json's {key!r} is {state[key]!r}, not {kind.__name__}"
     for key, kinds in (("wandb_run_id", (str, type(None))), ("scaler", (dict, type(None))),
-                       ("best", (dict, type(None)))):
+                       ("best", (dict, type(None))), ("branch_from", (str, type(None)))):
         if not isinstance(state.get(key), kinds):
             return f"state.json's {key!r} is {state[key]!r}"
     position = state["position"]

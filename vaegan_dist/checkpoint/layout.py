@@ -18,6 +18,8 @@ Layout under <output_dir>/checkpoints/:
     latest                          one line: the name of the newest complete checkpoint
     best                            --keep-best: a relative symbolic link to the checkpoint of the best evaluation,
                                     which pruning keeps
+    last_good                       after a divergence: a link to the newest checkpoint written before its first
+                                    skipped step, which pruning keeps
 
 No pickle anywhere: loading runs neither `pickle` nor `torch.load`, only safetensors and `json`.
 """
@@ -32,6 +34,7 @@ CHECKPOINTS = "checkpoints"
 MARKER = "COMPLETE"
 LATEST = "latest"
 BEST = "best"
+LAST_GOOD = "last_good"
 NAME_PATTERN = re.compile(r"^step_(\d+)$")
 STEP_DIR = re.compile(r"^(\.tmp-)?step_\d+$")  # a checkpoint, or one being written
 WEIGHTS = ("ema", "raw")  # which networks to read: their moving averages where a checkpoint has them, or the trained
@@ -43,6 +46,11 @@ class CheckpointError(RuntimeError):
 
 def checkpoint_name(step: int) -> str:
     return f"step_{step:07d}"
+
+
+def step_of(name: str) -> int:
+    """The step of a checkpoint named step_NNNNNNN."""
+    return int(NAME_PATTERN.match(name).group(1))
 
 
 def checkpoints_dir(output_dir: str | Path) -> Path:

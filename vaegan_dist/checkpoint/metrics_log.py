@@ -42,6 +42,13 @@ def read_records(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+def write_records(path: Path, records: list[dict[str, Any]]) -> None:
+    """The file holds these records, written atomically."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(record) + "\n" for record in records))
+    os.replace(tmp, path)
+
+
 class MetricsLog:
     """The run's metrics.jsonl, written by the main process only (`enabled`).
 
@@ -58,12 +65,8 @@ class MetricsLog:
     def resume_at(self, step: int) -> None:
         """Cuts the log back to the records of steps up to `step` (where the run resumes; 0 for a fresh start),
         dropping what a crashed run logged past its checkpoint and any torn last line."""
-        if not self.enabled or not self.path.exists():
-            return
-        kept = [json.dumps(record) + "\n" for record in read_records(self.path) if record["step"] <= step]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(kept))
-        os.replace(tmp, self.path)
+        if self.enabled and self.path.exists():
+            write_records(self.path, [record for record in read_records(self.path) if record["step"] <= step])
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:

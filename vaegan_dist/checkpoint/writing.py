@@ -22,14 +22,15 @@ from torch import Tensor
 
 from vaegan_dist.checkpoint.layout import (
     BEST,
+    LAST_GOOD,
     LATEST,
     MARKER,
-    NAME_PATTERN,
     CheckpointError,
     checkpoint_name,
     checkpoints_dir,
     file_sha256,
     numbered,
+    step_of,
 )
 from vaegan_dist.checkpoint.tensors import (
     cpu_state,
@@ -154,28 +155,37 @@ def _publish(tmp: Path, final: Path, config: TrainConfig) -> None:
 
 
 def prune(root: Path, keep_last: int, keep_every: int | None) -> None:
-    """Deletes complete checkpoints beyond the newest keep_last, except those at multiples of keep_every and the
-    one `best` names."""
+    """Deletes complete checkpoints beyond the newest keep_last, except those at multiples of keep_every and those
+    `best` and `last_good` link."""
     complete = [path for step, path in numbered(root) if (path / MARKER).is_file()]
-    best = best_checkpoint(root)
+    linked = {linked_checkpoint(root, name) for name in (BEST, LAST_GOOD)}
     for path in complete[:-keep_last]:
-        step = int(NAME_PATTERN.match(path.name).group(1))
-        if (keep_every is None or step % keep_every) and path.name != best:
+        if (keep_every is None or step_of(path.name) % keep_every) and path.name not in linked:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def best_checkpoint(root: Path) -> str | None:
-    """The name of the checkpoint `best` links to, if any."""
+def linked_checkpoint(root: Path, name: str) -> str | None:
+    """The name of the checkpoint the link `name` (best, last_good) points at, if any."""
     try:
-        return os.readlink(root / BEST)
+        return os.readlink(root / name)
     except OSError:
         return None
 
 
-def mark_best(checkpoint: Path) -> None:
-    """Points `best` at checkpoint (a relative symbolic link, replaced atomically)."""
-    temporary = checkpoint.parent / f"{BEST}.tmp"
+def link_checkpoint(checkpoint: Path, name: str) -> None:
+    """Points the link `name` beside the checkpoints at checkpoint (relative, replaced atomically)."""
+    temporary = checkpoint.parent / f"{name}.tmp"
     temporary.unlink(missing_ok=True)
     os.symlink(checkpoint.name, temporary)
-    os.replace(temporary, checkpoint.parent / BEST)
+    os.replace(temporary, checkpoint.parent / name)
     _fsync_dir(checkpoint.parent)
+
+
+def keep_last_good(root: Path, stuck_step: int) -> Path | None:
+    """Links `last_good` to the newest complete checkpoint from before step `stuck_step`, whose weights the skipped
+    steps of a divergence kept (they gave non-finite losses); pruning keeps it until a later divergence moves the
+    link. Raises OSError where the link cannot be made."""
+    before = [path for step, path in numbered(root) if step < stuck_step and (path / MARKER).is_file()]
+    if before:
+        link_checkpoint(before[-1], LAST_GOOD)
+    return before[-1] if before else None

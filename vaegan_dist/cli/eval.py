@@ -18,7 +18,8 @@ from vaegan_dist.config import MAX_EVAL_SAMPLES, MIN_EVAL_SAMPLES, TrainConfig
 from vaegan_dist.data.images import load_images
 from vaegan_dist.data.mnist import DataError
 from vaegan_dist.evaluation.classifier import NUM_CLASSES
-from vaegan_dist.evaluation.reconstruction import reconstruction_scores, squared_errors
+from vaegan_dist.evaluation.inception import FIDUnavailable, SampleFID, inception_fid
+from vaegan_dist.evaluation.reconstruction import HeldOut, evaluate_images
 from vaegan_dist.evaluation.scores import DEFAULT_SAMPLES, LATENT_ROWS, RECON_ROWS, SAMPLE_ROWS, Reference, evaluate
 from vaegan_dist.exits import fail
 from vaegan_dist.hub.network_files import ExportError, load_networks
@@ -57,23 +58,32 @@ def mnist_report(args: argparse.Namespace, config: TrainConfig, encoder: nn.Modu
 
 def images_report(args: argparse.Namespace, config: TrainConfig, encoder: nn.Module,
                   decoder: nn.Module) -> tuple[Table, dict]:
-    """A folder's run: the reconstruction error of up to --samples of its held-out images."""
+    """Other images than MNIST: the reconstruction error of up to --samples held-out images, and the FID of
+    --samples samples against all of them where Inception can be had."""
     (test_images,) = load_images(config, "test", data_dir=args.data_dir)
-    pixels = images_to_pixels(test_images[:args.samples]).to(args.device)
-    scores = reconstruction_scores(squared_errors(encoder, decoder, pixels))
-    table = Table(title=f"{args.directory}: {len(pixels)} held-out images")
+    held_out = HeldOut(images_to_pixels(test_images[:args.samples]).to(args.device))
+    try:
+        held_out.sample_fid = SampleFID(test_images, inception_fid(), args.device)
+    except FIDUnavailable as err:
+        Console(stderr=True).print(f"warning: {err}", markup=False)
+    seed = config.seed if args.seed is None else args.seed
+    scores = evaluate_images(None, encoder, decoder, held_out, args.samples, config.latent_dim, seed)
+    table = Table(title=f"{args.directory}: {min(args.samples, len(test_images))} held-out images")
     for column in ("metric", "model"):
         table.add_column(column)
     table.add_row("reconstruction MSE ↓", f"{scores['recon_mse']:.5f}")
     table.add_row("reconstruction PSNR ↑", f"{scores['recon_psnr']:.2f} dB")
-    return table, {"directory": str(args.directory), "num_images": len(pixels), "model": scores}
+    if "fid" in scores:
+        table.add_row(f"FID ↓ ({args.samples} samples, Inception)", f"{scores['fid']:.3f}")
+    return table, {"directory": str(args.directory), "num_images": min(args.samples, len(test_images)),
+                   "seed": seed, "model": scores}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(
         prog="vaegan-eval", description="Evaluate the networks in a checkpoint or export directory against the "
-        "MNIST test set with the shipped classifier (a folder's run: the reconstruction error of its held-out "
-        "images); prints a table and writes JSON.",
+        "MNIST test set with the shipped classifier (other images: the reconstruction error of the held-out images "
+        "and, with the fid extra, the Inception FID of samples); prints a table and writes JSON.",
         examples=["vaegan-eval pretrained", "vaegan-eval outputs --samples 2000 --seed 1 --out eval_seed1.json"])
     parser.add_argument("directory", type=Path, help="a checkpoint, an export (vaegan-export, pretrained/) or a "
                         "run's output directory (its newest checkpoint)")
@@ -84,8 +94,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("evaluation.json"), help="where to write the JSON")
     parser.add_argument("--device", type=device_flag, default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where the networks and the classifier run")
-    parser.add_argument("--data-dir", default=None, help="a run on a folder of images: the folder, where it is not "
-                        "where the run had it (default: where the run had it)")
+    parser.add_argument("--data-dir", default=None, help="a run on other images than the bundled MNIST: where they "
+                        "are (default: where the run had them; an export names none)")
     add_weights_flag(parser)
     args = parser.parse_args(argv)
     if args.samples < MIN_EVAL_SAMPLES:

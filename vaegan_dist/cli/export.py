@@ -9,7 +9,7 @@ from vaegan_dist.cli.args import ArgumentParser, add_weights_flag
 from vaegan_dist.exits import fail
 from vaegan_dist.hub.card import LICENSE, run_metrics
 from vaegan_dist.hub.model import export_networks
-from vaegan_dist.hub.network_files import ExportError, averages_in, averages_note, load_networks, network_directory
+from vaegan_dist.hub.network_files import ExportError, averages_in, averages_note, network_directory, read_networks
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -25,9 +25,9 @@ def main(argv: list[str] | None = None) -> None:
     add_weights_flag(parser)
     args = parser.parse_args(argv)
     try:
-        refuse_output(args.out, "the export directory", (args.source, network_directory(args.source)), directory=True)
-        config, encoder, decoder = load_networks(args.source, weights=args.weights)
         source = network_directory(args.source)
+        refuse_output(args.out, "the export directory", (args.source, source), directory=True)
+        config, encoder, decoder = read_networks(source, weights=args.weights)
         averaged = averages_note(averages_in(source, args.weights))
         card = {"license": args.license, "metrics": run_metrics(source),
                 "source": f"Exported by `vaegan-export` from `{source.name}`"

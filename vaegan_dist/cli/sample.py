@@ -6,8 +6,8 @@ Modes (--count N sets how many):
   interpolate  N walks (default 8) of --steps K points from μ(a) to μ(b) for pairs (a, b) of test images
   attribute    N test images without --attribute (default 8), each beside Dec(μ(x)) and Dec(μ(x) + v), v the
                mean code of the test images with the attribute minus that of those without (the paper's Figure 5):
-               on MNIST a digit (--attribute 3), on a folder a column of --labels FILE (CelebA's
-               list_attr_celeba.txt: --attribute Smiling)
+               on MNIST, Fashion-MNIST or CIFAR-10 a class (--attribute 3), on a folder a column of
+               --labels FILE (CelebA's list_attr_celeba.txt: --attribute Smiling)
 The test images (MNIST's, or the run's folder's held-out ones; --data-dir moves it) are a random choice seeded
 with --seed. The suffix of FILE picks the format:
   .png  a grid, 8 images a row (samples, reconstruct) or one walk a row (interpolate)
@@ -44,6 +44,7 @@ MODES = {"samples": 64, "reconstruct": 32, "interpolate": 8, "attribute": 8}  # 
 FORMATS = {"samples": (".png", ".npy"), "reconstruct": (".png", ".npy"), "interpolate": (".png", ".npy", ".gif"),
            "attribute": (".png", ".npy")}
 GRID_ROW = 8
+MAX_COUNT, MAX_STEPS = 100_000, 1_000  # a .npy of 100,000 MNIST samples is 78 MB; of CelebA 64×64 crops, 1.2 GB
 FRAME_MS = 120
 
 
@@ -127,8 +128,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="where the networks run")
     parser.add_argument("--data-dir", default=None, help="the run's images, where they are not where the run had "
                         "them (MNIST: its IDX files; a folder) (default: the run's own, or the bundled MNIST)")
-    parser.add_argument("--attribute", default=None, help="attribute mode: a digit on MNIST, a --labels column else "
-                        "(default: none)")
+    parser.add_argument("--attribute", default=None, help="attribute mode: a class (0-9) of a labelled data set, "
+                        "a --labels column else (default: none)")
     parser.add_argument("--labels", type=Path, default=None, help="attribute mode on a folder: CelebA's "
                         "list_attr_celeba.txt, or a file like it (default: none)")
     add_weights_flag(parser)
@@ -138,8 +139,9 @@ def main(argv: list[str] | None = None) -> None:
         *others, last = FORMATS[args.mode]
         fail(f"--mode {args.mode} writes {', '.join(others)} or {last} files, not "
              f"{args.out.suffix or 'a file without suffix'}: change the suffix of --out")
-    if count < 1 or args.steps < 2:
-        fail("--count must be at least 1 and --steps at least 2")
+    if not 1 <= count <= MAX_COUNT or not 2 <= args.steps <= MAX_STEPS:
+        fail(f"--count must be from 1 to {MAX_COUNT:,} and --steps from 2 to {MAX_STEPS:,} (more than that does not "
+             "fit a file or memory: run the command several times with other --seed values)")
     if (args.mode == "attribute") != (args.attribute is not None):
         fail("--attribute goes with --mode attribute, which needs it: a digit on MNIST, a --labels column else")
     try:

@@ -12,7 +12,8 @@ from torch import Tensor
 
 from vaegan_dist.config import TrainConfig
 from vaegan_dist.data.folder import split_files
-from vaegan_dist.data.mnist import DataError, load_mnist
+from vaegan_dist.data.images import DATA_NAMES, LABELLED, images_dir, load_labelled
+from vaegan_dist.data.mnist import DataError
 
 
 def read_attribute_file(path: Path) -> tuple[list[str], dict[str, list[int]]]:
@@ -39,10 +40,11 @@ def read_attribute_file(path: Path) -> tuple[list[str], dict[str, list[int]]]:
 def has_attribute(config: TrainConfig, attribute: str, labels_file: Path | None = None,
                   data_dir: str | None = None) -> Tensor:
     """For each test image of config's data set (load_images' order), whether it has the attribute: bool (N,)."""
-    if config.dataset == "mnist":
-        if attribute not in [str(digit) for digit in range(10)]:
-            raise DataError(f"attribute {attribute!r}: on MNIST an attribute is a digit, 0 to 9")
-        return load_mnist(data_dir or config.data_dir, "test")[1] == int(attribute)
+    if config.dataset in LABELLED:
+        if attribute not in [str(label) for label in range(10)]:
+            kind = "a digit" if config.dataset == "mnist" else "a class"
+            raise DataError(f"attribute {attribute!r}: on {DATA_NAMES[config.dataset]} an attribute is {kind}, 0 to 9")
+        return load_labelled(config.dataset, images_dir(config, data_dir), "test")[1] == int(attribute)
     if labels_file is None:
         raise DataError("an attribute of a folder's images needs --labels FILE (CelebA's list_attr_celeba.txt)")
     names, table = read_attribute_file(labels_file)
@@ -51,7 +53,7 @@ def has_attribute(config: TrainConfig, attribute: str, labels_file: Path | None 
         hint = f"; did you mean {' or '.join(close)}?" if close else f": {labels_file} has {', '.join(names)}"
         raise DataError(f"attribute {attribute!r} is not in {labels_file}{hint}")
     column = names.index(attribute)
-    files = split_files(data_dir or config.data_dir, "test")
+    files = split_files(images_dir(config, data_dir), "test")
     if missing := [file.name for file in files if file.name not in table]:
         raise DataError(f"{labels_file} has no line for {missing[0]} (and {len(missing) - 1} more test images)")
     return torch.tensor([table[file.name][column] > 0 for file in files])

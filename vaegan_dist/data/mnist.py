@@ -1,4 +1,6 @@
-"""MNIST from its four IDX files (bundled with the package, or a user's), checked against the published MD5s."""
+"""MNIST and Fashion-MNIST from their four IDX files: MNIST's bundled with the package or a user's (checked against
+the published MD5s), Fashion-MNIST's a user's (checked against their headers and sizes), in --data-dir or in
+torchvision's layout under it (MNIST/raw, FashionMNIST/raw)."""
 
 from __future__ import annotations
 
@@ -27,9 +29,9 @@ class DataError(RuntimeError):
     """Images cannot be loaded (MNIST's files, a folder's). The message names the file and the fix."""
 
 
-def _find(data_dir: Path, name: str) -> Path | None:
-    """The file `name` or `name.gz` in data_dir, or in torchvision's layout under it (MNIST/raw)."""
-    for folder in (data_dir, data_dir / "MNIST" / "raw"):
+def _find(folders: tuple[Path, ...], name: str) -> Path | None:
+    """The file `name` or `name.gz` in the first of the folders that holds it."""
+    for folder in folders:
         for candidate in (folder / name, folder / f"{name}.gz"):
             if candidate.is_file():
                 return candidate
@@ -47,7 +49,7 @@ def _download(data_dir: Path) -> None:
 def locate(data_dir: str | Path | None, name: str) -> Path:
     """The path of one MNIST file, downloading all four into a user's data_dir if they are missing."""
     folder = BUNDLED_DIR if data_dir is None else Path(data_dir)
-    path = _find(folder, name)
+    path = _find((folder, folder / "MNIST" / "raw"), name)  # or in torchvision's layout under it
     if path is not None:
         return path
     if folder == BUNDLED_DIR:
@@ -60,38 +62,63 @@ def locate(data_dir: str | Path | None, name: str) -> Path:
         raise DataError(f"MNIST file {name} not found in {folder}, and downloading it failed ({reason}). "
                         "Copy the four MNIST IDX files (.gz or not) there, or leave out --data-dir to use "
                         "the copy bundled with vaegan-dist.") from None
-    path = _find(folder, name)
+    path = _find((folder, folder / "MNIST" / "raw"), name)
     if path is None:
         raise DataError(f"MNIST file {name} is still missing from {folder} after downloading it")
     return path
 
 
-def read_idx(path: Path, name: str) -> Tensor:
-    """The uint8 array in an IDX file (gzipped or not), after checking its header and MD5."""
+def locate_fashion(data_dir: str | Path, name: str) -> Path:
+    """The path of one Fashion-MNIST file in data_dir (never downloaded unasked)."""
+    path = _find((Path(data_dir) / "FashionMNIST" / "raw", Path(data_dir)), name)  # torchvision's layout first
+    if path is None:
+        raise DataError(f"Fashion-MNIST file {name} (.gz or not) is not in {data_dir} nor in "
+                        f"{Path(data_dir) / 'FashionMNIST' / 'raw'}: download it once with python -c \"from "
+                        f"torchvision.datasets import FashionMNIST; FashionMNIST('{data_dir}', download=True)\"")
+    return path
+
+
+def read_idx(path: Path, md5: str | None, what: str = "MNIST") -> Tensor:
+    """The uint8 array in an IDX file (gzipped or not), after checking its header, its size and, given one, its
+    MD5."""
     try:
         raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
     except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as err:  # zlib: damage inside the compressed data
-        raise DataError(f"cannot read MNIST file {path} ({err}): it is truncated or damaged; "
+        raise DataError(f"cannot read {what} file {path} ({err}): it is truncated or damaged; "
                         "replace it with a fresh copy") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != IDX_UBYTE:
-        raise DataError(f"MNIST file {path} has no unsigned-byte IDX header: replace it with a fresh copy")
+        raise DataError(f"{what} file {path} has no unsigned-byte IDX header: replace it with a fresh copy")
     ndim = raw[3]
     header = 4 + 4 * ndim
     shape = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
     if len(raw) != header + torch.Size(shape).numel():
-        raise DataError(f"MNIST file {path}: its IDX header promises shape {shape}, which does not match "
+        raise DataError(f"{what} file {path}: its IDX header promises shape {shape}, which does not match "
                         f"its {len(raw)} bytes; replace it with a fresh copy")
     digest = hashlib.md5(raw).hexdigest()
-    if digest != MNIST_MD5[name]:
-        raise DataError(f"MNIST file {path} is corrupt: its contents have MD5 {digest}, not the published "
-                        f"{MNIST_MD5[name]}; replace it with a fresh copy")
+    if md5 is not None and digest != md5:
+        raise DataError(f"{what} file {path} is corrupt: its contents have MD5 {digest}, not the published "
+                        f"{md5}; replace it with a fresh copy")
+    if md5 is None and digest in MNIST_MD5.values():  # the same names as MNIST's files: easily mixed up
+        raise DataError(f"{what} file {path} is MNIST's, not {what}'s: put {what}'s files there")
     return torch.frombuffer(bytearray(raw[header:]), dtype=torch.uint8).reshape(shape)
+
+
+def idx_names(split: str) -> list[str]:
+    """The names of a split's image and label files (MNIST's and Fashion-MNIST's alike)."""
+    return [f"{SPLIT_PREFIX[split]}-{kind}-idx{rank}-ubyte" for kind, rank in (("images", 3), ("labels", 1))]
 
 
 def load_mnist(data_dir: str | Path | None, split: str) -> tuple[Tensor, Tensor]:
     """(images (N, 28, 28) uint8, labels (N,) uint8) of 'train' (60k) or 'test' (10k)."""
-    prefix = SPLIT_PREFIX[split]
-    images_name, labels_name = f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"
-    images = read_idx(locate(data_dir, images_name), images_name)
-    labels = read_idx(locate(data_dir, labels_name), labels_name)
+    images, labels = (read_idx(locate(data_dir, name), MNIST_MD5[name]) for name in idx_names(split))
+    return images, labels
+
+
+def load_fashion_mnist(data_dir: str | Path, split: str) -> tuple[Tensor, Tensor]:
+    """Fashion-MNIST's (images (N, 28, 28) uint8, labels (N,) uint8) of 'train' (60k) or 'test' (10k): the same
+    file names and format as MNIST's."""
+    images, labels = (read_idx(locate_fashion(data_dir, name), None, "Fashion-MNIST") for name in idx_names(split))
+    if images.shape[1:] != (28, 28) or len(images) != len(labels):
+        raise DataError(f"the Fashion-MNIST files in {data_dir} hold {tuple(images.shape)} images and "
+                        f"{len(labels)} labels, not 28 × 28 images with one label each: replace them")
     return images, labels

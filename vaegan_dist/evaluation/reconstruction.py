@@ -3,16 +3,20 @@
   recon_mse   mean over the images of the mean squared error per pixel, on [0, 1] pixels
   recon_psnr  mean over the images of 10·log10(1 / that error), in dB (higher is better)
 On MNIST the evaluation is the classifier's (vaegan_dist.evaluation.scores, whose recon_mse is the same error);
-on a folder of images it is these.
+on other images it is these, and the FID of samples against the held-out images where Inception can be had
+(vaegan_dist.evaluation.inception).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
 from torch import Tensor, nn
 
-from vaegan_dist.evaluation.scores import share
+from vaegan_dist.evaluation.inception import SampleFID
+from vaegan_dist.evaluation.scores import prior_samples, share
 from vaegan_dist.model.networks import eval_mode
 
 BATCH = 500
@@ -32,14 +36,33 @@ def reconstruction_scores(errors: Tensor) -> dict[str, float]:
             "recon_psnr": (-10 * torch.log10(errors.clamp(min=MIN_ERROR))).mean().item()}
 
 
-def evaluate_reconstructions(accelerator: Accelerator, encoder: nn.Module, decoder: nn.Module, pixels: Tensor,
-                             num_images: int) -> dict[str, float]:
-    """The scores of the first num_images held-out images, each process reconstructing its share; on the main
-    process ({} elsewhere). Call it on every process at the same point."""
-    pixels = pixels[:num_images]
-    errors = accelerator.gather(squared_errors(encoder, decoder, share(pixels, accelerator)))
-    return reconstruction_scores(errors[:len(pixels)]) if accelerator.is_main_process else {}
+@dataclass
+class HeldOut:
+    """A run's held-out images to reconstruct, as pixel rows (N, C·H·W) in [-1, 1], and (on the main process,
+    where Inception can be had) the FID of samples against every held-out image."""
+
+    pixels: Tensor
+    sample_fid: SampleFID | None = None
+
+
+def evaluate_images(accelerator: Accelerator | None, encoder: nn.Module, decoder: nn.Module, held_out: HeldOut,
+                    num_samples: int, latent_dim: int, seed: int) -> dict[str, float]:
+    """The reconstruction scores of the first num_samples held-out images, each process reconstructing its share,
+    and the FID of num_samples samples (z seeded with seed), on the main process ({} elsewhere). Call it on every
+    process at the same point (accelerator None: this process alone)."""
+    pixels = held_out.pixels[:num_samples]
+    if accelerator is None:
+        errors = squared_errors(encoder, decoder, pixels)
+    else:
+        errors = accelerator.gather(squared_errors(encoder, decoder, share(pixels, accelerator)))
+        if not accelerator.is_main_process:
+            return {}
+    scores = reconstruction_scores(errors[:len(pixels)])
+    if held_out.sample_fid is not None:
+        scores["fid"] = held_out.sample_fid(decoder, prior_samples(num_samples, latent_dim, seed).to(pixels.device))
+    return scores
 
 
 def reconstruction_line(step: int, scores: dict[str, float]) -> str:
-    return f"eval step {step:>7} | recon mse {scores['recon_mse']:.5f} psnr {scores['recon_psnr']:.2f} dB"
+    fid = f" | fid {scores['fid']:.3f}" if "fid" in scores else ""
+    return f"eval step {step:>7} | recon mse {scores['recon_mse']:.5f} psnr {scores['recon_psnr']:.2f} dB{fid}"

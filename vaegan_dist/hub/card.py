@@ -9,7 +9,7 @@ from vaegan_dist.checkpoint.metrics_log import METRICS_FILE, MetricsFileError, r
 from vaegan_dist.config import TrainConfig
 
 LICENSE = "apache-2.0"  # the project's (LICENSE); vaegan-export --license sets another for a card
-TAGS = ["vae-gan", "vae", "gan", "mnist", "image-generation", "pytorch"]
+TAGS = ["vae-gan", "vae", "gan", "image-generation", "pytorch"]  # and the data set's name
 # (metric key in metrics.jsonl without "eval/", the card's metric type and name)
 CARD_METRICS = [("fid", "fid", "classifier-FID (lower is better)"), ("kid", "kid", "KID"),
                 ("precision", "precision", "precision"), ("recall", "recall", "recall"),
@@ -69,18 +69,24 @@ def training_command(config: TrainConfig) -> str:
             words.append(flag if value else f"--no-{key.replace('_', '-')}")
         else:
             words += [flag, "none" if value is None else str(value)]
-    if config.dataset != "mnist":
+    if config.dataset != "mnist":  # (MNIST's is bundled)
         words += ["--data-dir", "IMAGES"]
     return shlex.join(words)
+
+
+def card_metrics(mnist: bool) -> list[tuple[str, str, str]]:
+    """CARD_METRICS as named for the data set: off MNIST, fid is the Inception FID."""
+    return [(key, kind, name if mnist or key != "fid" else "FID (Inception; lower is better)")
+            for key, kind, name in CARD_METRICS]
 
 
 def metrics_text(metrics: dict[str, float], mnist: bool = True) -> str:
     if not metrics:
         return "No evaluation was recorded with these weights: run `vaegan-eval DIR` on them."
     step = f" at step {int(metrics['step'])}" if "step" in metrics else ""
-    rows = [f"| {name} | {float(metrics[key]):.4g} |" for key, _, name in CARD_METRICS if key in metrics]
-    kind = ("classifier-based evaluation on the MNIST test set" if mnist
-            else "evaluation on the held-out images (their reconstruction error)")
+    rows = [f"| {name} | {float(metrics[key]):.4g} |" for key, _, name in card_metrics(mnist) if key in metrics]
+    kind = ("classifier-based evaluation on the MNIST test set" if mnist else "evaluation on the held-out images "
+            "(their reconstruction error, and the Inception FID of samples where it was measured)")
     return (f"vaegan-dist's {kind}{step} (the run's metrics.jsonl):\n\n| metric | value |\n| --- | --- |\n"
             + "\n".join(rows))
 

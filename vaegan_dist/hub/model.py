@@ -30,13 +30,22 @@ from torch import Tensor, nn
 
 from vaegan_dist import __version__
 from vaegan_dist.config import ConfigError, TrainConfig
-from vaegan_dist.hub.card import CARD_METRICS, LICENSE, MODEL_CARD, TAGS, metrics_text, run_metrics, training_command
+from vaegan_dist.data.images import DATA_NAMES
+from vaegan_dist.hub.card import (
+    LICENSE,
+    MODEL_CARD,
+    TAGS,
+    card_metrics,
+    metrics_text,
+    run_metrics,
+    training_command,
+)
 from vaegan_dist.hub.network_files import (
     CARD_FILE,
     MODEL_FILE,
-    load_networks,
     network_directory,
     portable_settings,
+    read_networks,
     stored_dtype,
 )
 from vaegan_dist.model.networks import build_models
@@ -146,9 +155,9 @@ class VAEGAN(nn.Module, PyTorchModelHubMixin, library_name="vaegan-dist", licens
             directory = Path(hf_hub_download(repo_id=model_id, filename=MODEL_FILE, revision=revision,
                                              cache_dir=cache_dir, force_download=force_download, token=token,
                                              local_files_only=local_files_only)).parent
-        loaded_config, encoder, decoder = load_networks(directory, map_location, weights)
-        model = cls.from_networks(loaded_config, encoder, decoder).to(device, dtype).eval()
         source = network_directory(directory)
+        loaded_config, encoder, decoder = read_networks(source, map_location, weights)
+        model = cls.from_networks(loaded_config, encoder, decoder).to(device, dtype).eval()
         model.weights_dtype = dtype or stored_dtype(source)
         if (source / CARD_FILE).is_file():
             model.loaded_card = ModelCard.load(source / CARD_FILE)
@@ -171,22 +180,24 @@ class VAEGAN(nn.Module, PyTorchModelHubMixin, library_name="vaegan-dist", licens
         info = self._hub_mixin_info
         extras = {**self.card_extras, **kwargs}
         data = ModelCardData(**info.model_card_data.to_dict())
-        mnist = self.config.dataset == "mnist"
-        data.datasets = ["mnist"] if mnist else None
+        dataset = self.config.dataset
+        mnist, named = dataset == "mnist", dataset != "folder"  # a named data set, not a user's folder
+        data.datasets = [dataset] if named else None
+        data.tags = sorted({*(data.tags or []), *([dataset] if named else [])})
         data.license = extras.pop("license", data.license)
         metrics = extras.pop("metrics", None) or {}
         if metrics:
-            data.model_name = "vaegan-mnist" if mnist else "vaegan"
+            data.model_name = f"vaegan-{dataset.replace('_', '-')}" if named else "vaegan"
             data.eval_results = [EvalResult(task_type="unconditional-image-generation",
-                                            dataset_type="mnist" if mnist else "images",
-                                            dataset_name="MNIST" if mnist else "held-out images",
+                                            dataset_type=dataset if named else "images",
+                                            dataset_name=DATA_NAMES[dataset] if named else "held-out images",
                                             dataset_split="test", metric_type=kind,
                                             metric_name=name, metric_value=round(float(metrics[key]), 6))
-                                 for key, kind, name in CARD_METRICS if key in metrics]
+                                 for key, kind, name in card_metrics(mnist) if key in metrics]
         extras.setdefault("command", training_command(self.config))
         extras.setdefault("source", "Trained by vaegan-dist")
         extras.setdefault("metrics_text", metrics_text(metrics, mnist))
-        extras.setdefault("data_name", "MNIST" if mnist else "a folder of images")
+        extras.setdefault("data_name", DATA_NAMES[dataset])
         extras.setdefault("image_shape", ", ".join(map(str, self.config.image_shape)))
         return ModelCard.from_template(card_data=data, template_str=info.model_card_template,
                                        dtype=dtype, latent_dim=self.latent_dim, **extras)

@@ -15,6 +15,8 @@ this package; docs/evaluation.md's script does that with torch and safetensors a
 from __future__ import annotations
 
 import json
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -22,8 +24,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open
 from torch import nn
 
-from vaegan_dist.checkpoint.layout import WEIGHTS, checkpoints_dir
-from vaegan_dist.checkpoint.reading import newest_complete
+from vaegan_dist.checkpoint.layout import MARKER, WEIGHTS, checkpoints_dir
+from vaegan_dist.checkpoint.reading import newest_complete, verify
 from vaegan_dist.checkpoint.tensors import AVERAGE_FILES
 from vaegan_dist.config import ConfigError, TrainConfig
 from vaegan_dist.model.networks import build_models
@@ -42,13 +44,28 @@ class ExportError(RuntimeError):
     """A directory that does not hold loadable networks. The message names the file and what to do."""
 
 
-def network_directory(directory: str | Path) -> Path:
-    """The directory itself, or for a run's output directory, its newest intact checkpoint."""
+def warn_line(line: str) -> None:
+    print(f"warning: {line}", file=sys.stderr)
+
+
+def is_checkpoint(directory: Path) -> bool:
+    """A checkpoint (or one half-written, or copied without its marker), as opposed to an export."""
+    return any((directory / name).exists() for name in (MARKER, "state.json", "optimizers.safetensors"))
+
+
+def network_directory(directory: str | Path, report: Callable[[str], None] = warn_line) -> Path:
+    """The directory itself, verified when it is a checkpoint, or for a run's output directory its newest intact
+    checkpoint (each newer one that fails verification is reported, in one line each)."""
     directory = Path(directory)
+    if directory.is_symlink():  # checkpoints/best, checkpoints/last_good: the checkpoint by its own name
+        directory = directory.resolve()
     if ((directory / NETWORK_FILES["decoder"]).exists() or (directory / MODEL_FILE).exists()
             or not checkpoints_dir(directory).is_dir()):
+        if is_checkpoint(directory) and (problem := verify(directory)):
+            raise ExportError(f"{directory} is not a usable checkpoint: {problem}. Name another checkpoint, or the "
+                              "run's output directory for its newest intact one")
         return directory
-    newest = newest_complete(checkpoints_dir(directory), report=lambda line: None)
+    newest = newest_complete(checkpoints_dir(directory), report=report)
     if newest is None:
         raise ExportError(f"{directory} is an output directory without a complete checkpoint: train longer, or "
                           "pass a checkpoint or export directory")
@@ -60,9 +77,14 @@ def load_networks(directory: str | Path, device: torch.device | str = "cpu",
     """(config, encoder, decoder) from an export or checkpoint directory, or a run's output directory (its newest
     intact checkpoint), in float32 and eval mode on device. weights "ema" reads the moving averages where the
     directory has them, "raw" the trained networks."""
+    return read_networks(network_directory(directory), device, weights)
+
+
+def read_networks(directory: Path, device: torch.device | str = "cpu",
+                  weights: str = "ema") -> tuple[TrainConfig, nn.Module, nn.Module]:
+    """load_networks from the directory network_directory gave (verified already)."""
     if weights not in WEIGHTS:
         raise ExportError(f"weights {weights!r}: choose one of {', '.join(WEIGHTS)}")
-    directory = network_directory(directory)
     averaged = {name: f"{AVERAGE_FILES[name]}.safetensors" for name in averages_in(directory, weights)}
     files = {**NETWORK_FILES, **averaged}
     config_path = directory / CONFIG_FILE

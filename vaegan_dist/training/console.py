@@ -10,8 +10,8 @@ so a warning that every process raises appears once per process.
 
 from __future__ import annotations
 
+import contextlib
 import os
-import sys
 import time
 import warnings
 from datetime import timedelta
@@ -44,6 +44,18 @@ def describe_processes(accelerator: Accelerator) -> str:
     return (f"{count} process{'es' * (count > 1)} on {nodes} node{'s' * (nodes > 1)}, {device}")
 
 
+class StreamConsole(RichConsole):
+    """rich's Console, but a stream that closes (`| tee` ended by the terminal's Ctrl-C) or fails never stops the
+    run: the console falls quiet and the stream goes to /dev/null (rich's own answer exits instead)."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        with contextlib.suppress(OSError, ValueError):  # the stream's other writers too (print, the last flush)
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self.file.fileno())
+            os.close(devnull)
+
+
 class TimeLeftColumn(ProgressColumn):
     """'ETA h:mm:ss': rich's estimate for the steps left, plus the evaluations still to come at the last one's
     length ('+ evaluation' until one has been timed)."""
@@ -63,8 +75,8 @@ class Console:
     def __init__(self, is_main: bool, rank: int) -> None:
         self.is_main = is_main
         self.rank = rank
-        self.out = RichConsole(highlight=False)
-        self.err = RichConsole(stderr=True, highlight=False)
+        self.out = StreamConsole(highlight=False)
+        self.err = StreamConsole(stderr=True, highlight=False)
         self._progress: Progress | None = None
         self._task = TaskID(0)
         self._phase_started = 0.0
@@ -88,11 +100,11 @@ class Console:
         table.add_column()
         for name, value in rows.items():
             table.add_row(name, Text(value))  # a path may hold [brackets]: no markup
-        self.out.print(table)
+        self._print(self.out, table)
 
     def info(self, message: str) -> None:
         if self.is_main:
-            self.out.print(message, markup=False, soft_wrap=True)
+            self._print(self.out, message, markup=False, soft_wrap=True)
 
     def warn(self, message: str) -> None:
         """A warning of the run, the same on every process: the main process shows it."""
@@ -102,7 +114,7 @@ class Console:
     def error(self, message: str) -> None:
         """An error that ends the run, the same on every process: the main process shows it."""
         if self.is_main:
-            self.err.print(Text.assemble(("error:", "red"), " ", message), soft_wrap=True)
+            self._print(self.err, Text.assemble(("error:", "red"), " ", message), soft_wrap=True)
 
     def start_progress(self, total_steps: int, step: int, epochs: int, evaluations: int = 0) -> None:
         """The live display, from `step` of `total_steps`, when stdout is a terminal; `evaluations` to come."""
@@ -140,7 +152,7 @@ class Console:
         if not self.is_main:
             return
         if self._progress is None:
-            self.out.print(plain_line(record), markup=False, soft_wrap=True)
+            self._print(self.out, plain_line(record), markup=False, soft_wrap=True)
             return
         self._progress.update(
             self._task, speed=f"{record['images_per_s']:.0f} img/s",
@@ -151,15 +163,22 @@ class Console:
             self._progress.stop()
             self._progress = None
 
+    @staticmethod
+    def _print(console: StreamConsole, *objects: object, **options: object) -> None:
+        try:
+            console.print(*objects, **options)
+        except OSError:  # a full disk under a log file
+            console.on_broken_pipe()
+
     def _show_warning(self, message: str) -> None:
         """Once per distinct message; tagged with the rank off the main process."""
         if message in self._shown_warnings:
             return
         self._shown_warnings.add(message)
         if self.is_main:
-            self.err.print(Text.assemble(("warning:", "yellow"), " ", message), soft_wrap=True)
+            self._print(self.err, Text.assemble(("warning:", "yellow"), " ", message), soft_wrap=True)
         else:
-            print(f"[rank {self.rank}] warning: {message}", file=sys.stderr, flush=True)
+            self._print(self.err, f"[rank {self.rank}] warning: {message}", markup=False, soft_wrap=True)
 
     def _show_python_warning(self, message: Warning | str, category: type[Warning], filename: str, lineno: int,
                              file: object = None, line: str | None = None) -> None:

@@ -22,12 +22,12 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast
 from torch import Tensor
 
-from vaegan_dist.checkpoint.layout import CheckpointError
-from vaegan_dist.checkpoint.writing import mark_best, save_checkpoint
+from vaegan_dist.checkpoint.layout import BEST, CheckpointError, checkpoints_dir
+from vaegan_dist.checkpoint.writing import keep_last_good, link_checkpoint, save_checkpoint
 from vaegan_dist.config import TrainConfig
 from vaegan_dist.data.sharding import ShardedBatches
 from vaegan_dist.evaluation.pictures import grid_image, grid_pixels, save_epoch_grids
-from vaegan_dist.evaluation.reconstruction import evaluate_reconstructions, reconstruction_line
+from vaegan_dist.evaluation.reconstruction import evaluate_images, reconstruction_line
 from vaegan_dist.evaluation.report import ReportError, write_report
 from vaegan_dist.evaluation.scores import Reference, evaluate_distributed, evaluation_line
 from vaegan_dist.exits import Ending
@@ -137,7 +137,7 @@ def evaluations_to_come(run: Run, step: int) -> int:
 
 
 def note_if_best(run: Run, state: TrainState, scores: dict[str, float]) -> None:
-    """--keep-best: an evaluation better than every earlier one (lower eval/fid, or eval/recon_mse on a folder)
+    """--keep-best: an evaluation better than every earlier one (lower eval/fid on MNIST, eval/recon_mse else)
     becomes state.best, whose step's checkpoint `save` then links as checkpoints/best. The main process alone
     holds the scores: every process learns them from it."""
     if not run.config.keep_best:
@@ -154,13 +154,14 @@ def evaluate_now(run: Run, state: TrainState, epoch: int) -> None:
     run.console.begin_evaluation(f"evaluating at step {step}")
     share_running_statistics(run)
     scores: dict[str, float] = {}
+    mnist, config = isinstance(run.reference, Reference), run.config
     try:
-        if isinstance(run.reference, Reference):
-            scores = evaluate_distributed(run.accelerator, *run.autoencoder, run.config, run.config.eval_samples,
+        if mnist:
+            scores = evaluate_distributed(run.accelerator, *run.autoencoder, config, config.eval_samples,
                                           run.reference)
         else:
-            scores = evaluate_reconstructions(run.accelerator, *run.autoencoder, run.reference,
-                                              run.config.eval_samples)
+            scores = evaluate_images(run.accelerator, *run.autoencoder, run.reference, config.eval_samples,
+                                     config.latent_dim, config.seed)
     except Exception as err:
         run.console.warn(f"the evaluation at step {step} failed ({type(err).__name__}: {err}); training continues")
     else:
@@ -168,7 +169,7 @@ def evaluate_now(run: Run, state: TrainState, epoch: int) -> None:
             evaluation = {"step": step, "epoch": epoch, **{f"eval/{k}": v for k, v in scores.items()}}
             run.metrics.write(evaluation)
             run.tracker.log(evaluation)
-            run.console.info((evaluation_line if "fid" in scores else reconstruction_line)(step, scores))
+            run.console.info((evaluation_line if mnist else reconstruction_line)(step, scores))
     note_if_best(run, state, scores)
     run.console.end_evaluation()
     state.window.started += time.perf_counter() - started  # not training time
@@ -185,8 +186,11 @@ def save(run: Run, state: TrainState) -> Path:
                            run.averages)
     run.console.info(f"checkpoint: {path}")
     if state.best is not None and state.best["step"] == state.step and run.accelerator.is_main_process:
-        mark_best(path)
-        run.console.info(f"best so far: {path} ({state.best['value']:.5g})")
+        try:
+            link_checkpoint(path, BEST)
+            run.console.info(f"best so far: {path} ({state.best['value']:.5g})")
+        except OSError as err:  # a file system without symbolic links
+            run.console.warn(f"cannot link checkpoints/best to {path} ({err}); training goes on")
     return path
 
 
@@ -232,7 +236,8 @@ def train_loop(run: Run, state: TrainState, watch: PreemptionWatch) -> Ending:
         if position.epoch > epoch:
             save_pictures(run, f"epoch_{epoch + 1:03d}")
         best_now = state.best is not None and state.best["step"] == step
-        if (step % config.save_every == 0 or best_now) and step != run.last_step:
+        # no checkpoint while steps are skipped: it would hold weights that give non-finite losses
+        if (step % config.save_every == 0 or best_now) and step != run.last_step and not consecutive_skips:
             save_periodically(run, state)
     return Ending.FINISHED
 
@@ -257,12 +262,28 @@ def closing_lines(run: Run, state: TrainState, ran_steps: int, elapsed: float, w
     return lines
 
 
+def diverged_message(run: Run, first_skipped: int) -> str:
+    """What a diverged run says: the checkpoint from before the weights its skipped steps kept (linked as
+    checkpoints/last_good; no new checkpoint written) to resume with a lower learning rate."""
+    streak = (f"the run diverged: the {run.config.max_consecutive_skips} steps from step {first_skipped} on were all "
+              f"skipped (non-finite losses or gradients) with the weights of step {first_skipped - 1}, of which no "
+              "checkpoint is written")
+    try:
+        kept = keep_last_good(checkpoints_dir(run.output_dir), first_skipped - 1)
+    except OSError as err:
+        return f"{streak}; linking checkpoints/last_good failed ({err}): resume from an earlier checkpoint"
+    if kept is None:
+        return f"{streak}, and none precedes them: start over with a lower --lr (or --gamma), with --resume none"
+    return (f"{streak}. {kept} is kept as checkpoints/last_good, safe from pruning: resume from it with a lower --lr "
+            f"(or --gamma): --resume {kept} --lr {run.config.lr / 10:g}")
+
+
 def finish(run: Run, state: TrainState, ending: Ending, ran_steps: int, started: float) -> Ending:
     """Saves what the ending calls for (nothing when no step ran), tells the user, and returns the ending."""
     console, position, ran = run.console, state.position, ran_steps > 0
     if ending is Ending.FINISHED and ran and position.images_seen:  # a mid-epoch end gets pictures of its own
         save_pictures(run, f"step_{position.step:07d}")
-    path = save(run, state) if ran or ending is not Ending.FINISHED else None
+    path = save(run, state) if (ran or ending is not Ending.FINISHED) and ending is not Ending.DIVERGED else None
     console.stop_progress()
     report: list[Path] = []
     if ending is Ending.FINISHED and run.accelerator.is_main_process:
@@ -271,10 +292,8 @@ def finish(run: Run, state: TrainState, ending: Ending, ran_steps: int, started:
         except ReportError as err:
             console.info(f"report: {err}")
     run.tracker.finish(ending)
-    if ending is Ending.DIVERGED:
-        console.error(f"the run diverged: {run.config.max_consecutive_skips} steps in a row were skipped (non-finite "
-                      f"losses or gradients); each left the weights and Adam's moments as they were. {path} holds "
-                      "the last good weights; resume from it with a lower --lr (or --gamma), or start over.")
+    if ending is Ending.DIVERGED and run.accelerator.is_main_process:
+        console.error(diverged_message(run, position.step - run.config.max_consecutive_skips + 1))
     elif ending is Ending.PREEMPTED and run.config.requeue and run.accelerator.is_main_process:
         console.info(requeue_slurm_job())
     elif ending is Ending.FINISHED and path is not None:
@@ -284,7 +303,7 @@ def finish(run: Run, state: TrainState, ending: Ending, ran_steps: int, started:
 
 
 def train(config: TrainConfig, accelerator: Accelerator, console: Console | None = None) -> Ending:
-    """Trains to the run's end, a stop signal (saves first) or divergence (saves the last good weights).
+    """Trains to the run's end, a stop signal (saves first) or divergence (names the last good checkpoint).
     `console` shows the run (by default, a new one for this process)."""
     check_launch_free(config, accelerator)
     if accelerator.device.type == "cpu":

@@ -4,7 +4,8 @@
 later) and Lustre alike, unlike flock; it holds the holder's host, process id, SLURM job id and start time, and
 its holder touches it every HEARTBEAT_S seconds. A lock is taken over when its holder is gone: on this host, its
 process no longer exists; elsewhere, the file has not been touched for STALE_AFTER_S seconds; or it is this
-SLURM job's own lock from before a requeue.
+SLURM job's own lock from before a requeue. A lock that cannot be read (torn by a full disk) or that names this
+very process (a restarted container reuses process ids) is judged by the file's age alone.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def _gone(holder: dict[str, Any], age_s: float, me: dict[str, Any]) -> bool:
     """Whether the run that wrote `holder` has ended (or is this job's own, requeued)."""
     if holder.get("slurm_job_id") and holder.get("slurm_job_id") == me["slurm_job_id"]:
         return True
-    if holder.get("host") == me["host"] and isinstance(holder.get("pid"), int):
+    if holder.get("host") == me["host"] and isinstance(holder.get("pid"), int) and holder["pid"] != me["pid"]:
         return not _process_exists(holder["pid"])
     return age_s > STALE_AFTER_S
 
@@ -58,6 +59,7 @@ class OutputLock:
         self.path = Path(directory) / LOCK_FILE
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
+        self._me: dict[str, Any] = {}
 
     def acquire(self) -> None:
         """Takes the lock, or raises LockHeld naming the run that holds it."""
@@ -74,6 +76,7 @@ class OutputLock:
                 continue
             with os.fdopen(fd, "w") as f:
                 json.dump(me, f)
+            self._me = me
             self._heartbeat = threading.Thread(target=self._beat, name="output-lock", daemon=True)
             self._heartbeat.start()
             return
@@ -86,25 +89,34 @@ class OutputLock:
         self._heartbeat.join()
         self._heartbeat = None
         with contextlib.suppress(OSError):
-            if self._read()[0].get("pid") == os.getpid():
+            if self._read()[0] in (self._me, {}):  # ours, or ours torn (a full disk)
                 self.path.unlink()
 
     def _read(self) -> tuple[dict[str, Any], float]:
-        """(the holder as written, seconds since the file was last touched); a half-written file is a holder
-        of unknown name."""
+        """(the holder as written, seconds since the file was last touched); a file that cannot be read, or
+        half-written, is a holder of unknown name, judged by its age."""
         try:
             age_s = time.time() - self.path.stat().st_mtime
-            holder = json.loads(self.path.read_text())
-        except FileNotFoundError:
+        except OSError:
             return {}, float("inf")
+        try:
+            holder = json.loads(self.path.read_text())
         except (OSError, ValueError):
-            return {}, 0.0
+            return {}, age_s
         return (holder if isinstance(holder, dict) else {}), age_s
 
     def _held_message(self, holder: dict[str, Any], age_s: float) -> str:
+        wait = f"it is taken over once {STALE_AFTER_S:.0f} s pass untouched ({STALE_AFTER_S - age_s:.0f} s from now)"
+        if not holder:
+            return (f"{self.path.parent} holds a lock that cannot be read ({self.path}: empty or torn, as a full disk "
+                    f"leaves it), last touched {age_s:.0f} s ago: {wait}; delete it if no run uses this directory")
         who = f"process {holder.get('pid', '?')} on {holder.get('host', '?')}"
         if holder.get("slurm_job_id"):
             who += f" (SLURM job {holder['slurm_job_id']})"
+        if holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+            return (f"{self.path.parent} holds a lock naming this very process ({who}: a restarted container "
+                    f"reuses process ids), last touched {age_s:.0f} s ago: {wait}; delete {self.path} if no run "
+                    "uses this directory")
         return (f"{self.path.parent} is in use by another run: {who}, started {holder.get('started', '?')}, last "
                 f"seen {age_s:.0f} s ago. Use another --output-dir, or stop that run. A run that died leaves its lock "
                 f"({self.path}) to the next one: at once on the same host, else after {STALE_AFTER_S:.0f} s of "

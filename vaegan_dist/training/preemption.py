@@ -24,7 +24,8 @@ class PreemptionWatch:
     """Records the first stop signal this process receives, from entering the `with` block to leaving it.
 
     Ctrl-C (SIGINT) is a stop like the others, announced at once; a second Ctrl-C quits at once
-    (KeyboardInterrupt), saving nothing.
+    (KeyboardInterrupt), saving nothing. After a SIGTERM or SIGUSR1, the process ignores both to its exit: the
+    same signal sent twice (by SLURM and by the launcher) still ends it with the first one's exit code.
     """
 
     def __init__(self, announce: Callable[[str], None]) -> None:
@@ -39,6 +40,9 @@ class PreemptionWatch:
     def __exit__(self, *exc_info: object) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        if self.received in (signal.SIGTERM, signal.SIGUSR1):  # a repeat (SLURM's and the launcher's) keeps its code
+            for sig in (signal.SIGTERM, signal.SIGUSR1):
+                signal.signal(sig, signal.SIG_IGN)
 
     def _record(self, signum: int, frame: object) -> None:
         if signum == signal.SIGINT:
@@ -53,6 +57,8 @@ class PreemptionWatch:
             return self.received
         signum = torch.tensor([float(self.received or 0)], device=accelerator.device)
         agreed = int(accelerator.reduce(signum, reduction="max").item())
+        if agreed:  # a process that learns of the stop here ignores a late repeat too (__exit__)
+            self.received = self.received or signal.Signals(agreed)
         return signal.Signals(agreed) if agreed else None
 
 

@@ -4,7 +4,7 @@ evaluation's reference, restored to the checkpoint's state and announced in a ta
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +15,7 @@ from accelerate.utils import DDPCommunicationHookType, DistributedDataParallelKw
 from torch import Tensor
 
 from vaegan_dist.checkpoint.layout import CheckpointError
+from vaegan_dist.checkpoint.lineage import Branch, branch_for, set_aside
 from vaegan_dist.checkpoint.metrics_log import MetricsLog
 from vaegan_dist.checkpoint.policy import config_changes
 from vaegan_dist.checkpoint.reading import Checkpoint, resolve_resume
@@ -23,6 +24,8 @@ from vaegan_dist.config import ConfigError, TrainConfig
 from vaegan_dist.data.images import load_images
 from vaegan_dist.data.mnist import DataError
 from vaegan_dist.data.sharding import ShardedBatches, derived_seed
+from vaegan_dist.evaluation.inception import FIDUnavailable, SampleFID, inception_fid
+from vaegan_dist.evaluation.reconstruction import HeldOut
 from vaegan_dist.evaluation.scores import Reference
 from vaegan_dist.model.networks import (
     Autoencoder,
@@ -62,12 +65,12 @@ class Run:
     shards: ShardedBatches
     fixed_z: Tensor  # the latent codes of every sample grid
     test_x: Tensor  # the test digits of every reconstruction grid
-    reference: Reference | Tensor | None  # MNIST's classifier and test features, or a folder's held-out images as
-    # pixel rows (their reconstruction error), for the evaluation (None: off)
+    reference: Reference | HeldOut | None  # what the evaluation compares against (None: off)
     tracker: Trackers  # --tracker: W&B, TensorBoard, both or none
     metrics: MetricsLog
     last_step: int
     graphed_step: GraphedStep | None = None  # --cuda-graphs: the step captured in a CUDA graph
+    branch: Branch | None = None  # --resume PATH: the branch it continues or starts (checkpoint/lineage)
 
     @property
     def autoencoder(self) -> Autoencoder:
@@ -96,10 +99,27 @@ def output_dir_held(config: TrainConfig, accelerator: Accelerator) -> Iterator[N
         lock.release()
 
 
-def open_run(config: TrainConfig, accelerator: Accelerator, console: Console) -> tuple[Path, Checkpoint | None]:
-    """The output directory and the checkpoint to resume (None: a fresh start)."""
+def on_main(accelerator: Accelerator, action: Callable[[], None]) -> None:
+    """action on the main process; its CheckpointError is raised on every process (none is left waiting)."""
+    problem = None
+    if accelerator.is_main_process:
+        try:
+            action()
+        except CheckpointError as err:
+            problem = str(err)
+    if problem := gather_object([problem])[0]:
+        raise CheckpointError(problem)
+
+
+def open_run(config: TrainConfig, accelerator: Accelerator,
+             console: Console) -> tuple[Path, Checkpoint | None, Branch | None]:
+    """The output directory, the checkpoint to resume (None: a fresh start) and, for --resume PATH, its branch."""
     output_dir = Path(config.output_dir)
     resume_from = resolve_resume(config.resume, output_dir, console.warn)
+    branch = None
+    if resume_from is not None and resume_from == Path(config.resume):  # a checkpoint named, not found
+        branch = branch_for(resume_from, output_dir, config, console.info)
+        resume_from = branch.resume
     if len(choices := set(gather_object([str(resume_from)]))) > 1:
         raise CheckpointError(f"the processes found different checkpoints to resume from ({sorted(choices)}): "
                               "put --output-dir on a file system that every machine shares")
@@ -122,7 +142,7 @@ def open_run(config: TrainConfig, accelerator: Accelerator, console: Console) ->
     if config.gradient_allreduce != "fp32" and accelerator.num_processes == 1:
         console.warn(f"--gradient-allreduce {config.gradient_allreduce} has no effect in one process: there is "
                      "nothing to average")
-    return output_dir, checkpoint
+    return output_dir, checkpoint, branch
 
 
 def make_accelerator(config: TrainConfig) -> Accelerator:
@@ -136,7 +156,14 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
 def build_networks(config: TrainConfig, accelerator: Accelerator) -> tuple[PerNetwork, PerNetwork, PerNetwork]:
     """(the prepared networks, the same unwrapped, their plain optimizers), initialised alike on every process."""
     set_seed(config.seed)  # the same initial weights on every process (DDP broadcasts rank 0's as well)
-    networks = build_models(config)
+    try:
+        networks = build_models(config)
+    except (RuntimeError, MemoryError) as err:  # torch's "can't allocate memory" (torch.OutOfMemoryError on a GPU)
+        reason = " ".join(str(err).split())[:160]
+        if not isinstance(err, MemoryError | torch.OutOfMemoryError) and "allocate" not in reason:
+            raise
+        raise ConfigError(f"the networks do not fit in memory ({reason}): lower --hidden-dim, --conv-width or "
+                          "--latent-dim") from None
     if config.compile:
         compile_networks(networks)
     prepared = accelerator.prepare(*networks, *adam_optimizers(networks, config))
@@ -168,14 +195,22 @@ def load_data(config: TrainConfig, accelerator: Accelerator) -> tuple[ShardedBat
     return shards, fixed_z, test_images
 
 
-def evaluation_reference(config: TrainConfig, device: torch.device, console: Console,
-                         test_images: Tensor) -> Reference | Tensor | None:
+def evaluation_reference(config: TrainConfig, accelerator: Accelerator, console: Console,
+                         test_images: Tensor) -> Reference | HeldOut | None:
+    """What evaluations compare against: MNIST's classifier and test set, or the held-out images (and, on the main
+    process, the FID of samples against them where Inception can be had)."""
     if not config.eval_samples:
         return None
     if config.dataset != "mnist":
-        return images_to_pixels(test_images[:config.eval_samples]).to(device)
+        held_out = HeldOut(images_to_pixels(test_images[:config.eval_samples]).to(accelerator.device))
+        if accelerator.is_main_process:  # FID's real side: every held-out image, embedded once
+            try:
+                held_out.sample_fid = SampleFID(test_images, inception_fid(), accelerator.device)
+            except FIDUnavailable as err:
+                console.warn(str(err))
+        return held_out
     try:
-        return Reference(device)
+        return Reference(accelerator.device)
     except (OSError, RuntimeError, DataError) as err:  # evaluating is never worth losing the training run
         console.warn(f"evaluation is off for this run: {err}")
         return None
@@ -220,26 +255,32 @@ def restore(run: Run) -> TrainState:
 
 def start(config: TrainConfig, accelerator: Accelerator, console: Console) -> tuple[Run, TrainState]:
     """Everything the loop needs, restored from the checkpoint when the run resumes one."""
-    output_dir, checkpoint = open_run(config, accelerator, console)
+    output_dir, checkpoint, branch = open_run(config, accelerator, console)
     networks, modules, optimizers = build_networks(config, accelerator)
     shards, fixed_z, test_images = load_data(config, accelerator)
     test_x = images_to_pixels(test_images[:NUM_RECONSTRUCTED]).to(accelerator.device)
     run = Run(config, accelerator, console, output_dir, checkpoint, networks, modules, optimizers,
               moving_averages(config, modules) if config.ema_decay else None, shards, fixed_z, test_x,
-              evaluation_reference(config, accelerator.device, console, test_images),
+              evaluation_reference(config, accelerator, console, test_images),
               Trackers(config.tracker, console.warn),
               MetricsLog(output_dir / "metrics.jsonl", accelerator.is_main_process, console.warn), last_step=0)
     state = restore(run)
-    run.metrics.resume_at(state.position.step)  # what a crashed run logged past its checkpoint goes
+    run.branch = branch
+    if branch is not None:
+        state.branch_from = branch.origin
     run.last_step = state.position.step + steps_to_run(config, shards, state.position)
     run.graphed_step = GraphedStep() if config.cuda_graphs else None
     return run, state
 
 
 def announce(run: Run, state: TrainState) -> None:
-    """Writes the run's config.json, starts the W&B run (one per job: a resumed job continues the checkpoint's) and
-    shows the run's table."""
+    """The run starts training: sets an abandoned branch aside (--resume PATH), cuts metrics.jsonl back to the
+    checkpoint, writes the run's config.json, starts the W&B run (one per job: a resumed job continues the
+    checkpoint's) and shows the run's table."""
     config, accelerator, shards, position = run.config, run.accelerator, run.shards, state.position
+    if run.branch is not None and run.branch.new:
+        on_main(accelerator, lambda: set_aside(run.output_dir, run.branch.resume, run.console.info))
+    run.metrics.resume_at(position.step)  # what a crashed run logged past its checkpoint goes
     if accelerator.is_main_process:
         try:
             (run.output_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
@@ -247,11 +288,12 @@ def announce(run: Run, state: TrainState) -> None:
             raise ConfigError(f"cannot write to output directory {run.output_dir} ({err.strerror}): choose a "
                               "writable --output-dir") from None
         run.tracker.start(config.wandb, {**config.to_dict(), "num_processes": accelerator.num_processes},
-                          run.output_dir, run_id=state.wandb_run_id, timeout=config.wandb_timeout)
+                          run.output_dir, run_id=state.wandb_run_id, timeout=config.wandb_timeout, step=position.step)
         state.wandb_run_id = run.tracker.run_id
     run.console.table("vaegan-dist", {
         "processes": describe_processes(accelerator),
-        "mixed precision": accelerator.mixed_precision,
+        "mixed precision": accelerator.mixed_precision if accelerator.mixed_precision != "fp16" or accelerator.scaler
+        else "fp16 asked, fp32 run (no GPU)",
         "batch": f"{shards.batch_size} per process, {shards.global_batch} global",
         "data": f"{shards.images.shape[0]} training images, {shards.steps_per_epoch() * shards.batch_size} per "
                 "process per epoch",

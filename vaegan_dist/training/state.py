@@ -27,7 +27,8 @@ class TrainState:
     """What a checkpoint carries besides the weights and the optimizers' moments: where training stands, what it
     has logged so far, and this process's random streams (restored on resume only, never read while training).
 
-    Written as the `state.json` keys position, skipped_steps, wandb_run_id, best and scaler, and per process as
+    Written as the `state.json` keys position, skipped_steps, wandb_run_id, best, branch_from and scaler, and per
+    process as
     rank_<r>.safetensors (the RNG states and the open metrics window).
     """
 
@@ -36,6 +37,7 @@ class TrainState:
     skipped_steps: int = 0
     wandb_run_id: str | None = None
     best: dict[str, float] | None = None  # --keep-best: the best evaluation so far, {"step": S, "value": v}
+    branch_from: str | None = None  # the checkpoint a --resume PATH started this branch from (checkpoint/lineage)
 
     @property
     def step(self) -> int:
@@ -44,7 +46,7 @@ class TrainState:
     def to_checkpoint(self, scaler: torch.amp.GradScaler | None) -> tuple[dict[str, Any], dict[str, Tensor]]:
         """(the state.json entries, this process's tensors)."""
         state = {"position": dataclasses.asdict(self.position), "skipped_steps": self.skipped_steps,
-                 "wandb_run_id": self.wandb_run_id, "best": self.best,
+                 "wandb_run_id": self.wandb_run_id, "best": self.best, "branch_from": self.branch_from,
                  "scaler": scaler.state_dict() if scaler is not None else None}
         rng = {"rng.torch": torch.get_rng_state()}
         if self.window.terms.device.type == "cuda":
@@ -67,4 +69,4 @@ class TrainState:
                 torch.cuda.set_rng_state(tensors["rng.cuda"], window.terms.device)
             window.load_tensors(tensors)
         return cls(Position(**state["position"]), window, state["skipped_steps"], state.get("wandb_run_id"),
-                   state.get("best"))
+                   state.get("best"), state.get("branch_from"))

@@ -32,13 +32,15 @@ class TensorBoardTracker:
     def active(self) -> bool:
         return self._writer is not None and not self._worker.failed
 
-    def start(self, output_dir: Path, config: dict[str, Any]) -> None:
-        """Opens the event file and writes the run's settings into it as a table (TensorBoard's Text tab)."""
+    def start(self, output_dir: Path, config: dict[str, Any], step: int = 0) -> None:
+        """Opens the event file and writes the run's settings into it as a table (TensorBoard's Text tab). A run
+        resumed at `step` hides what an earlier job logged after it (it crashed past its last checkpoint, and the
+        steps come again), as metrics.jsonl drops it."""
         directory = Path(output_dir) / TENSORBOARD_DIR
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(log_dir=str(directory), flush_secs=30)
+            self._writer = SummaryWriter(log_dir=str(directory), flush_secs=30, purge_step=step + 1 if step else None)
         except (ImportError, ModuleNotFoundError):
             self._warn("--tracker tensorboard needs the tensorboard package (pip install tensorboard); "
                        "training goes on without it")

@@ -221,12 +221,13 @@ class Trackers:
         return self.wandb.sync_command() if self.wandb else None
 
     def start(self, mode: str, config: dict[str, Any], output_dir: Path, run_id: str | None,
-              timeout: float) -> None:
+              timeout: float, step: int = 0) -> None:
+        """Starts each tracker for a run that begins (or resumes) at `step`."""
         self._timeout = timeout
         if self.wandb:
             self.wandb.start(mode, config, output_dir, run_id, timeout)
         if self.tensorboard:
-            self.tensorboard.start(output_dir, config)
+            self.tensorboard.start(output_dir, config, step)
 
     def log(self, values: dict[str, Any]) -> None:
         for tracker in (self.wandb, self.tensorboard):
