@@ -57,14 +57,20 @@ def test_the_lock_of_a_run_that_died_here_is_taken_over(tmp_path):
     assert not (out / run_lock.LOCK_FILE).exists()  # released at the end
 
 
+def taken_once_stale(directory) -> OutputLock:
+    """The lock in directory, aged past STALE_AFTER_S, then taken by a new OutputLock."""
+    stale = time.time() - run_lock.STALE_AFTER_S - 1
+    os.utime(directory / run_lock.LOCK_FILE, (stale, stale))
+    lock = OutputLock(directory)
+    lock.acquire()
+    return lock
+
+
 def test_another_hosts_lock_holds_until_it_falls_silent(tmp_path, monkeypatch):
     write_lock(tmp_path, host="elsewhere", pid=1, slurm_job_id="7", started="then")
     with pytest.raises(LockHeld, match=r"process 1 on elsewhere \(SLURM job 7\), started then"):
         OutputLock(tmp_path).acquire()
-    stale = time.time() - run_lock.STALE_AFTER_S - 1
-    os.utime(tmp_path / run_lock.LOCK_FILE, (stale, stale))
-    lock = OutputLock(tmp_path)
-    lock.acquire()
+    lock = taken_once_stale(tmp_path)
     assert json.loads((tmp_path / run_lock.LOCK_FILE).read_text())["pid"] == os.getpid()
     lock.release()
 
@@ -89,11 +95,7 @@ def test_a_torn_lock_or_one_naming_this_process_is_judged_by_its_age(tmp_path, k
         found = "holds a lock naming this very process"
     with pytest.raises(LockHeld, match=rf"{found} .*last touched 0 s ago: it is taken over once 300 s pass"):
         OutputLock(tmp_path).acquire()
-    stale = time.time() - run_lock.STALE_AFTER_S - 1
-    os.utime(tmp_path / run_lock.LOCK_FILE, (stale, stale))
-    lock = OutputLock(tmp_path)
-    lock.acquire()
-    lock.release()
+    taken_once_stale(tmp_path).release()
     assert not (tmp_path / run_lock.LOCK_FILE).exists()
 
 
