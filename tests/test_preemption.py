@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -148,3 +149,29 @@ def test_a_closed_stdout_costs_no_save(tmp_path):
     assert run.returncode == 0, err.decode()[-3000:]
     assert (checkpoints_dir(out) / "step_0000030" / "COMPLETE").is_file()
     assert b"Traceback" not in err and b"BrokenPipe" not in err
+
+
+def test_workers_whose_launcher_is_killed_stop_with_a_checkpoint(tmp_path):
+    """kill -9 of `accelerate launch`: its two workers, orphaned, save at the next step boundary and exit, instead of
+    training on to the end holding the output directory's lock."""
+    import psutil
+
+    from tests.test_resume import worker_pids
+
+    out = tmp_path / "run"
+    command, env = launch_command(tiny_flags(max_steps=100_000, log_every=1, output_dir=out), num_processes=2)
+    with subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          start_new_session=True) as launcher:
+        try:
+            workers = [psutil.Process(pid) for pid in worker_pids(launcher, 2)]
+            wait_for(lambda: (out / "metrics.jsonl").exists(), 120, "training to start")
+            launcher.kill()
+            _, alive = psutil.wait_procs(workers, timeout=60)
+            output = launcher.stdout.read().decode()
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(launcher.pid, signal.SIGKILL)
+    assert not alive, output[-3000:]
+    assert "the launcher (process" in output and "is gone: stopping with a checkpoint" in output, output[-3000:]
+    assert 0 < final_checkpoint(out).state["position"]["step"] < 100_000
+    assert not (out / ".lock").exists()

@@ -48,16 +48,25 @@ def is_main_launch_process(environ: Mapping[str, str] = os.environ) -> bool:
     return environ.get("RANK", "0") == "0"
 
 
-def processes_not_started(num_processes: int, ppid: int | None = None) -> str | None:
-    """A warning when the `accelerate launch` that started this process asked for more processes than run: without
-    --multi_gpu (as with --cpu) it starts one, whatever --num_processes says. Read from the launcher's command line
-    (Linux's /proc; None elsewhere, or when the parent is no accelerate launch)."""
+def launcher_words(pid: int) -> list[str] | None:
+    """The command line of process pid when it is a launcher (`accelerate launch`, `torchrun`, or the same run as
+    `python -m`), else None; read from Linux's /proc (None elsewhere)."""
     try:
-        words = Path(f"/proc/{ppid or os.getppid()}/cmdline").read_bytes().decode().split("\0")
+        words = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
     except (OSError, UnicodeDecodeError):
         return None
-    launcher = [Path(word).name for word in words[:3]]
-    if not (("accelerate" in launcher and "launch" in words) or "accelerate.commands.launch" in launcher):
+    names = [Path(word).name for word in words[:3]]
+    if ("accelerate" in names and "launch" in words) or "torchrun" in names or any(
+            name in ("accelerate.commands.launch", "torch.distributed.run") for name in names):
+        return words
+    return None
+
+
+def processes_not_started(num_processes: int, ppid: int | None = None) -> str | None:
+    """A warning when the `accelerate launch` that started this process asked for more processes than run: without
+    --multi_gpu (as with --cpu) it starts one, whatever --num_processes says."""
+    words = launcher_words(ppid or os.getppid())
+    if words is None or "torchrun" in words[0] or "torch.distributed.run" in words[:3]:
         return None
     asked = None
     for word, following in zip(words, [*words[1:], ""], strict=True):

@@ -4,6 +4,8 @@ step boundary.
 SLURM sends SIGUSR1 (with `--signal=USR1@<seconds>`) or SIGTERM before it preempts or times out a job. The
 handler only records the signal; the loop asks `requested()` at each step boundary, where one all-reduce
 makes the verdict the same on every process, so all of them save the same checkpoint and exit together.
+A process started by a launcher (accelerate launch, torchrun) that dies (kill -9) stops the same way: a
+watchdog thread sends this process SIGTERM, instead of training on, orphaned, to the end.
 """
 
 from __future__ import annotations
@@ -11,13 +13,17 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import threading
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from accelerate import Accelerator
 
+from vaegan_dist.training.launch_settings import launcher_words
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+LAUNCHER_POLL_S = 1.0
 
 
 class PreemptionWatch:
@@ -32,12 +38,24 @@ class PreemptionWatch:
         self.received: signal.Signals | None = None
         self._announce = announce
         self._previous: dict[signal.Signals, Any] = {}
+        self._done = threading.Event()
 
     def __enter__(self) -> PreemptionWatch:
         self._previous = {sig: signal.signal(sig, self._record) for sig in STOP_SIGNALS}
+        launcher = os.getppid()
+        if launcher_words(launcher) is not None:
+            threading.Thread(target=self._watch_launcher, args=(launcher,), name="launcher-watch", daemon=True).start()
         return self
 
+    def _watch_launcher(self, launcher: int) -> None:
+        while not self._done.wait(LAUNCHER_POLL_S):
+            if os.getppid() != launcher:  # reparented: the launcher is gone
+                self._announce(f"the launcher (process {launcher}) is gone: stopping with a checkpoint")
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+
     def __exit__(self, *exc_info: object) -> None:
+        self._done.set()
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         if self.received in (signal.SIGTERM, signal.SIGUSR1):  # a repeat (SLURM's and the launcher's) keeps its code
