@@ -175,3 +175,14 @@ def test_workers_whose_launcher_is_killed_stop_with_a_checkpoint(tmp_path):
     assert "the launcher (process" in output and "is gone: stopping with a checkpoint" in output, output[-3000:]
     assert 0 < final_checkpoint(out).state["position"]["step"] < 100_000
     assert not (out / ".lock").exists()
+
+
+def test_ctrl_c_while_torch_loads_is_one_line():
+    run = subprocess.Popen([sys.executable, "-m", "vaegan_dist.train", "--max-steps", "1"], cwd=REPO,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # Python's own Ctrl-C
+    time.sleep(0.3)  # interpreter started, torch still loading
+    run.send_signal(signal.SIGINT)
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == Ending.INTERRUPTED, err[-3000:]
+    assert err.strip() == "stopped by Ctrl-C while starting: nothing was trained"

@@ -135,8 +135,8 @@ def main(argv: list[str] | None = None) -> None:
         fail(str(err), EXIT_BAD_INPUT)
     except CheckpointError as err:
         fail(str(err), EXIT_CHECKPOINT_FAILED)
-    except KeyboardInterrupt:  # a second Ctrl-C
-        fail("stopped by a second Ctrl-C: nothing was saved since the last checkpoint", Ending.INTERRUPTED)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one while the run starts
+        fail("stopped by Ctrl-C: nothing was saved since the last checkpoint", Ending.INTERRUPTED)
     finally:  # with a process group here, leave() did not run: an unexpected error, whose traceback follows
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
