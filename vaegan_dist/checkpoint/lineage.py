@@ -79,6 +79,7 @@ def set_aside(output_dir: Path, start: Path, report: Callable[[str], None]) -> N
     except (OSError, MetricsFileError) as err:
         raise CheckpointError(f"setting the abandoned branch aside in {output_dir} failed ({err}): free the disk "
                               "or fix the file, then run again") from None
-    report(f"resume: a new branch from {start.name}; the abandoned branch's {len(later)} later checkpoints "
-           f"({later[0].name} to {later[-1].name}) and {sum(r['step'] > step for r in records)} records are set "
-           f"aside in {folder}")
+    moved = sum(record["step"] > step for record in records)
+    report(f"resume: a new branch from {start.name}; the abandoned branch's {len(later)} later checkpoint"
+           f"{'s' * (len(later) != 1)} ({later[0].name} to {later[-1].name}) and {moved} record{'s' * (moved != 1)} "
+           f"of metrics.jsonl are set aside in {folder}")
