@@ -7,6 +7,7 @@ import os
 import pty
 import subprocess
 import sys
+import time
 import warnings
 
 from rich.console import Console as RichConsole
@@ -14,6 +15,7 @@ from rich.progress import ProgressSample
 
 from tests.conftest import REPO, tiny_flags
 from vaegan_dist.training.console import Console, TimeLeftColumn, plain_line
+from vaegan_dist.training.metrics import StallWatch
 
 RECORD = {"step": 50, "epoch": 0, "enc_loss": 1.0, "dec_loss": 2.0, "dis_loss": 3.0, "d_x": 0.5, "d_x_tilde": 0.4,
           "d_x_p": 0.3, "images_per_s": 1234.0}
@@ -115,3 +117,17 @@ def test_python_warnings_appear_once_tagged_with_the_rank(capsys):
     assert err[1] == "[rank 3] warning: RuntimeWarning: other warning (lib.py:7)"
     assert err[2] == "warning: UserWarning: main's warning (lib.py:9)"
     assert warnings.showwarning is not None and warnings.showwarning.__module__ == "warnings"  # restored
+
+
+def test_a_run_that_stalls_is_said_once_per_stall():
+    """A process stopped by SIGSTOP leaves the others waiting in a collective: after the stall time, each waiting
+    process says so (once per stall), long before torch's 30-minute timeout."""
+    said: list[str] = []
+    with StallWatch(said.append, stall_s=0.2) as stall:
+        time.sleep(0.6)
+        assert len(said) == 1 and said[0].startswith("no step has finished for 0 minutes: a process may be stopped")
+        stall.beat()  # a step finished: a new stall may be said again
+        time.sleep(0.1)
+        assert len(said) == 1
+        time.sleep(0.5)
+    assert len(said) == 2

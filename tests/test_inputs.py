@@ -393,3 +393,12 @@ def test_networks_too_big_for_memory_and_absurd_sample_counts_are_one_line(expor
     result = main_of("vaegan_dist.cli.sample", exported, "--count", "1000000000", "--out", tmp_path / "s.npy",
                      capfd=capfd)
     assert_one_line_error(result, EXIT_BAD_INPUT, "--count must be from 1 to 100,000")
+
+
+def test_an_eval_out_that_cannot_be_written_fails_before_the_evaluation(exported, capfd, monkeypatch):
+    def evaluated(*args):
+        raise AssertionError("the evaluation ran")
+
+    monkeypatch.setattr("vaegan_dist.cli.eval.mnist_report", evaluated)
+    result = main_of("vaegan_dist.cli.eval", exported, "--out", "/proc/evaluation.json", "--device", "cpu", capfd=capfd)
+    assert_one_line_error(result, EXIT_BAD_INPUT, "cannot write --out /proc/evaluation.json")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 from pathlib import Path
 
 import torch
@@ -105,6 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         refuse_output(args.out, "--out")
         args.out.parent.mkdir(parents=True, exist_ok=True)  # before the evaluation's minute, not after it
+        tempfile.TemporaryFile(dir=args.out.parent).close()  # and writable (a read-only or full file system)
     except OutputError as err:
         fail(str(err))
     except OSError as err:

@@ -111,6 +111,10 @@ class Console:
         if self.is_main:
             self._show_warning(message)
 
+    def warn_here(self, message: str) -> None:
+        """A warning of this process alone (tagged with its rank off the main process)."""
+        self._show_warning(message)
+
     def error(self, message: str) -> None:
         """An error that ends the run, the same on every process: the main process shows it."""
         if self.is_main:

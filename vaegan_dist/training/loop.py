@@ -38,7 +38,7 @@ from vaegan_dist.model.networks import (
 from vaegan_dist.training.console import Console
 from vaegan_dist.training.cpu import configure_cpu
 from vaegan_dist.training.cuda_graphs import check_launch_free
-from vaegan_dist.training.metrics import CollapseWatch, peak_memory_mb
+from vaegan_dist.training.metrics import CollapseWatch, StallWatch, peak_memory_mb
 from vaegan_dist.training.preemption import PreemptionWatch, requeue_slurm_job
 from vaegan_dist.training.setup import Run, announce, output_dir_held, start
 from vaegan_dist.training.state import Position, TrainState
@@ -206,9 +206,9 @@ def save_periodically(run: Run, state: TrainState) -> None:
 
 # ---------------------------------------------------------------------------------------------- the loop
 
-def train_loop(run: Run, state: TrainState, watch: PreemptionWatch) -> Ending:
+def train_loop(run: Run, state: TrainState, watch: PreemptionWatch, stall: StallWatch) -> Ending:
     """Steps to the run's last step (FINISHED), or until a stop signal (PREEMPTED; INTERRUPTED for Ctrl-C) or
-    max_consecutive_skips skipped steps in a row (DIVERGED)."""
+    max_consecutive_skips skipped steps in a row (DIVERGED); `stall` hears of each step's end."""
     config, collapse, consecutive_skips = run.config, CollapseWatch(), 0
     run.console.start_progress(run.last_step, state.position.step,
                                epochs=-(-run.last_step // run.shards.steps_per_epoch()),
@@ -239,6 +239,7 @@ def train_loop(run: Run, state: TrainState, watch: PreemptionWatch) -> Ending:
         # no checkpoint while steps are skipped: it would hold weights that give non-finite losses
         if (step % config.save_every == 0 or best_now) and step != run.last_step and not consecutive_skips:
             save_periodically(run, state)
+        stall.beat()
     return Ending.FINISHED
 
 
@@ -317,6 +318,7 @@ def train(config: TrainConfig, accelerator: Accelerator, console: Console | None
             return Ending.FINISHED
         announce(run, state)
         first_step, started = state.position.step, time.perf_counter()
-        with PreemptionWatch(console.info) as watch:  # kept through the last save: a late signal waits for it
-            ending = train_loop(run, state, watch)
+        # kept through the last save: a late signal waits for it
+        with PreemptionWatch(console.info) as watch, StallWatch(console.warn_here) as stall:
+            ending = train_loop(run, state, watch, stall)
             return finish(run, state, ending, state.position.step - first_step, started)

@@ -1,10 +1,13 @@
 """What training reports as it goes: the metrics window averaged into each logged record, and the checks read off
-the records (a collapsed discriminator). The records go to metrics.jsonl (vaegan_dist.checkpoint.metrics_log)."""
+the records (a collapsed discriminator) or off the clock (a run that stalls). The records go to metrics.jsonl
+(vaegan_dist.checkpoint.metrics_log)."""
 
 from __future__ import annotations
 
 import resource
+import threading
 import time
+from collections.abc import Callable
 
 import torch
 from accelerate import Accelerator
@@ -18,6 +21,7 @@ from vaegan_dist.training.step import StepResult
 # for COLLAPSE_RECORDS logged records in a row has stopped giving the other networks a useful signal.
 COLLAPSE_MARGIN = 0.01
 COLLAPSE_RECORDS = 10
+STALL_S = 600.0  # no step, save or evaluation finished for this long: say so (torch's collectives wait 30 minutes)
 
 
 class MetricWindow:
@@ -88,3 +92,34 @@ class CollapseWatch:
         return (f"the discriminator has collapsed: D(x) = {record['d_x']:.4f} and D(x̃) = {record['d_x_tilde']:.4f} "
                 f"for {COLLAPSE_RECORDS} records in a row. Lower --lr, or resume an earlier checkpoint with other "
                 "settings.")
+
+
+class StallWatch:
+    """Says once, from a thread, when no step has finished for STALL_S seconds: a process stopped (SIGSTOP, a
+    debugger), hung (a file system) or gone quiet leaves the others waiting in a collective without a word until
+    torch's timeout. `beat()` after each step, save and evaluation; use it as a context manager."""
+
+    def __init__(self, warn: Callable[[str], None], stall_s: float | None = None) -> None:
+        self._warn, self._stall_s = warn, stall_s or STALL_S
+        self._last = time.monotonic()
+        self._done = threading.Event()
+
+    def beat(self) -> None:
+        self._last = time.monotonic()
+
+    def __enter__(self) -> StallWatch:
+        threading.Thread(target=self._watch, name="stall-watch", daemon=True).start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._done.set()
+
+    def _watch(self) -> None:
+        warned_for = None
+        while not self._done.wait(min(30.0, self._stall_s / 4)):
+            quiet = time.monotonic() - self._last
+            if quiet > self._stall_s and warned_for != self._last:
+                warned_for = self._last
+                self._warn(f"no step has finished for {quiet / 60:.0f} minutes: a process may be stopped (SIGSTOP, "
+                           "a debugger) or stuck (a file system, a lost node); the others wait in a collective until "
+                           "torch's timeout (30 minutes) ends the run")
