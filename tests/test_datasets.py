@@ -104,8 +104,7 @@ def test_the_data_sets_shapes_are_checked_and_need_their_files():
 
 def test_conv_trains_on_cifar10_and_its_export_evaluates_with_the_data_given(tmp_path, capsys, monkeypatch):
     """With a stand-in for Inception: the training's evaluations and vaegan-eval's report an FID."""
-    for module in ("vaegan_dist.training.setup", "vaegan_dist.cli.eval"):
-        monkeypatch.setattr(f"{module}.inception_fid", lambda: inception_fid(StandIn()))
+    monkeypatch.setattr("vaegan_dist.evaluation.reconstruction.inception_fid", lambda: inception_fid(StandIn()))
     root = fake_cifar(tmp_path / "data", binary=True, per_batch=16)
     config = tiny_config(architecture="conv", conv_width=0.0625, dataset="cifar10", data_dir=str(root),
                          batch_size=8, max_steps=3, eval_samples=10, output_dir=str(tmp_path / "run"))

@@ -12,21 +12,23 @@ import yaml
 from vaegan_dist.config import ConfigError
 
 
+def refuse_repeats(keys: list[Any]) -> None:
+    """A key given twice in one mapping is an error (not: the last one wins)."""
+    if duplicate := next((key for i, key in enumerate(keys) if key in keys[:i]), None):
+        raise ConfigError(f"setting {duplicate!r} is given twice: keep one")
+
+
 class UniqueKeyLoader(yaml.SafeLoader):
-    """YAML's safe loader, but a key given twice in one mapping is an error (not: the last one wins)."""
+    """YAML's safe loader, refusing repeated keys."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        keys = [self.construct_object(key, deep=deep) for key, _ in node.value]
-        if duplicate := next((key for i, key in enumerate(keys) if key in keys[:i]), None):
-            raise ConfigError(f"setting {duplicate!r} is given twice: keep one")
+        refuse_repeats([self.construct_object(key, deep=deep) for key, _ in node.value])
         return super().construct_mapping(node, deep)
 
 
 def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """json's object_pairs_hook: a key given twice is an error."""
-    keys = [key for key, _ in pairs]
-    if duplicate := next((key for i, key in enumerate(keys) if key in keys[:i]), None):
-        raise ConfigError(f"setting {duplicate!r} is given twice: keep one")
+    """json's object_pairs_hook, refusing repeated keys."""
+    refuse_repeats([key for key, _ in pairs])
     return dict(pairs)
 
 

@@ -19,12 +19,10 @@ from vaegan_dist.config import MAX_EVAL_SAMPLES, MIN_EVAL_SAMPLES, TrainConfig
 from vaegan_dist.data.images import load_images
 from vaegan_dist.data.mnist import DataError
 from vaegan_dist.evaluation.classifier import NUM_CLASSES
-from vaegan_dist.evaluation.inception import FIDUnavailable, SampleFID, inception_fid
-from vaegan_dist.evaluation.reconstruction import HeldOut, evaluate_images
+from vaegan_dist.evaluation.reconstruction import evaluate_images, held_out_images
 from vaegan_dist.evaluation.scores import DEFAULT_SAMPLES, LATENT_ROWS, RECON_ROWS, SAMPLE_ROWS, Reference, evaluate
 from vaegan_dist.exits import fail
 from vaegan_dist.hub.network_files import ExportError, load_networks
-from vaegan_dist.model.networks import images_to_pixels
 
 
 def histogram_text(scores: dict[str, float], prefix: str = "") -> str:
@@ -49,11 +47,10 @@ def mnist_report(args: argparse.Namespace, config: TrainConfig, encoder: nn.Modu
                  decoder: nn.Module) -> tuple[Table, dict]:
     """The classifier's metrics beside their floor, as a table and as the JSON report."""
     scores = evaluate(encoder, decoder, config, args.samples, Reference(args.device), args.seed)
-    seed = config.seed if args.seed is None else args.seed
-    table = results_table(scores, f"{args.directory}: {args.samples} samples, seed {seed}")
+    table = results_table(scores, f"{args.directory}: {args.samples} samples, seed {args.seed}")
     model = {k: v for k, v in scores.items() if not k.startswith("floor_")}
     floor = {k.removeprefix("floor_"): v for k, v in scores.items() if k.startswith("floor_")}
-    return table, {"directory": str(args.directory), "num_samples": args.samples, "seed": seed, "model": model,
+    return table, {"directory": str(args.directory), "num_samples": args.samples, "seed": args.seed, "model": model,
                    "floor": floor}
 
 
@@ -62,13 +59,9 @@ def images_report(args: argparse.Namespace, config: TrainConfig, encoder: nn.Mod
     """Other images than MNIST: the reconstruction error of up to --samples held-out images, and the FID of
     --samples samples against all of them where Inception can be had."""
     (test_images,) = load_images(config, "test", data_dir=args.data_dir)
-    held_out = HeldOut(images_to_pixels(test_images[:args.samples]).to(args.device))
-    try:
-        held_out.sample_fid = SampleFID(test_images, inception_fid(), args.device)
-    except FIDUnavailable as err:
-        Console(stderr=True).print(f"warning: {err}", markup=False)
-    seed = config.seed if args.seed is None else args.seed
-    scores = evaluate_images(None, encoder, decoder, held_out, args.samples, config.latent_dim, seed)
+    held_out = held_out_images(test_images, args.samples, args.device,
+                               lambda line: Console(stderr=True).print(f"warning: {line}", markup=False))
+    scores = evaluate_images(None, encoder, decoder, held_out, args.samples, config.latent_dim, args.seed)
     table = Table(title=f"{args.directory}: {min(args.samples, len(test_images))} held-out images")
     for column in ("metric", "model"):
         table.add_column(column)
@@ -77,7 +70,7 @@ def images_report(args: argparse.Namespace, config: TrainConfig, encoder: nn.Mod
     if "fid" in scores:
         table.add_row(f"FID ↓ ({args.samples} samples, Inception)", f"{scores['fid']:.3f}")
     return table, {"directory": str(args.directory), "num_images": min(args.samples, len(test_images)),
-                   "seed": seed, "model": scores}
+                   "seed": args.seed, "model": scores}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -113,6 +106,7 @@ def main(argv: list[str] | None = None) -> None:
         fail(f"cannot write --out {args.out} ({err.strerror or err}): choose a writable path")
     try:
         config, encoder, decoder = load_networks(args.directory, args.device, args.weights)
+        args.seed = config.seed if args.seed is None else args.seed  # the run's, unless told
         table, report = (mnist_report if config.dataset == "mnist" else images_report)(args, config, encoder, decoder)
     except (ExportError, DataError) as err:
         fail(str(err))

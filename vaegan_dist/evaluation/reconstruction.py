@@ -9,15 +9,16 @@ on other images it is these, and the FID of samples against the held-out images 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
 from torch import Tensor, nn
 
-from vaegan_dist.evaluation.inception import SampleFID
+from vaegan_dist.evaluation.inception import FIDUnavailable, SampleFID, inception_fid
 from vaegan_dist.evaluation.scores import prior_samples, share
-from vaegan_dist.model.networks import eval_mode
+from vaegan_dist.model.networks import eval_mode, images_to_pixels
 
 BATCH = 500
 MIN_ERROR = 1e-10  # a perfect reconstruction's PSNR: 100 dB, not infinity
@@ -43,6 +44,19 @@ class HeldOut:
 
     pixels: Tensor
     sample_fid: SampleFID | None = None
+
+
+def held_out_images(test_images: Tensor, count: int, device: torch.device | str,
+                    warn: Callable[[str], None] | None) -> HeldOut:
+    """The first `count` of the held-out images (uint8 (N, C, H, W)) to reconstruct, on device; and, given `warn`
+    (the process that scores), the FID of samples against all of them, or `warn` saying why FID is off."""
+    held_out = HeldOut(images_to_pixels(test_images[:count]).to(device))
+    if warn is not None:
+        try:
+            held_out.sample_fid = SampleFID(test_images, inception_fid(), device)
+        except FIDUnavailable as err:
+            warn(str(err))
+    return held_out
 
 
 def evaluate_images(accelerator: Accelerator | None, encoder: nn.Module, decoder: nn.Module, held_out: HeldOut,

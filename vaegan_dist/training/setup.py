@@ -24,8 +24,7 @@ from vaegan_dist.config import ConfigError, TrainConfig
 from vaegan_dist.data.images import load_images
 from vaegan_dist.data.mnist import DataError
 from vaegan_dist.data.sharding import ShardedBatches, derived_seed
-from vaegan_dist.evaluation.inception import FIDUnavailable, SampleFID, inception_fid
-from vaegan_dist.evaluation.reconstruction import HeldOut
+from vaegan_dist.evaluation.reconstruction import HeldOut, held_out_images
 from vaegan_dist.evaluation.scores import Reference
 from vaegan_dist.model.networks import (
     Autoencoder,
@@ -202,13 +201,8 @@ def evaluation_reference(config: TrainConfig, accelerator: Accelerator, console:
     if not config.eval_samples:
         return None
     if config.dataset != "mnist":
-        held_out = HeldOut(images_to_pixels(test_images[:config.eval_samples]).to(accelerator.device))
-        if accelerator.is_main_process:  # FID's real side: every held-out image, embedded once
-            try:
-                held_out.sample_fid = SampleFID(test_images, inception_fid(), accelerator.device)
-            except FIDUnavailable as err:
-                console.warn(str(err))
-        return held_out
+        return held_out_images(test_images, config.eval_samples, accelerator.device,
+                               console.warn if accelerator.is_main_process else None)
     try:
         return Reference(accelerator.device)
     except (OSError, RuntimeError, DataError) as err:  # evaluating is never worth losing the training run
