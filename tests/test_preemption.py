@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -55,10 +56,10 @@ def test_a_save_failing_on_one_process_fails_on_all_and_keeps_the_previous_check
     assert (checkpoints_dir(tmp_path) / "latest").read_text() == "step_0000001\n"
 
 
-def start_tiny_run(out, *, under_launcher=False):
+def start_tiny_run(out, *, under_launcher=False, **settings):
     """A tiny run on its way once its first record is written: two processes under `accelerate launch`, or one
     process as `python -m vaegan_dist.train` runs, forked (tests/forked.py); its output goes to a file beside out."""
-    flags = tiny_flags(batch_size=16, log_every=1, output_dir=out)
+    flags = tiny_flags(batch_size=16, log_every=1, output_dir=out, **settings)
     if under_launcher:
         command, env = launch_command(flags, num_processes=2)
         run = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -105,10 +106,12 @@ def test_a_second_ctrl_c_quits_at_once_saving_nothing(tmp_path, monkeypatch):
     assert signal.getsignal(signal.SIGINT) is before  # pytest's own Ctrl-C is back
 
 
-def test_ctrl_c_under_accelerate_launch_saves_on_every_process(tmp_path):
-    """A terminal's Ctrl-C reaches the launcher, which passes SIGINT on to its processes (torch elastic)."""
+def test_ctrl_c_under_accelerate_launch_cuts_the_evaluation_short_and_saves_on_every_process(tmp_path):
+    """A terminal's Ctrl-C reaches the launcher, which passes SIGINT on to its processes (torch elastic). It lands
+    in an evaluation (one after every step, of 10,000 samples, some 10 s): the processes agree to end it within a
+    batch, and save."""
     out = tmp_path / "run"
-    with start_tiny_run(out, under_launcher=True) as run:
+    with start_tiny_run(out, under_launcher=True, eval_every=1, eval_samples=10_000) as run:
         try:
             run.send_signal(signal.SIGINT)
             output, _ = run.communicate(timeout=120)
@@ -116,7 +119,11 @@ def test_ctrl_c_under_accelerate_launch_saves_on_every_process(tmp_path):
             run.kill()
     assert "stopped by SIGINT" in output, output[-3000:]  # (the launcher then reports its own SignalException)
     checkpoint = final_checkpoint(out)
-    assert checkpoint.state["world_size"] == 2 and checkpoint.state["position"]["step"] > 0
+    step = checkpoint.state["position"]["step"]
+    assert checkpoint.state["world_size"] == 2 and step > 0
+    assert f"the evaluation at step {step} was cut short by the stop signal" in output
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert not [r for r in records if r["step"] == step and "eval/fid" in r]
 
 
 def test_a_repeated_sigterm_keeps_the_first_ones_exit_code():

@@ -16,6 +16,7 @@ import torch
 from accelerate import Accelerator
 from torch import Tensor, nn
 
+from vaegan_dist.evaluation.batches import StopCheck, batches
 from vaegan_dist.evaluation.inception import FIDUnavailable, SampleFID, inception_fid
 from vaegan_dist.evaluation.scores import prior_samples, share
 from vaegan_dist.model.networks import eval_mode, images_to_pixels
@@ -24,11 +25,12 @@ BATCH = 500
 MIN_ERROR = 1e-10  # a perfect reconstruction's PSNR: 100 dB, not infinity
 
 
-def squared_errors(encoder: nn.Module, decoder: nn.Module, pixels: Tensor) -> Tensor:
+def squared_errors(encoder: nn.Module, decoder: nn.Module, pixels: Tensor,
+                   stop_requested: StopCheck | None = None) -> Tensor:
     """Each image's mean squared error on [0, 1] pixels, (N,), of pixel rows (N, C·H·W) in [-1, 1]."""
     with eval_mode(encoder, decoder):
         errors = [((decoder(encoder(part)[0]).float() - part.float()) / 2).square().mean(dim=1)
-                  for part in pixels.split(BATCH)]
+                  for part in batches(pixels, BATCH, stop_requested)]
     return torch.cat(errors) if errors else pixels.new_zeros(0)
 
 
@@ -60,15 +62,17 @@ def held_out_images(test_images: Tensor, count: int, device: torch.device | str,
 
 
 def evaluate_images(accelerator: Accelerator | None, encoder: nn.Module, decoder: nn.Module, held_out: HeldOut,
-                    num_samples: int, latent_dim: int, seed: int) -> dict[str, float]:
+                    num_samples: int, latent_dim: int, seed: int,
+                    stop_requested: StopCheck | None = None) -> dict[str, float]:
     """The reconstruction scores of the first num_samples held-out images, each process reconstructing its share,
     and the FID of num_samples samples (z seeded with seed), on the main process ({} elsewhere). Call it on every
-    process at the same point (accelerator None: this process alone)."""
+    process at the same point (accelerator None: this process alone); stop_requested as in evaluate_distributed
+    (the main process's FID is not checked: no other process runs it)."""
     pixels = held_out.pixels[:num_samples]
     if accelerator is None:
         errors = squared_errors(encoder, decoder, pixels)
     else:
-        errors = accelerator.gather(squared_errors(encoder, decoder, share(pixels, accelerator)))
+        errors = accelerator.gather(squared_errors(encoder, decoder, share(pixels, accelerator), stop_requested))
         if not accelerator.is_main_process:
             return {}
     scores = reconstruction_scores(errors[:len(pixels)])

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from vaegan_dist.config import MIN_EVAL_SAMPLES, TrainConfig
 from vaegan_dist.data.mnist import load_mnist
+from vaegan_dist.evaluation.batches import StopCheck, batches
 from vaegan_dist.evaluation.classifier import Classifier, accuracy, embed, load_classifier
 from vaegan_dist.evaluation.statistics import (
     aggregate_posterior,
@@ -108,24 +109,26 @@ def posterior_noise(num_test: int, latent_dim: int, seed: int) -> Tensor:
     return prior_samples(num_test, latent_dim, seed + 1)
 
 
-def embed_samples(decoder: nn.Module, reference: Reference, z: Tensor) -> tuple[Tensor, Tensor]:
+def embed_samples(decoder: nn.Module, reference: Reference, z: Tensor,
+                  stop_requested: StopCheck | None = None) -> tuple[Tensor, Tensor]:
     """(features, probs) of the samples Dec(z), dropout off."""
     with eval_mode(decoder):
-        samples = torch.cat([decoder(part.to(reference.device)).float() for part in z.split(BATCH)])
+        samples = torch.cat([decoder(part.to(reference.device)).float()
+                             for part in batches(z, BATCH, stop_requested)])
     return embed(reference.classifier, samples)
 
 
-def reconstruct_test(encoder: nn.Module, decoder: nn.Module, reference: Reference,
-                     test_index: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def reconstruct_test(encoder: nn.Module, decoder: nn.Module, reference: Reference, test_index: Tensor,
+                     stop_requested: StopCheck | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Of the reconstructions Dec(μ(x)) of the test images test_index, one row per image: the squared error
     on [0, 1] pixels, correct (1.0 or 0.0), the classifier's features; and the encoder's μ and log σ²."""
     index = test_index.to(reference.device)
     x = reference.test_pixels[index]
     with eval_mode(encoder, decoder):
-        posterior = [encoder(part) for part in x.split(BATCH)]
+        posterior = [encoder(part) for part in batches(x, BATCH, stop_requested)]
         mu = torch.cat([m.float() for m, _ in posterior])
         logvar = torch.cat([v.float() for _, v in posterior])
-        x_tilde = torch.cat([decoder(part).float() for part in mu.split(BATCH)])
+        x_tilde = torch.cat([decoder(part).float() for part in batches(mu, BATCH, stop_requested)])
     features, probs = embed(reference.classifier, x_tilde)
     correct = (probs.argmax(dim=1) == reference.test_labels[index]).float()
     return ((x_tilde - x) / 2).square().mean(dim=1), correct, features, mu, logvar
@@ -173,19 +176,21 @@ def share(rows: Tensor, accelerator: Accelerator) -> Tensor:
 
 
 def evaluate_distributed(accelerator: Accelerator, encoder: nn.Module, decoder: nn.Module, config: TrainConfig,
-                         num_samples: int, reference: Reference | None = None) -> dict[str, float]:
+                         num_samples: int, reference: Reference | None = None,
+                         stop_requested: StopCheck | None = None) -> dict[str, float]:
     """evaluate() split over the processes: each generates and embeds its share of the samples (the same z as
     one process would draw, seeded with config.seed) and reconstructs its share of the test images; the main
     process gathers the results and computes the metrics. Returns them on the main process, {} elsewhere.
 
-    encoder and decoder are the unwrapped networks; call it on every process at the same point.
+    encoder and decoder are the unwrapped networks; call it on every process at the same point. Before each batch
+    that every process runs, stop_requested() (agreed over the processes) may end it (EvaluationStopped).
     """
     check_num_samples(num_samples)
     reference = reference or Reference(accelerator.device)
     z = prior_samples(num_samples, config.latent_dim, config.seed)
     num_test = min(num_samples, len(reference.test_pixels))
-    features, probs = embed_samples(decoder, reference, share(z, accelerator))
-    recon = reconstruct_test(encoder, decoder, reference, share(torch.arange(num_test), accelerator))
+    features, probs = embed_samples(decoder, reference, share(z, accelerator), stop_requested)
+    recon = reconstruct_test(encoder, decoder, reference, share(torch.arange(num_test), accelerator), stop_requested)
     features, probs, *recon = accelerator.gather((features, probs, *recon))
     if not accelerator.is_main_process:
         return {}

@@ -2,7 +2,7 @@
 directory, the checkpoint it resumes, the networks, the data, the state restored) and announce it; then the loop,
 whose every step is
 
-    lr → step → log → W&B grids → stop? → evaluate → epoch pictures → checkpoint
+    lr → step → log → W&B grids → evaluate (a stop signal cuts it short) → stop? → epoch pictures → checkpoint
 
 and the end that the loop's outcome (finished, diverged, preempted) calls for, whose value is the exit code.
 """
@@ -26,6 +26,7 @@ from vaegan_dist.checkpoint.layout import BEST, CheckpointError, checkpoints_dir
 from vaegan_dist.checkpoint.writing import keep_last_good, link_checkpoint, save_checkpoint
 from vaegan_dist.config import TrainConfig
 from vaegan_dist.data.sharding import ShardedBatches
+from vaegan_dist.evaluation.batches import EvaluationStopped
 from vaegan_dist.evaluation.pictures import grid_image, grid_pixels, save_epoch_grids
 from vaegan_dist.evaluation.reconstruction import evaluate_images, reconstruction_line
 from vaegan_dist.evaluation.report import ReportError, write_report
@@ -148,20 +149,28 @@ def note_if_best(run: Run, state: TrainState, scores: dict[str, float]) -> None:
         state.best = {"step": state.position.step, "value": value.item()}
 
 
-def evaluate_now(run: Run, state: TrainState, epoch: int) -> None:
-    """The sample-quality evaluation, logged like a record; a failure costs a warning, never the run."""
+def evaluate_now(run: Run, state: TrainState, epoch: int, watch: PreemptionWatch) -> None:
+    """The sample-quality evaluation, logged like a record; a failure costs a warning, never the run. A stop
+    signal ends it within a batch (the loop then stops with a checkpoint)."""
     started, step = time.perf_counter(), state.position.step
     run.console.begin_evaluation(f"evaluating at step {step}")
     share_running_statistics(run)
     scores: dict[str, float] = {}
     mnist, config = isinstance(run.reference, Reference), run.config
+
+    def stop_requested() -> bool:  # a collective: every process asks before the same batch
+        return watch.requested(run.accelerator) is not None
+
     try:
         if mnist:
             scores = evaluate_distributed(run.accelerator, *run.autoencoder, config, config.eval_samples,
-                                          run.reference)
+                                          run.reference, stop_requested)
         else:
             scores = evaluate_images(run.accelerator, *run.autoencoder, run.reference, config.eval_samples,
-                                     config.latent_dim, config.seed)
+                                     config.latent_dim, config.seed, stop_requested)
+    except EvaluationStopped:
+        run.console.info(f"the evaluation at step {step} was cut short by the stop signal (`vaegan-eval` scores "
+                         "the checkpoint)")
     except Exception as err:
         run.console.warn(f"the evaluation at step {step} failed ({type(err).__name__}: {err}); training continues")
     else:
@@ -226,13 +235,13 @@ def train_loop(run: Run, state: TrainState, watch: PreemptionWatch, stall: Stall
         run.console.advance(step, epoch)
         if consecutive_skips == config.max_consecutive_skips:
             return Ending.DIVERGED
+        if evaluation_due(run, step):
+            evaluate_now(run, state, epoch, watch)
         if stop_signal := watch.requested(run.accelerator):
             ending = Ending.INTERRUPTED if stop_signal == signal.SIGINT else Ending.PREEMPTED
             run.console.info(f"stopped by {stop_signal.name} at step {step}: exit code {ending.value}; run the same "
                              "command again to resume")
             return ending
-        if evaluation_due(run, step):
-            evaluate_now(run, state, epoch)
         if position.epoch > epoch:
             save_pictures(run, f"epoch_{epoch + 1:03d}")
         best_now = state.best is not None and state.best["step"] == step
