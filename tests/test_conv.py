@@ -5,6 +5,7 @@ tests/test_folder.py)."""
 from __future__ import annotations
 
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,10 +17,13 @@ from tests.test_step import make_inputs, reference_gradients
 from vaegan_dist import VAEGAN
 from vaegan_dist.checkpoint.layout import checkpoints_dir
 from vaegan_dist.checkpoint.reading import Checkpoint, newest_complete, verify
+from vaegan_dist.config import ConfigError
 from vaegan_dist.hub.model import export_networks
 from vaegan_dist.model.conv import ConvDecoder, ConvEncoder, ConvShape, conv_discriminator
+from vaegan_dist.model.dropout import Dropout
 from vaegan_dist.model.networks import PerNetwork, build_models, moving_averages, update_averages
 from vaegan_dist.training.loop import train
+from vaegan_dist.training.setup import sync_batch_norm
 from vaegan_dist.training.step import adam_optimizers, routed_gradients, train_step
 
 CONV = dict(architecture="conv", conv_width=0.0625, latent_dim=4)
@@ -50,12 +54,39 @@ def test_the_networks_are_the_papers_for_each_image_size(image_shape, middle):
     assert logit.shape == (2, 1) and features.shape == (2, 256 * side * side)  # Dis_l: the third strided block
 
 
+def test_the_discriminator_drops_out_before_every_layer_with_the_same_weights_at_any_rate():
+    shape = ConvShape((1, 28, 28), width=0.0625)
+    paper, dropping = conv_discriminator(shape, "hidden"), conv_discriminator(shape, "hidden", dropout=0.5)
+    assert [m.p for m in layers(dropping, Dropout)] == [0.5] * 6
+    assert paper.state_dict().keys() == dropping.state_dict().keys()
+    x = torch.rand(4, 784)
+    assert torch.equal(paper(x), paper(x)) and not torch.equal(dropping(x), dropping(x))
+
+
+def test_sync_batchnorm_converts_every_batch_norm_on_several_gpus_and_is_one_line_on_cpus():
+    def accelerator(processes, device):
+        return SimpleNamespace(num_processes=processes, device=torch.device(device))
+
+    networks = build_models(tiny_config(**CONV))
+    keys = [net.state_dict().keys() for net in networks]
+    assert sync_batch_norm(networks, accelerator(1, "cuda")) is networks  # nothing to sync with
+    synced = sync_batch_norm(networks, accelerator(2, "cuda"))
+    for net in synced:
+        norms = layers(net, nn.modules.batchnorm._BatchNorm)
+        assert norms and all(isinstance(m, nn.SyncBatchNorm) for m in norms)
+    assert [net.state_dict().keys() for net in synced] == keys  # checkpoints and exports alike
+    with pytest.raises(ConfigError, match="needs GPUs"):
+        sync_batch_norm(networks, accelerator(2, "cpu"))
+    with pytest.raises(ConfigError, match="needs --architecture conv"):
+        tiny_config(sync_batchnorm=True)
+
+
 @pytest.mark.parametrize("similarity", ["logit", "hidden"])
 def test_routed_gradients_match_an_independent_formulation_with_batch_norm(similarity):
     """Batch norm makes each image's output depend on its batch: the reference sees the batches the step does
     ([z; z_p] in the decoder, [x; x̃; x_p] in the discriminator), in separate graphs per network's loss."""
     config = tiny_config(**CONV, similarity=similarity, generator_loss="minimax", pixel_weight=2.0,
-                         prior_match_weight=1.0)
+                         prior_match_weight=1.0, dropout=0.0)
     torch.manual_seed(3)
     networks = [net.double() for net in build_models(config)]
     x, eps, z_p = make_inputs(config)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from tests.conftest import tiny_config
-from vaegan_dist.model.mlp import Dropout
+from vaegan_dist.model.dropout import Dropout
 from vaegan_dist.model.networks import build_models, eval_mode
 
 

@@ -79,12 +79,15 @@ class TrainConfig:
                               "discriminator's first (it halves per layer)")
     depth: int = setting(3, "mlp: hidden layers in each network")
     conv_width: float = setting(1.0, "conv: channels and units as a multiple of the paper's (0.25 trains on a CPU)")
-    dropout: float = setting(0.1, "mlp: dropout before every linear layer, where no per-network value replaces it")
+    dropout: float = setting(0.1, "dropout before every layer of the mlp networks and of the conv discriminator, "
+                             "where no per-network value replaces it")
     encoder_dropout: float | None = setting(0.0, "the encoder's dropout (none: --dropout)")
     decoder_dropout: float | None = setting(0.0, "the decoder's dropout (none: --dropout)")
     discriminator_dropout: float | None = setting(None, "the discriminator's dropout (none: --dropout)")
     spectral_norm: bool = setting(False, "spectral normalisation of every discriminator layer (Miyato et al. "
                                   "2018)")
+    sync_batchnorm: bool = setting(False, "conv on several GPUs: batch norm over the whole batch of all processes "
+                                   "(torch's SyncBatchNorm), not each process's share")
     # Optimisation: one Adam per network
     lr: float = setting(3e-4, "Adam's learning rate")
     discriminator_lr_scale: float = setting(1.0, "the discriminator's learning rate is lr times this (two "
@@ -183,6 +186,8 @@ class TrainConfig:
         _require("eval_every_images", not (self.eval_every_images and self.eval_every), "and 'eval_every' are both "
                  "set: choose one")
         _require("keep_best", not self.keep_best or self.eval_samples, "needs evaluations (eval_samples > 0)")
+        _require("sync_batchnorm", not self.sync_batchnorm or self.architecture == "conv",
+                 "needs --architecture conv: the mlp networks have no batch norm")
         _require("cuda_graphs", not (self.cuda_graphs and self.compile),
                  "cannot be combined with 'compile': choose one of --cuda-graphs and --compile")
         _require("cuda_graphs", not (self.cuda_graphs and self.mixed_precision == "fp16"),
@@ -210,6 +215,9 @@ class TrainConfig:
                  "must be at least 2 with --architecture conv: batch norm needs two images per process")
         _require("image_size", self.architecture != "conv" or self.image_shape[1] % 2 == 0,
                  f"is {self.image_shape[1]}: the conv networks take an even side")
+        for network in ("encoder", "decoder"):
+            _require(f"{network}_dropout", self.architecture != "conv" or not getattr(self, f"{network}_dropout"),
+                     "must be 0 or none with --architecture conv: the paper's encoder and decoder have no dropout")
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -281,9 +289,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # held to N(0, I)'s mean and variance (10·mismatch): as good samples, and faithful reconstructions.
     "default": {},
     # The paper's CelebA recipe on the default's losses: its convolutional networks at full width, 64×64 colour
-    # crops of a folder (--data-dir img_align_celeba), 128 latent dimensions, batch 64 and its equilibrium margin.
+    # crops of a folder (--data-dir img_align_celeba), 128 latent dimensions, batch 64, its equilibrium margin and
+    # its discriminator without dropout.
     "celeba64": dict(architecture="conv", conv_width=1.0, dataset="folder", image_size=64, channels=3,
-                     latent_dim=128, batch_size=64, gan_margin=0.35),
+                     latent_dim=128, batch_size=64, gan_margin=0.35, discriminator_dropout=0.0),
 }
 DEFAULT_PRESET = "default"
 FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(TrainConfig))

@@ -9,10 +9,11 @@ For images of even side s (decoded at the next multiple of 8, s' ≥ s, and its 
                  channels; conv to the image's channels; tanh
   discriminator  conv 32 → ReLU; 3 × [conv stride 2 → BN → ReLU]: 128, 256, 256 channels, the last block's
                  output being Dis_l, the learned similarity (the authors' recon_depth 9); FC 512 → BN → ReLU;
-                 FC 1, the logit
+                 FC 1, the logit; dropout before each of its layers where the discriminator's dropout is set
+                 (the paper's has none)
 Images of side 32 or less take the 32×32 variant: 192 where the 64×64 one has 256 in the middle layers (the
-decoder's first and the discriminator's second block). No dropout, as in the paper; the convolutions before a
-batch norm have no bias. Batch norm: see docs/architecture.md, "Batch norm".
+decoder's first and the discriminator's second block). The convolutions before a batch norm have no bias.
+Batch norm: see docs/architecture.md, "Batch norm".
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import math
 from torch import Tensor, nn
 
 from vaegan_dist.model.discriminator import Discriminator
+from vaegan_dist.model.dropout import Dropout
 
 KERNEL = 5
 ENCODER_UNITS, DISCRIMINATOR_UNITS = 1024, 512
@@ -97,10 +99,15 @@ class ConvDecoder(nn.Module):
         return self.out(self.body(z))
 
 
-def conv_discriminator(shape: ConvShape, similarity: str, spectral_norm: bool = False) -> Discriminator:
-    """Dis_l 'hidden' is the third strided block's maps, flattened (the authors' recon_depth 9)."""
+def conv_discriminator(shape: ConvShape, similarity: str, dropout: float = 0.0,
+                       spectral_norm: bool = False) -> Discriminator:
+    """Dis_l 'hidden' is the third strided block's maps, flattened (the authors' recon_depth 9). Dropout before
+    every layer, as in the fully connected discriminator (the paper's has none: dropout 0)."""
     c = [shape.image_channels, *shape.discriminator]
-    body = nn.Sequential(nn.Unflatten(1, shape.image_shape), nn.Conv2d(c[0], c[1], KERNEL, padding=KERNEL // 2),
-                         nn.ReLU(), *down(c[1], c[2]), *down(c[2], c[3]), *down(c[3], c[4]), nn.Flatten())
-    out = nn.Sequential(*dense(shape.flat(c[4]), shape.discriminator_units), nn.Linear(shape.discriminator_units, 1))
+    body = nn.Sequential(nn.Unflatten(1, shape.image_shape), Dropout(dropout),
+                         nn.Conv2d(c[0], c[1], KERNEL, padding=KERNEL // 2), nn.ReLU(),
+                         Dropout(dropout), *down(c[1], c[2]), Dropout(dropout), *down(c[2], c[3]),
+                         Dropout(dropout), *down(c[3], c[4]), nn.Flatten())
+    out = nn.Sequential(Dropout(dropout), *dense(shape.flat(c[4]), shape.discriminator_units), Dropout(dropout),
+                        nn.Linear(shape.discriminator_units, 1))
     return Discriminator(body, out, similarity, spectral_norm)

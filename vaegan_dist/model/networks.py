@@ -29,7 +29,8 @@ def build_models(config: TrainConfig) -> PerNetwork:
     if config.architecture == "conv":
         shape = ConvShape(config.image_shape, config.conv_width)
         return PerNetwork(ConvEncoder(shape, config.latent_dim), ConvDecoder(shape, config.latent_dim),
-                          conv_discriminator(shape, config.similarity, config.spectral_norm))
+                          conv_discriminator(shape, config.similarity, config.network_dropout("discriminator"),
+                                             config.spectral_norm))
     return PerNetwork(
         Encoder(config.image_pixels, config.hidden_dim, config.depth, config.latent_dim,
                 config.network_dropout("encoder")),

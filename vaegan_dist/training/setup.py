@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DDPCommunicationHookType, DistributedDataParallelKwargs, gather_object, set_seed
-from torch import Tensor
+from torch import Tensor, nn
 
 from vaegan_dist.checkpoint.layout import CheckpointError
 from vaegan_dist.checkpoint.lineage import Branch, branch_for, set_aside
@@ -152,6 +152,18 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
                        kwargs_handlers=[DistributedDataParallelKwargs(comm_hook=hook)])
 
 
+def sync_batch_norm(networks: PerNetwork, accelerator: Accelerator) -> PerNetwork:
+    """--sync-batchnorm: each batch norm normalises over every process's share of the batch (torch's SyncBatchNorm,
+    which keeps the parameters' and buffers' names, so checkpoints and exports are the same either way). One
+    process has nothing to sync with; torch syncs GPU tensors only."""
+    if accelerator.num_processes == 1:
+        return networks
+    if accelerator.device.type != "cuda":
+        raise ConfigError(f"setting 'sync_batchnorm' needs GPUs (torch's SyncBatchNorm syncs CUDA tensors only), "
+                          f"and this run is on {accelerator.device.type}: drop --sync-batchnorm")
+    return PerNetwork(*(nn.SyncBatchNorm.convert_sync_batchnorm(net) for net in networks))
+
+
 def build_networks(config: TrainConfig, accelerator: Accelerator) -> tuple[PerNetwork, PerNetwork, PerNetwork]:
     """(the prepared networks, the same unwrapped, their plain optimizers), initialised alike on every process."""
     set_seed(config.seed)  # the same initial weights on every process (DDP broadcasts rank 0's as well)
@@ -163,6 +175,8 @@ def build_networks(config: TrainConfig, accelerator: Accelerator) -> tuple[PerNe
             raise
         raise ConfigError(f"the networks do not fit in memory ({reason}): lower --hidden-dim, --conv-width or "
                           "--latent-dim") from None
+    if config.sync_batchnorm:
+        networks = sync_batch_norm(networks, accelerator)
     if config.compile:
         compile_networks(networks)
     prepared = accelerator.prepare(*networks, *adam_optimizers(networks, config))
