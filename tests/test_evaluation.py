@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torchvision.transforms.functional import gaussian_blur
 
+from tests import forked
 from tests.conftest import REPO, launch, tiny_config, tiny_flags
 from tests.test_distributed import read_metrics
 from vaegan_dist.cli import eval as eval_command
@@ -162,11 +163,13 @@ def training_records(output_dir):
 
 
 def test_evaluation_during_training_is_logged_and_changes_nothing_else(tmp_path):
+    """One process, forked (two processes evaluate as one does: test_two_processes_evaluate_as_one_does)."""
     runs, printed = {}, {}
     for name, eval_samples in (("with", 64), ("without", 0)):
         runs[name] = tmp_path / name
-        result = launch(tiny_flags(max_steps=6, log_every=2, eval_every=3, eval_samples=eval_samples,
-                                   output_dir=runs[name]), num_processes=2)
+        result = forked.run("vaegan_dist.train", tiny_flags(max_steps=6, log_every=2, eval_every=3,
+                                                            eval_samples=eval_samples, output_dir=runs[name]),
+                            tmp_path / f"{name}_logs")
         assert result.returncode == 0, result.stderr[-4000:]
         printed[name] = result.stdout
     evaluations = [r for r in read_metrics(runs["with"]) if "eval/fid" in r]

@@ -13,6 +13,7 @@ import torch
 
 from benchmarks.baseline import with_torch_dropout
 from benchmarks.bench import executed_flops, format_table, minimal_products, step_products, targets
+from tests import forked
 from tests.conftest import REPO, tiny_config, tiny_flags
 from vaegan_dist.checkpoint.layout import checkpoints_dir
 from vaegan_dist.checkpoint.reading import Checkpoint, newest_complete
@@ -233,13 +234,12 @@ def test_bench_judges_each_gradient_averaging_of_two_processes_and_names_bf16():
 
 
 def test_compiled_networks_train_and_checkpoint_under_their_own_names(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "vaegan_dist.train", *tiny_flags(
-        max_steps=2, log_every=1, output_dir=tmp_path, compile=True)], capture_output=True, text=True, cwd=REPO,
-        timeout=600)
+    result = forked.run("vaegan_dist.train", tiny_flags(max_steps=2, log_every=1, output_dir=tmp_path / "run",
+                                                        compile=True), tmp_path / "logs", timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2] and all(r["skipped_steps"] == 0 for r in records)
-    checkpoint = Checkpoint(newest_complete(checkpoints_dir(tmp_path), report=print))
+    checkpoint = Checkpoint(newest_complete(checkpoints_dir(tmp_path / "run"), report=print))
     assert checkpoint.config["compile"] is True
     encoder, decoder, _ = build_models(tiny_config())
     assert set(checkpoint.network("encoder")) == set(encoder.state_dict())

@@ -30,7 +30,7 @@ from vaegan_dist.model.networks import PerNetwork
 
 # A global batch of 4096 makes an epoch 14 steps: a stop at step 10 falls mid-epoch, and 20 steps cross an epoch.
 # The moving averages and spectral norm's power-iteration vectors are kept, so they resume exactly too.
-FLAGS = dict(global_batch_size=4096, log_every=5, ema_decay=0.9, spectral_norm=True)
+FLAGS = dict(global_batch_size=4096, log_every=5, save_every=10, ema_decay=0.9, spectral_norm=True)
 LOSS_KEYS = [*LossTerms.names(), *(f"grad_norm_{n}" for n in PerNetwork._fields), "skipped_steps"]
 
 
@@ -49,22 +49,26 @@ def train(output_dir, processes, max_steps, **flags):
 
 @pytest.fixture(scope="module")
 def made(tmp_path_factory):
-    """made(processes, max_steps): the output directory of a fresh run of FLAGS, trained on first use and shared
-    by the tests; copy it before resuming it."""
+    """made(processes): the output directory of a fresh 20-step run of FLAGS, trained on first use and shared by
+    the tests; copy it before resuming it."""
     runs = {}
 
-    def run(processes, max_steps):
-        if (processes, max_steps) not in runs:
-            output_dir = tmp_path_factory.mktemp(f"run_{processes}p") / f"{max_steps}_steps"
-            train(output_dir, processes, max_steps)
-            runs[processes, max_steps] = output_dir
-        return runs[processes, max_steps]
+    def run(processes):
+        if processes not in runs:
+            runs[processes] = tmp_path_factory.mktemp(f"run_{processes}p") / "20_steps"
+            train(runs[processes], processes, 20)
+        return runs[processes]
 
     return run
 
 
-def copy_of(output_dir, to):
-    return shutil.copytree(output_dir, to)
+def stopped_at_step_10(output_dir, to):
+    """A copy of a 20-step run as a crash after step 10's checkpoint leaves it: that checkpoint the newest, and
+    metrics.jsonl holding the records of the steps after it (the resume cuts them)."""
+    shutil.copytree(output_dir, to)
+    shutil.rmtree(checkpoints_dir(to) / "step_0000020")
+    (checkpoints_dir(to) / "latest").write_text("step_0000010\n")
+    return to
 
 
 def final_checkpoint(output_dir):
@@ -102,7 +106,8 @@ class Payload:
 
 @pytest.mark.parametrize("processes", [1, 2])
 def test_stop_and_resume_is_bitwise_identical_to_an_unbroken_run(tmp_path, processes, made):
-    straight, broken = made(processes, 20), copy_of(made(processes, 10), tmp_path / "broken")
+    straight = made(processes)
+    broken = stopped_at_step_10(straight, tmp_path / "broken")
     witness = tmp_path / "pwned"
     stopped = final_checkpoint(broken).path
     for name in ("optimizer.bin", "random_states_0.pkl", "random_states_1.pkl", "scaler.pt", "model.bin"):
@@ -122,7 +127,7 @@ def test_stop_and_resume_is_bitwise_identical_to_an_unbroken_run(tmp_path, proce
 
 @pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 2)])
 def test_elastic_resume_continues_the_epoch_on_another_process_count(tmp_path, before, after, made):
-    run = copy_of(made(before, 10), tmp_path / "run")
+    run = stopped_at_step_10(made(before), tmp_path / "run")
     resumed = train(run, after, 20)
     assert f"written by {before} processes" in resumed.stdout
     state = final_checkpoint(run).state
@@ -151,7 +156,7 @@ def wait_for(condition, timeout: float, what: str) -> None:
 
 
 def test_sigterm_to_one_process_saves_and_the_resumed_run_matches_an_unbroken_one(tmp_path, made):
-    straight, preempted = made(2, 20), tmp_path / "preempted"
+    straight, preempted = made(2), tmp_path / "preempted"
     command, env = launch_command(tiny_flags(**FLAGS, max_steps=20, output_dir=preempted), num_processes=2)
     metrics = preempted / "metrics.jsonl"
     stop_at = random.Random().randint(1, 3)  # after 5, 10 or 15 steps have been logged
