@@ -17,7 +17,7 @@ from tests.test_step import make_inputs, reference_gradients
 from vaegan_dist import VAEGAN
 from vaegan_dist.checkpoint.layout import checkpoints_dir
 from vaegan_dist.checkpoint.reading import Checkpoint, newest_complete, verify
-from vaegan_dist.config import ConfigError
+from vaegan_dist.config import ConfigError, TrainConfig
 from vaegan_dist.hub.model import export_networks
 from vaegan_dist.model.conv import ConvDecoder, ConvEncoder, ConvShape, conv_discriminator
 from vaegan_dist.model.dropout import Dropout
@@ -26,7 +26,7 @@ from vaegan_dist.training.loop import train
 from vaegan_dist.training.setup import sync_batch_norm
 from vaegan_dist.training.step import adam_optimizers, routed_gradients, train_step
 
-CONV = dict(architecture="conv", conv_width=0.0625, latent_dim=4)
+CONV = dict(architecture="conv", conv_width=0.0625, latent_dim=4, encoder_batch_norm=True)  # the paper's
 
 
 def layers(module, kind):
@@ -52,6 +52,17 @@ def test_the_networks_are_the_papers_for_each_image_size(image_shape, middle):
     logit, features = discriminator(x, with_similarity=True)
     side = -(-image_shape[1] // 8)
     assert logit.shape == (2, 1) and features.shape == (2, 256 * side * side)  # Dis_l: the third strided block
+    plain = ConvEncoder(shape, 128, batch_norm=False)  # the default's: the same layers, biases for batch norm
+    assert not layers(plain, nn.modules.batchnorm._BatchNorm)
+    assert all(m.bias is not None for m in layers(plain, nn.Conv2d))
+    weights = [[p.shape for p in net.parameters() if p.dim() > 1] for net in (plain, encoder)]
+    assert weights[0] == weights[1]
+
+
+def test_the_default_encoder_has_no_batch_norm_and_celeba64_has_the_papers():
+    assert not layers(build_models(tiny_config(architecture="conv")).encoder, nn.modules.batchnorm._BatchNorm)
+    assert layers(build_models(tiny_config(**CONV)).encoder, nn.BatchNorm2d)
+    assert TrainConfig.preset("celeba64").encoder_batch_norm
 
 
 def test_the_discriminator_drops_out_before_every_layer_with_the_same_weights_at_any_rate():

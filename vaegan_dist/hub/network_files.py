@@ -36,8 +36,8 @@ MODEL_FILE = "model.safetensors"  # exports: both networks, keys prefixed with "
 CARD_FILE = "README.md"
 SAFETENSORS_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
 # What builds the encoder and decoder and says what images they take: an export's config.json holds these alone.
-PORTABLE_SETTINGS = ("architecture", "latent_dim", "hidden_dim", "depth", "conv_width", "dropout", "encoder_dropout",
-                     "decoder_dropout", "dataset", "image_size", "channels")
+PORTABLE_SETTINGS = ("architecture", "latent_dim", "hidden_dim", "depth", "conv_width", "encoder_batch_norm", "dropout",
+                     "encoder_dropout", "decoder_dropout", "dataset", "image_size", "channels")
 
 
 class ExportError(RuntimeError):

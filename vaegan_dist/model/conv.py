@@ -4,7 +4,7 @@ of C·H·W pixels in [-1, 1], and reshape inside.
 
 For images of even side s (decoded at the next multiple of 8, s' ≥ s, and its centre cropped to s), 5×5 kernels:
   encoder        3 × [conv stride 2 → BN → ReLU]: 64, 128, 256 channels (s/8 × s/8 maps); FC 1024 → BN → ReLU;
-                 μ and log σ² (linear)
+                 μ and log σ² (linear); the same without BN (and with biases) where batch_norm is off
   decoder        FC to 256 × s/8 × s/8 → BN → ReLU; 3 × [transposed conv stride 2 → BN → ReLU]: 256, 128, 32
                  channels; conv to the image's channels; tanh
   discriminator  conv 32 → ReLU; 3 × [conv stride 2 → BN → ReLU]: 128, 256, 256 channels, the last block's
@@ -33,10 +33,11 @@ def channels(count: int, width: float) -> int:
     return max(1, round(count * width))
 
 
-def down(fan_in: int, fan_out: int) -> list[nn.Module]:
-    """5×5 conv, stride 2 ('same' padding: the side halves, rounded up) → BN → ReLU."""
-    return [nn.Conv2d(fan_in, fan_out, KERNEL, stride=2, padding=KERNEL // 2, bias=False), nn.BatchNorm2d(fan_out),
-            nn.ReLU()]
+def down(fan_in: int, fan_out: int, batch_norm: bool = True) -> list[nn.Module]:
+    """5×5 conv, stride 2 ('same' padding: the side halves, rounded up) → BN → ReLU (without BN, the conv has a
+    bias)."""
+    conv = nn.Conv2d(fan_in, fan_out, KERNEL, stride=2, padding=KERNEL // 2, bias=not batch_norm)
+    return [conv, nn.BatchNorm2d(fan_out), nn.ReLU()] if batch_norm else [conv, nn.ReLU()]
 
 
 def up(fan_in: int, fan_out: int) -> list[nn.Module]:
@@ -45,8 +46,9 @@ def up(fan_in: int, fan_out: int) -> list[nn.Module]:
             nn.BatchNorm2d(fan_out), nn.ReLU()]
 
 
-def dense(fan_in: int, fan_out: int) -> list[nn.Module]:
-    return [nn.Linear(fan_in, fan_out, bias=False), nn.BatchNorm1d(fan_out), nn.ReLU()]
+def dense(fan_in: int, fan_out: int, batch_norm: bool = True) -> list[nn.Module]:
+    linear = nn.Linear(fan_in, fan_out, bias=not batch_norm)
+    return [linear, nn.BatchNorm1d(fan_out), nn.ReLU()] if batch_norm else [linear, nn.ReLU()]
 
 
 class ConvShape:
@@ -69,11 +71,15 @@ class ConvShape:
 
 
 class ConvEncoder(nn.Module):
-    def __init__(self, shape: ConvShape, latent_dim: int) -> None:
+    """batch_norm False: the same layers without batch norm, whose batch statistics would make every batch's codes
+    alike in mean and spread, whatever its images (docs/architecture.md, "Batch norm")."""
+
+    def __init__(self, shape: ConvShape, latent_dim: int, batch_norm: bool = True) -> None:
         super().__init__()
-        c = [shape.image_channels, *shape.encoder]
-        self.body = nn.Sequential(nn.Unflatten(1, shape.image_shape), *down(c[0], c[1]), *down(c[1], c[2]),
-                                  *down(c[2], c[3]), nn.Flatten(), *dense(shape.flat(c[3]), shape.encoder_units))
+        c, bn = [shape.image_channels, *shape.encoder], batch_norm
+        self.body = nn.Sequential(nn.Unflatten(1, shape.image_shape), *down(c[0], c[1], bn), *down(c[1], c[2], bn),
+                                  *down(c[2], c[3], bn), nn.Flatten(),
+                                  *dense(shape.flat(c[3]), shape.encoder_units, bn))
         self.mu = nn.Linear(shape.encoder_units, latent_dim)
         self.logvar = nn.Linear(shape.encoder_units, latent_dim)
 

@@ -28,7 +28,8 @@ def build_models(config: TrainConfig) -> PerNetwork:
     """The encoder, decoder and discriminator as the config describes them, freshly initialised."""
     if config.architecture == "conv":
         shape = ConvShape(config.image_shape, config.conv_width)
-        return PerNetwork(ConvEncoder(shape, config.latent_dim), ConvDecoder(shape, config.latent_dim),
+        return PerNetwork(ConvEncoder(shape, config.latent_dim, config.encoder_batch_norm),
+                          ConvDecoder(shape, config.latent_dim),
                           conv_discriminator(shape, config.similarity, config.network_dropout("discriminator"),
                                              config.spectral_norm))
     return PerNetwork(
