@@ -29,7 +29,7 @@ from torchvision.datasets.utils import extract_archive
 
 from vaegan_dist.config import TrainConfig
 from vaegan_dist.data.mnist import BUNDLED_DIR
-from vaegan_dist.model.mlp import Dropout
+from vaegan_dist.model.dropout import Dropout
 from vaegan_dist.model.networks import build_models
 
 

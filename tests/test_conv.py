@@ -15,6 +15,7 @@ from torch import nn
 from tests.conftest import tiny_config
 from tests.test_step import make_inputs, reference_gradients
 from vaegan_dist import VAEGAN
+from vaegan_dist.checkpoint.contents import saved_config
 from vaegan_dist.checkpoint.layout import checkpoints_dir
 from vaegan_dist.checkpoint.reading import Checkpoint, newest_complete, verify
 from vaegan_dist.config import ConfigError, TrainConfig
@@ -63,6 +64,9 @@ def test_the_default_encoder_has_no_batch_norm_and_celeba64_has_the_papers():
     assert not layers(build_models(tiny_config(architecture="conv")).encoder, nn.modules.batchnorm._BatchNorm)
     assert layers(build_models(tiny_config(**CONV)).encoder, nn.BatchNorm2d)
     assert TrainConfig.preset("celeba64").encoder_batch_norm
+    # a config.json of 0.6.0 names no encoder_batch_norm: its conv encoder had batch norm, so its export loads
+    assert saved_config({"architecture": "conv"}).encoder_batch_norm
+    assert not saved_config({"architecture": "conv", "encoder_batch_norm": False}).encoder_batch_norm
 
 
 def test_the_discriminator_drops_out_before_every_layer_with_the_same_weights_at_any_rate():

@@ -19,8 +19,8 @@ from vaegan_dist.checkpoint.layout import checkpoints_dir
 from vaegan_dist.checkpoint.reading import Checkpoint, newest_complete
 from vaegan_dist.checkpoint.tensors import AVERAGE_FILES
 from vaegan_dist.config import TrainConfig
+from vaegan_dist.model.dropout import Dropout
 from vaegan_dist.model.losses import vaegan_losses
-from vaegan_dist.model.mlp import Dropout
 from vaegan_dist.model.networks import PerNetwork, build_models
 from vaegan_dist.training.cpu import cpu_flags, emulates_bf16, keep_freed_memory
 from vaegan_dist.training.step import adam_optimizers, routed_gradients

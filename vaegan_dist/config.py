@@ -72,8 +72,8 @@ class TrainConfig:
                                         "N(0, I) in each dimension's mean and variance (holds the aggregate "
                                         "posterior near the prior)")
     # Networks
-    architecture: Architecture = setting("mlp", "mlp: the design's fully connected networks (hidden_dim, depth, "
-                                         "dropout); conv: the paper's convolutional ones with batch norm (conv_width)")
+    architecture: Architecture = setting("mlp", "mlp: the design's fully connected networks (hidden_dim, depth); "
+                                         "conv: the paper's convolutional ones (conv_width, encoder_batch_norm)")
     latent_dim: int = setting(20, "size of z")
     hidden_dim: int = setting(1024, "mlp: width of the encoder's and decoder's hidden layers, and the "
                               "discriminator's first (it halves per layer)")

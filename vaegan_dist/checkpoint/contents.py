@@ -35,12 +35,21 @@ def check_contents(path: Path) -> str | None:
         return f"its contents cannot be read ({type(err).__name__}: {' '.join(str(err).split())[:200]})"
 
 
+def saved_config(values: dict[str, Any], source: str = "config.json") -> TrainConfig:
+    """The TrainConfig of a config.json that a run or an export wrote, by any version: a setting it predates takes
+    the value that version had (0.6.0's conv encoder had batch norm), where the default would build other
+    networks."""
+    if values.get("architecture") == "conv" and "encoder_batch_norm" not in values:
+        values = {**values, "encoder_batch_norm": True}
+    return TrainConfig.from_dict(values, source=source)
+
+
 def _contents_problem(path: Path) -> str | None:
     state = json.loads((path / "state.json").read_text())
     if problem := _state_problem(state, path.name):
         return problem
     try:
-        config = TrainConfig.from_dict(json.loads((path / "config.json").read_text()), source="config.json")
+        config = saved_config(json.loads((path / "config.json").read_text()))
     except ConfigError as err:
         return f"its config.json is not usable ({err})"
     with torch.device("meta"):  # shapes only: nothing is initialised, nothing drawn from the global RNG

@@ -11,8 +11,8 @@ from vaegan_dist.config import TrainConfig, image_shape_of
 
 # Settings that shape the networks' parameters or the data order: a resume that changes them is an error.
 # (spectral_norm: the discriminator's weights become parametrizations, with power-iteration vectors.)
-ARCHITECTURE_KEYS = ("architecture", "latent_dim", "hidden_dim", "depth", "conv_width", "seed", "spectral_norm",
-                     "dataset")
+ARCHITECTURE_KEYS = ("architecture", "latent_dim", "hidden_dim", "depth", "conv_width", "encoder_batch_norm", "seed",
+                     "spectral_norm", "dataset")
 # Compared as the image shape they make (none and 28 are MNIST's alike): a resume that changes it is an error too.
 SHAPE_KEYS = ("image_size", "channels")
 # Settings that say how to run, not what to train: they change on resume without comment.

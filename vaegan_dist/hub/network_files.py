@@ -24,6 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open
 from torch import nn
 
+from vaegan_dist.checkpoint.contents import saved_config
 from vaegan_dist.checkpoint.layout import MARKER, WEIGHTS, checkpoints_dir
 from vaegan_dist.checkpoint.reading import newest_complete, verify
 from vaegan_dist.checkpoint.tensors import AVERAGE_FILES
@@ -94,8 +95,7 @@ def read_networks(directory: Path, device: torch.device | str = "cpu",
                           "decoder.safetensors)")
     try:
         values = json.loads(config_path.read_text())
-        config = TrainConfig.from_dict({k: v for k, v in values.items() if not k.startswith("_")},
-                                       source=str(config_path))
+        config = saved_config({k: v for k, v in values.items() if not k.startswith("_")}, source=str(config_path))
     except (json.JSONDecodeError, UnicodeDecodeError, ConfigError) as err:
         raise ExportError(f"{config_path} is not a usable config ({err}): restore it from the run's "
                           "output directory") from None

@@ -2,8 +2,9 @@
 step boundary.
 
 SLURM sends SIGUSR1 (with `--signal=USR1@<seconds>`) or SIGTERM before it preempts or times out a job. The
-handler only records the signal; the loop asks `requested()` at each step boundary, where one all-reduce
-makes the verdict the same on every process, so all of them save the same checkpoint and exit together.
+handler only records the signal; the loop asks `requested()` at each step boundary (and an evaluation before each
+of its batches), where one all-reduce makes the verdict the same on every process, so all of them save the same
+checkpoint and exit together.
 A process started by a launcher (accelerate launch, torchrun) that dies (kill -9) stops the same way: a
 watchdog thread sends this process SIGTERM, instead of training on, orphaned, to the end.
 """
