@@ -323,7 +323,8 @@ def train(config: TrainConfig, accelerator: Accelerator, console: Console | None
         run, state = start(config, accelerator, console)
         if run.last_step == state.position.step:  # a rerun of a finished run: say so, and leave its files as they are
             console.info(f"nothing to train: {run.output_dir} stands at step {run.last_step}, where these settings end "
-                         "(raise --max-steps or --epochs to train on, or use another --output-dir)")
+                         "(raise --max-steps or --epochs to train on, or use another --output-dir; `vaegan-eval` "
+                         "and `vaegan-report` score and report it, should its last evaluation have been cut short)")
             return Ending.FINISHED
         announce(run, state)
         first_step, started = state.position.step, time.perf_counter()
