@@ -153,6 +153,9 @@ def test_architecture_changes_are_errors_naming_the_key_and_others_are_reported(
         list(config_changes(saved, tiny_config(latent_dim=8)))
     changes = list(config_changes(saved, tiny_config(lr=1e-3, epochs=99, output_dir="elsewhere", max_steps=7)))
     assert changes == [("lr", saved["lr"], 1e-3), ("epochs", saved["epochs"], 99)]  # said; output_dir: silent
+    paper = tiny_config(architecture="conv", encoder_batch_norm=True).to_dict()
+    with pytest.raises(CheckpointError, match=r"'encoder_batch_norm'.*--encoder-batch-norm"):  # other parameters
+        list(config_changes(paper, tiny_config(architecture="conv")))
 
 
 def test_loading_never_unpickles(accelerator, tmp_path, monkeypatch):
