@@ -12,8 +12,9 @@ import torch
 
 from tests.conftest import REPO
 from vaegan_dist.cli.train import parse_args
-from vaegan_dist.config import FIELD_NAMES, PRESETS, ConfigError, TrainConfig
+from vaegan_dist.config import FIELD_NAMES, ConfigError, TrainConfig
 from vaegan_dist.model.networks import build_models
+from vaegan_dist.presets import PRESETS
 
 
 def test_seed_preset_is_the_design():

@@ -17,9 +17,10 @@ from vaegan_dist.checkpoint.layout import CheckpointError
 from vaegan_dist.checkpoint.output_paths import refuse_output
 from vaegan_dist.cli.args import ArgumentParser
 from vaegan_dist.cli.config_file import load_config_file
-from vaegan_dist.config import DEFAULT_PRESET, PRESETS, ConfigError, TrainConfig
+from vaegan_dist.config import ConfigError, TrainConfig
 from vaegan_dist.data.mnist import DataError
 from vaegan_dist.exits import EXIT_BAD_INPUT, EXIT_CHECKPOINT_FAILED, Ending, fail, leave
+from vaegan_dist.presets import DEFAULT_PRESET, PRESETS
 from vaegan_dist.training.console import Console
 from vaegan_dist.training.launch_settings import is_main_launch_process, unsupported_launch_setting
 from vaegan_dist.training.loop import train
