@@ -80,3 +80,13 @@ def device_flag(text: str) -> str:
 def add_weights_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", choices=WEIGHTS, default="ema", help="ema: the encoder's and the decoder's "
                         "moving averages, where the run kept them (--ema-decay); raw: the trained ones")
+
+
+PRIORS = ("normal", "mixture")  # vaegan_dist.evaluation.prior.prior_codes
+
+
+def add_prior_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prior", choices=PRIORS, default="normal", help="where the samples' codes come from: "
+                        "normal, N(0, I), the prior the networks trained with (the paper's); mixture, a mixture of "
+                        "10 Gaussians fitted to the codes μ(x) of 10,000 training images, which follows where the "
+                        "encoder puts images (a few seconds; needs the training images)")

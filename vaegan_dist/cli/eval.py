@@ -14,11 +14,12 @@ from rich.table import Table
 from torch import nn
 
 from vaegan_dist.checkpoint.output_paths import OutputError, refuse_output
-from vaegan_dist.cli.args import ArgumentParser, add_weights_flag, device_flag, seed_flag
+from vaegan_dist.cli.args import ArgumentParser, add_prior_flag, add_weights_flag, device_flag, seed_flag
 from vaegan_dist.config import MAX_EVAL_SAMPLES, MIN_EVAL_SAMPLES, TrainConfig
 from vaegan_dist.data.images import load_images
 from vaegan_dist.data.mnist import DataError
 from vaegan_dist.evaluation.classifier import NUM_CLASSES
+from vaegan_dist.evaluation.prior import prior_codes
 from vaegan_dist.evaluation.reconstruction import evaluate_images, held_out_images
 from vaegan_dist.evaluation.scores import DEFAULT_SAMPLES, LATENT_ROWS, RECON_ROWS, SAMPLE_ROWS, Reference, evaluate
 from vaegan_dist.exits import fail
@@ -46,12 +47,13 @@ def results_table(scores: dict[str, float], title: str) -> Table:
 def mnist_report(args: argparse.Namespace, config: TrainConfig, encoder: nn.Module,
                  decoder: nn.Module) -> tuple[Table, dict]:
     """The classifier's metrics beside their floor, as a table and as the JSON report."""
-    scores = evaluate(encoder, decoder, config, args.samples, Reference(args.device), args.seed)
-    table = results_table(scores, f"{args.directory}: {args.samples} samples, seed {args.seed}")
+    z = prior_codes(args.prior, args.samples, args.seed, encoder, config, args.data_dir)
+    scores = evaluate(encoder, decoder, config, args.samples, Reference(args.device), args.seed, z)
+    table = results_table(scores, f"{args.directory}: {args.samples} samples ({args.prior} prior), seed {args.seed}")
     model = {k: v for k, v in scores.items() if not k.startswith("floor_")}
     floor = {k.removeprefix("floor_"): v for k, v in scores.items() if k.startswith("floor_")}
-    return table, {"directory": str(args.directory), "num_samples": args.samples, "seed": args.seed, "model": model,
-                   "floor": floor}
+    return table, {"directory": str(args.directory), "num_samples": args.samples, "seed": args.seed,
+                   "prior": args.prior, "model": model, "floor": floor}
 
 
 def images_report(args: argparse.Namespace, config: TrainConfig, encoder: nn.Module,
@@ -61,7 +63,8 @@ def images_report(args: argparse.Namespace, config: TrainConfig, encoder: nn.Mod
     (test_images,) = load_images(config, "test", data_dir=args.data_dir)
     held_out = held_out_images(test_images, args.samples, args.device,
                                lambda line: Console(stderr=True).print(f"warning: {line}", markup=False))
-    scores = evaluate_images(None, encoder, decoder, held_out, args.samples, config.latent_dim, args.seed)
+    z = prior_codes(args.prior, args.samples, args.seed, encoder, config, args.data_dir)
+    scores = evaluate_images(None, encoder, decoder, held_out, args.samples, config.latent_dim, args.seed, z=z)
     table = Table(title=f"{args.directory}: {min(args.samples, len(test_images))} held-out images")
     for column in ("metric", "model"):
         table.add_column(column)
@@ -70,7 +73,7 @@ def images_report(args: argparse.Namespace, config: TrainConfig, encoder: nn.Mod
     if "fid" in scores:
         table.add_row(f"FID ↓ ({args.samples} samples, Inception)", f"{scores['fid']:.3f}")
     return table, {"directory": str(args.directory), "num_images": min(args.samples, len(test_images)),
-                   "seed": args.seed, "model": scores}
+                   "seed": args.seed, "prior": args.prior, "model": scores}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -78,7 +81,8 @@ def main(argv: list[str] | None = None) -> None:
         prog="vaegan-eval", description="Evaluate the networks in a checkpoint or export directory against the "
         "MNIST test set with the shipped classifier (other images: the reconstruction error of the held-out images "
         "and, with the fid extra, the Inception FID of samples); prints a table and writes JSON.",
-        examples=["vaegan-eval pretrained", "vaegan-eval outputs --samples 2000 --seed 1 --out eval_seed1.json"])
+        examples=["vaegan-eval pretrained", "vaegan-eval outputs --samples 2000 --seed 1 --out eval_seed1.json",
+                  "vaegan-eval outputs --prior mixture --out eval_mixture.json"])
     parser.add_argument("directory", type=Path, help="a checkpoint, an export (vaegan-export, pretrained/) or a "
                         "run's output directory (its newest checkpoint)")
     parser.add_argument("--samples", type=int, default=DEFAULT_SAMPLES, help="samples to generate (and test "
@@ -91,6 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data-dir", default=None, help="a run on other images than the bundled MNIST: where they "
                         "are (default: where the run had them; an export names none)")
     add_weights_flag(parser)
+    add_prior_flag(parser)
     args = parser.parse_args(argv)
     if args.samples < MIN_EVAL_SAMPLES:
         fail(f"--samples must be at least {MIN_EVAL_SAMPLES} (precision and recall use 3 nearest neighbours)")

@@ -1,7 +1,8 @@
 """`vaegan-sample DIRECTORY --mode MODE --out FILE`: images from a checkpoint or export directory, as files.
 
 Modes (--count N sets how many):
-  samples      N images (default 64) decoded from z ~ N(0, I), seeded with --seed
+  samples      N images (default 64) decoded from z ~ N(0, I) (--prior mixture: a mixture fitted to the
+               codes of training images), seeded with --seed
   reconstruct  N test images (default 32), each beside its reconstruction Dec(μ(x))
   interpolate  N walks (default 8) of --steps K points from μ(a) to μ(b) for pairs (a, b) of test images
   attribute    N test images without --attribute (default 8), each beside Dec(μ(x)) and Dec(μ(x) + v), v the
@@ -28,13 +29,13 @@ import torch
 from torch import Tensor, nn
 
 from vaegan_dist.checkpoint.output_paths import OutputError, refuse_output
-from vaegan_dist.cli.args import ArgumentParser, add_weights_flag, device_flag, seed_flag
+from vaegan_dist.cli.args import ArgumentParser, add_prior_flag, add_weights_flag, device_flag, seed_flag
 from vaegan_dist.config import TrainConfig
 from vaegan_dist.data.images import load_images
 from vaegan_dist.data.labels import has_attribute
 from vaegan_dist.data.mnist import DataError
 from vaegan_dist.evaluation.pictures import grid_image, reconstruction_pairs, save_grid, to_uint8
-from vaegan_dist.evaluation.scores import prior_samples
+from vaegan_dist.evaluation.prior import prior_codes
 from vaegan_dist.exits import fail
 from vaegan_dist.hub.network_files import ExportError, load_networks
 from vaegan_dist.model.latent import add_attribute, attribute_vector, latent_walks
@@ -86,8 +87,9 @@ def make(mode: str, encoder: nn.Module, decoder: nn.Module, config: TrainConfig,
     """The pixels of a mode: (N, P) samples, (N, 2, P) images and reconstructions, (N, K, P) walks or (N, 3, P)
     attributes added, P = C·H·W."""
     if mode == "samples":
+        z = prior_codes(args.prior, count, args.seed, encoder, config, args.data_dir)
         with eval_mode(decoder):
-            return decoder(prior_samples(count, config.latent_dim, args.seed).to(args.device)).float()
+            return decoder(z.to(args.device)).float()
     if mode == "attribute":
         return with_attribute(encoder, decoder, config, args, count)
     seed, device, steps = args.seed, args.device, args.steps
@@ -133,6 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--labels", type=Path, default=None, help="attribute mode on a folder: CelebA's "
                         "list_attr_celeba.txt, or a file like it (default: none)")
     add_weights_flag(parser)
+    add_prior_flag(parser)
     args = parser.parse_args(argv)
     count = MODES[args.mode] if args.count is None else args.count
     if args.out.suffix not in FORMATS[args.mode]:
@@ -142,6 +145,8 @@ def main(argv: list[str] | None = None) -> None:
     if not 1 <= count <= MAX_COUNT or not 2 <= args.steps <= MAX_STEPS:
         fail(f"--count must be from 1 to {MAX_COUNT:,} and --steps from 2 to {MAX_STEPS:,} (more than that does not "
              "fit a file or memory: run the command several times with other --seed values)")
+    if args.prior != "normal" and args.mode != "samples":
+        fail(f"--prior picks the codes of --mode samples; --mode {args.mode} decodes the codes of test images")
     if (args.mode == "attribute") != (args.attribute is not None):
         fail("--attribute goes with --mode attribute, which needs it: a digit on MNIST, a --labels column else")
     try:

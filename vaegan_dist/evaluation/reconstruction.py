@@ -63,11 +63,11 @@ def held_out_images(test_images: Tensor, count: int, device: torch.device | str,
 
 def evaluate_images(accelerator: Accelerator | None, encoder: nn.Module, decoder: nn.Module, held_out: HeldOut,
                     num_samples: int, latent_dim: int, seed: int,
-                    stop_requested: StopCheck | None = None) -> dict[str, float]:
+                    stop_requested: StopCheck | None = None, z: Tensor | None = None) -> dict[str, float]:
     """The reconstruction scores of the first num_samples held-out images, each process reconstructing its share,
-    and the FID of num_samples samples (z seeded with seed), on the main process ({} elsewhere). Call it on every
-    process at the same point (accelerator None: this process alone); stop_requested as in evaluate_distributed
-    (the main process's FID is not checked: no other process runs it)."""
+    and the FID of num_samples samples (of z, else of z ~ N(0, I) seeded with seed), on the main process ({}
+    elsewhere). Call it on every process at the same point (accelerator None: this process alone); stop_requested
+    as in evaluate_distributed (the main process's FID is not checked: no other process runs it)."""
     pixels = held_out.pixels[:num_samples]
     if accelerator is None:
         errors = squared_errors(encoder, decoder, pixels)
@@ -77,7 +77,8 @@ def evaluate_images(accelerator: Accelerator | None, encoder: nn.Module, decoder
             return {}
     scores = reconstruction_scores(errors[:len(pixels)])
     if held_out.sample_fid is not None:
-        scores["fid"] = held_out.sample_fid(decoder, prior_samples(num_samples, latent_dim, seed).to(pixels.device))
+        z = prior_samples(num_samples, latent_dim, seed) if z is None else z
+        scores["fid"] = held_out.sample_fid(decoder, z.to(pixels.device))
     return scores
 
 

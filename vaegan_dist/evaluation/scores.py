@@ -152,13 +152,14 @@ def check_num_samples(num_samples: int) -> None:
 
 
 def evaluate(encoder: nn.Module, decoder: nn.Module, config: TrainConfig, num_samples: int = DEFAULT_SAMPLES,
-             reference: Reference | None = None, seed: int | None = None) -> dict[str, float]:
+             reference: Reference | None = None, seed: int | None = None, z: Tensor | None = None) -> dict[str, float]:
     """All metrics and their floor (floor_<metric>), from num_samples samples and the first min(num_samples, 10k)
-    test images, on the device of the networks. The samples' z is seeded with `seed`, else config.seed."""
+    test images, on the device of the networks. The samples decode z (num_samples codes), else z ~ N(0, I) seeded
+    with `seed`, else config.seed; `seed` also seeds the posterior's noise."""
     check_num_samples(num_samples)
     reference = reference or Reference(next(decoder.parameters()).device)
     seed = config.seed if seed is None else seed
-    z = prior_samples(num_samples, config.latent_dim, seed)
+    z = prior_samples(num_samples, config.latent_dim, seed) if z is None else z
     num_test = min(num_samples, len(reference.test_pixels))
     squared_error, correct, recon_features, mu, logvar = reconstruct_test(encoder, decoder, reference,
                                                                           torch.arange(num_test))

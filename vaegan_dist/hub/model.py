@@ -2,6 +2,8 @@
 
     model = VAEGAN.from_pretrained("pretrained")      # or an export, a checkpoint, a run directory, a Hub repo id
     images = model.sample(16)                         # (16, C, H, W) in [0, 1]: (16, 1, 28, 28) on MNIST
+    prior = model.fit_prior(training_images)          # a mixture fitted to the codes of (N, C, H, W) images
+    images = model.sample(16, prior=prior)            # decoded from its codes instead of N(0, I)
     mu, logvar = model.encode(images)                 # images as torchvision's ToTensor gives them
     model.save_pretrained("my-model")                 # config.json + model.safetensors + README.md (model card)
     model.push_to_hub("user/vaegan-mnist")            # the same files, one commit on the Hub
@@ -48,7 +50,10 @@ from vaegan_dist.hub.network_files import (
     read_networks,
     stored_dtype,
 )
+from vaegan_dist.model.mixture import GaussianMixture
 from vaegan_dist.model.networks import build_models
+
+FIT_BATCH = 1000  # images encoded at once by fit_prior
 
 
 class VAEGAN(nn.Module, PyTorchModelHubMixin, library_name="vaegan-dist", license=LICENSE, tags=TAGS,
@@ -110,10 +115,19 @@ class VAEGAN(nn.Module, PyTorchModelHubMixin, library_name="vaegan-dist", licens
         return ((rows + 1) / 2).clamp_(0, 1).reshape(z.shape[0], *self.config.image_shape)
 
     @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        """n images decoded from z ~ N(0, I), drawn with generator (on its device) when given."""
+    def sample(self, n: int, generator: torch.Generator | None = None, prior: GaussianMixture | None = None) -> Tensor:
+        """n images decoded from z ~ N(0, I), or from prior (fit_prior's; then a generator on the CPU), drawn with
+        generator (on its device) when given."""
+        if prior is not None:
+            return self.decode(prior.sample(n, generator))
         device = generator.device if generator is not None else self._device_dtype()[0]
         return self.decode(torch.randn(n, self.latent_dim, generator=generator, device=device))
+
+    @torch.no_grad()
+    def fit_prior(self, images: Tensor) -> GaussianMixture:
+        """A mixture of 10 Gaussians fitted to μ(x) of images (N, C, H, W) in [0, 1] (training images; 10,000 are
+        ample): sample(n, prior=it) then draws codes where the encoder puts images (vaegan_dist.model.mixture)."""
+        return GaussianMixture.fit(torch.cat([self.encode(part)[0] for part in images.split(FIT_BATCH)]))
 
     @torch.no_grad()
     def reconstruct(self, images: Tensor) -> Tensor:

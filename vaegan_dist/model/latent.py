@@ -12,10 +12,15 @@ from vaegan_dist.model.networks import eval_mode
 BATCH = 1000
 
 
-def mean_code(encoder: nn.Module, pixels: Tensor) -> Tensor:
-    """The mean of μ(x) over rows of pixels (N, C·H·W), encoded in batches, dropout off."""
+def codes(encoder: nn.Module, pixels: Tensor) -> Tensor:
+    """μ(x) of rows of pixels (N, C·H·W): (N, latent_dim), encoded in batches, dropout off."""
     with eval_mode(encoder):
-        return torch.cat([encoder(part)[0].float() for part in pixels.split(BATCH)]).mean(dim=0)
+        return torch.cat([encoder(part)[0].float() for part in pixels.split(BATCH)])
+
+
+def mean_code(encoder: nn.Module, pixels: Tensor) -> Tensor:
+    """The mean of μ(x) over rows of pixels (N, C·H·W)."""
+    return codes(encoder, pixels).mean(dim=0)
 
 
 def attribute_vector(encoder: nn.Module, with_attribute: Tensor, without_attribute: Tensor) -> Tensor:
