@@ -1,4 +1,5 @@
-"""The shipped pretrained networks (pretrained/): they load on a fresh clone and make digits of every class."""
+"""The shipped pretrained networks (pretrained/, the default's; pretrained/mnist-conv/, the mnist_conv preset's): they
+load on a fresh clone and make digits of every class."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import yaml
 from safetensors.torch import load_file
 
 from tests.conftest import REPO
+from vaegan_dist import VAEGAN
 from vaegan_dist.cli.sample import main as sample_main
+from vaegan_dist.data.mnist import load_mnist
 from vaegan_dist.evaluation.classifier import embed, load_classifier
 from vaegan_dist.evaluation.scores import prior_samples
 from vaegan_dist.evaluation.statistics import class_histogram
@@ -16,6 +19,7 @@ from vaegan_dist.hub.network_files import MODEL_FILE, load_networks
 from vaegan_dist.model.networks import eval_mode
 
 PRETRAINED = REPO / "pretrained"
+CONV = PRETRAINED / "mnist-conv"  # the mnist_conv preset's
 
 
 def test_the_weights_are_float16_safetensors_in_the_hub_format_with_config_and_model_card():
@@ -43,3 +47,17 @@ def test_the_readme_sampling_command_works_on_it(tmp_path, capsys):
     sample_main([str(PRETRAINED), "--mode", "samples", "--count", "64", "--out", str(tmp_path / "grid.npy")])
     images = np.load(tmp_path / "grid.npy")
     assert images.shape == (64, 28, 28) and images.dtype == np.uint8 and images.std() > 30
+
+
+def test_the_conv_export_loads_and_its_mixture_samples_digits_of_every_class(tmp_path):
+    model = VAEGAN.from_pretrained(str(CONV))
+    assert (model.config.architecture, model.config.image_shape) == ("conv", (1, 28, 28))
+    images, _ = load_mnist(None, "train")
+    prior = model.fit_prior(images[:10_000, None].float() / 255)
+    samples = model.sample(2000, torch.Generator().manual_seed(1), prior=prior)
+    _, probs = embed(load_classifier("cpu"), samples.flatten(1) * 2 - 1)
+    shares = class_histogram(probs)
+    assert ((shares >= 0.07) & (shares <= 0.13)).all(), shares
+    assert probs.max(dim=1).values.mean() > 0.9
+    sample_main([str(CONV), "--prior", "mixture", "--count", "16", "--out", str(tmp_path / "grid.npy")])
+    assert np.load(tmp_path / "grid.npy").shape == (16, 28, 28)

@@ -43,8 +43,8 @@ class GaussianMixture:
             r = mixture.log_joint(z).softmax(dim=1)  # (N, K)
             mass = r.sum(dim=0) + 1e-12
             means = r.T @ z / mass[:, None]
-            centred = z[:, None, :] - means
-            covariances = torch.einsum("nk,nki,nkj->kij", r, centred, centred) / mass[:, None, None] + RIDGE * eye
+            centred = z[None] - means[:, None]  # (K, N, D)
+            covariances = (r.T[..., None] * centred).transpose(1, 2) @ centred / mass[:, None, None] + RIDGE * eye
             mixture = cls(mass / len(z), means, covariances)
         return mixture
 
