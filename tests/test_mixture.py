@@ -48,9 +48,21 @@ def test_its_samples_fall_where_the_codes_are_seeded_by_the_generator():
     assert not torch.equal(z, mixture.sample(20_000, torch.Generator().manual_seed(1)))
 
 
-def test_too_few_codes_for_the_components_is_a_clear_error():
+def test_a_correlated_gaussian_is_sampled_with_its_covariance():
+    covariance = torch.tensor([[1.0, 0.9, 0.0], [0.9, 1.0, -0.5], [0.0, -0.5, 2.0]])
+    g = torch.Generator().manual_seed(2)
+    codes = torch.randn(20_000, 3, generator=g) @ torch.linalg.cholesky(covariance).T + 1
+    mixture = GaussianMixture.fit(codes, components=1)
+    z = mixture.sample(50_000, g)
+    torch.testing.assert_close(torch.cov(z.T), covariance, atol=0.05, rtol=0)
+    torch.testing.assert_close(z.mean(dim=0), torch.ones(3), atol=0.03, rtol=0)
+
+
+def test_too_few_or_diverged_codes_are_a_clear_error():
     with pytest.raises(ValueError, match="a mixture of 10 Gaussians needs at least 10 codes, not 4"):
         GaussianMixture.fit(torch.zeros(4, 3))
+    with pytest.raises(ValueError, match="not all finite: the encoder has diverged"):
+        GaussianMixture.fit(torch.full((20, 3), float("nan")))
 
 
 def test_the_normal_prior_is_the_samples_of_before_bit_for_bit(exported):
@@ -101,3 +113,6 @@ def test_vaegan_samples_from_a_fitted_prior(exported):
     first = model.sample(5, torch.Generator().manual_seed(2), prior=prior)
     assert first.shape == (5, 1, 28, 28) and first.min() >= 0 and first.max() <= 1
     torch.testing.assert_close(first, model.sample(5, torch.Generator().manual_seed(2), prior=prior))
+    other = GaussianMixture.fit(torch.randn(100, model.latent_dim + 1))
+    with pytest.raises(ValueError, match="fit it with this model's fit_prior"):
+        model.sample(5, prior=other)

@@ -27,7 +27,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # 10·mean((x̃ − x)²) beside the learned similarity, rec normalised by mean(Dis_l(x)²), and the batch's codes
     # held to N(0, I)'s mean and variance (10·mismatch): as good samples, and faithful reconstructions.
     "default": {},
-    # The paper's convolutional networks on MNIST at half width, about 2 hours on a 2-core CPU (bf16): the
+    # The paper's convolutional networks on MNIST at half width, 2 h 15 min on a 2-core CPU (bf16): the
     # default's losses with the KL weighed 40× the design's, 20 latent dimensions, the paper's equilibrium margin
     # and a learning rate that falls to 0 over the second half; the encoder without batch norm, dropout 0.1 in the
     # discriminator. Sample it with --prior mixture: its codes leave parts of N(0, I) empty (docs/results.md).

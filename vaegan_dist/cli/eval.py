@@ -63,7 +63,8 @@ def images_report(args: argparse.Namespace, config: TrainConfig, encoder: nn.Mod
     (test_images,) = load_images(config, "test", data_dir=args.data_dir)
     held_out = held_out_images(test_images, args.samples, args.device,
                                lambda line: Console(stderr=True).print(f"warning: {line}", markup=False))
-    z = prior_codes(args.prior, args.samples, args.seed, encoder, config, args.data_dir)
+    z = None if held_out.sample_fid is None else prior_codes(args.prior, args.samples, args.seed, encoder, config,
+                                                               args.data_dir)  # no samples without FID
     scores = evaluate_images(None, encoder, decoder, held_out, args.samples, config.latent_dim, args.seed, z=z)
     table = Table(title=f"{args.directory}: {min(args.samples, len(test_images))} held-out images")
     for column in ("metric", "model"):

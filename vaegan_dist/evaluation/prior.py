@@ -9,12 +9,13 @@ from torch import Tensor, nn
 
 from vaegan_dist.config import TrainConfig
 from vaegan_dist.data.images import load_images
+from vaegan_dist.data.mnist import DataError
 from vaegan_dist.evaluation.scores import prior_samples
 from vaegan_dist.model.latent import codes
 from vaegan_dist.model.mixture import GaussianMixture
 from vaegan_dist.model.networks import images_to_pixels
 
-FIT_IMAGES = 10_000  # ample for 10 components; a few seconds to encode on a CPU
+FIT_IMAGES = 10_000  # ample for 10 components; the fit takes seconds on a CPU (half a minute for 128 dimensions)
 FIT_SEED = 0  # which training images, and the mixture's start: the same mixture for every sample seed
 
 
@@ -23,7 +24,10 @@ def fitted_mixture(encoder: nn.Module, config: TrainConfig, data_dir: str | None
     (images,) = load_images(config, "train", data_dir=data_dir)
     chosen = torch.randperm(len(images), generator=torch.Generator().manual_seed(FIT_SEED))[:FIT_IMAGES]
     pixels = images_to_pixels(images[chosen]).to(next(encoder.parameters()).device)
-    return GaussianMixture.fit(codes(encoder, pixels), seed=FIT_SEED)
+    try:
+        return GaussianMixture.fit(codes(encoder, pixels), seed=FIT_SEED)
+    except ValueError as err:  # too few training images, or a diverged encoder: the commands' one line
+        raise DataError(f"--prior mixture: {err}") from None
 
 
 def prior_codes(prior: str, count: int, seed: int, encoder: nn.Module, config: TrainConfig,

@@ -160,6 +160,8 @@ def evaluate(encoder: nn.Module, decoder: nn.Module, config: TrainConfig, num_sa
     reference = reference or Reference(next(decoder.parameters()).device)
     seed = config.seed if seed is None else seed
     z = prior_samples(num_samples, config.latent_dim, seed) if z is None else z
+    if z.shape != (num_samples, config.latent_dim):
+        raise ValueError(f"z of shape {tuple(z.shape)}: evaluate needs ({num_samples}, {config.latent_dim})")
     num_test = min(num_samples, len(reference.test_pixels))
     squared_error, correct, recon_features, mu, logvar = reconstruct_test(encoder, decoder, reference,
                                                                           torch.arange(num_test))

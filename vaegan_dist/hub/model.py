@@ -119,6 +119,11 @@ class VAEGAN(nn.Module, PyTorchModelHubMixin, library_name="vaegan-dist", licens
         """n images decoded from z ~ N(0, I), or from prior (fit_prior's; then a generator on the CPU), drawn with
         generator (on its device) when given."""
         if prior is not None:
+            if prior.means.shape[1] != self.latent_dim:
+                raise ValueError(f"a prior of {prior.means.shape[1]}-dimensional codes for a model of "
+                                 f"{self.latent_dim}: fit it with this model's fit_prior")
+            if generator is not None and generator.device.type != "cpu":
+                raise ValueError("sample(prior=...) draws on the CPU: pass a CPU generator, or none")
             return self.decode(prior.sample(n, generator))
         device = generator.device if generator is not None else self._device_dtype()[0]
         return self.decode(torch.randn(n, self.latent_dim, generator=generator, device=device))
