@@ -50,10 +50,9 @@ from vaegan_dist.hub.network_files import (
     read_networks,
     stored_dtype,
 )
+from vaegan_dist.model.latent import codes
 from vaegan_dist.model.mixture import GaussianMixture
 from vaegan_dist.model.networks import build_models
-
-FIT_BATCH = 1000  # images encoded at once by fit_prior
 
 
 class VAEGAN(nn.Module, PyTorchModelHubMixin, library_name="vaegan-dist", license=LICENSE, tags=TAGS,
@@ -99,12 +98,15 @@ class VAEGAN(nn.Module, PyTorchModelHubMixin, library_name="vaegan-dist", licens
             self.weights_dtype = None
         return self
 
+    def _rows(self, images: Tensor) -> Tensor:
+        """Images (N, C, H, W) in [0, 1] as the networks take them: rows of C·H·W pixels in [-1, 1]."""
+        device, dtype = self._device_dtype()
+        return images.reshape(images.shape[0], self.config.image_pixels).to(device, dtype) * 2 - 1
+
     @torch.no_grad()
     def encode(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """(μ, log σ²) of q(z | x), each (N, latent_dim), for images (N, C, H, W) in [0, 1]."""
-        device, dtype = self._device_dtype()
-        rows = images.reshape(images.shape[0], self.config.image_pixels).to(device, dtype) * 2 - 1
-        mu, logvar = self.encoder(rows)
+        mu, logvar = self.encoder(self._rows(images))
         return mu.float(), logvar.float()
 
     @torch.no_grad()
@@ -132,7 +134,7 @@ class VAEGAN(nn.Module, PyTorchModelHubMixin, library_name="vaegan-dist", licens
     def fit_prior(self, images: Tensor) -> GaussianMixture:
         """A mixture of 10 Gaussians fitted to μ(x) of images (N, C, H, W) in [0, 1] (training images; 10,000 are
         ample): sample(n, prior=it) then draws codes where the encoder puts images (vaegan_dist.model.mixture)."""
-        return GaussianMixture.fit(torch.cat([self.encode(part)[0] for part in images.split(FIT_BATCH)]))
+        return GaussianMixture.fit(codes(self.encoder, self._rows(images)))
 
     @torch.no_grad()
     def reconstruct(self, images: Tensor) -> Tensor:
