@@ -4,6 +4,7 @@ and VAEGAN use it."""
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from vaegan_dist.cli import eval as eval_command
 from vaegan_dist.cli.sample import main as sample_main
 from vaegan_dist.data.mnist import load_mnist
 from vaegan_dist.evaluation.prior import fitted_mixture, prior_codes
-from vaegan_dist.evaluation.scores import prior_samples
+from vaegan_dist.evaluation.scores import evaluate, prior_samples
 from vaegan_dist.hub.network_files import load_networks
 from vaegan_dist.model.mixture import GaussianMixture
 
@@ -116,3 +117,12 @@ def test_vaegan_samples_from_a_fitted_prior(exported):
     other = GaussianMixture.fit(torch.randn(100, model.latent_dim + 1))
     with pytest.raises(ValueError, match="fit it with this model's fit_prior"):
         model.sample(5, prior=other)
+    on_a_gpu = SimpleNamespace(device=torch.device("cuda"))  # what sample reads of a CUDA generator
+    with pytest.raises(ValueError, match="draws on the CPU: pass a CPU generator"):
+        model.sample(5, on_a_gpu, prior=prior)
+
+
+def test_evaluate_refuses_codes_of_the_wrong_shape(exported):
+    config, encoder, decoder = load_networks(exported)
+    with pytest.raises(ValueError, match=r"z of shape \(8, 3\): evaluate needs \(8, 4\)"):
+        evaluate(encoder, decoder, config, 8, z=torch.zeros(8, 3))

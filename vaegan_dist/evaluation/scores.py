@@ -157,11 +157,11 @@ def evaluate(encoder: nn.Module, decoder: nn.Module, config: TrainConfig, num_sa
     test images, on the device of the networks. The samples decode z (num_samples codes), else z ~ N(0, I) seeded
     with `seed`, else config.seed; `seed` also seeds the posterior's noise."""
     check_num_samples(num_samples)
-    reference = reference or Reference(next(decoder.parameters()).device)
     seed = config.seed if seed is None else seed
     z = prior_samples(num_samples, config.latent_dim, seed) if z is None else z
     if z.shape != (num_samples, config.latent_dim):
         raise ValueError(f"z of shape {tuple(z.shape)}: evaluate needs ({num_samples}, {config.latent_dim})")
+    reference = reference or Reference(next(decoder.parameters()).device)
     num_test = min(num_samples, len(reference.test_pixels))
     squared_error, correct, recon_features, mu, logvar = reconstruct_test(encoder, decoder, reference,
                                                                           torch.arange(num_test))
